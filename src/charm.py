@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""Charm for the Matrix Synapse homeserver with encrypted S3 backups."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import ops
+
+import synapse
+from backup_observer import BackupObserver
+
+logger = logging.getLogger(__name__)
+
+# A DNS name or IP literal, with an optional port (Synapse's server_name).
+SERVER_NAME_PATTERN = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?$")
+
+
+class SynapseCharm(ops.CharmBase):
+    """Runs Synapse and composes the backup observer."""
+
+    def __init__(self, framework: ops.Framework):
+        """Observe the workload's events and compose the observers.
+
+        Args:
+            framework: the ops framework.
+        """
+        super().__init__(framework)
+        self.container = self.unit.get_container(synapse.CONTAINER_NAME)
+        self.backup = BackupObserver(self)
+        framework.observe(self.on.synapse_pebble_ready, self._reconcile)
+        framework.observe(self.on.config_changed, self._reconcile)
+        framework.observe(self.on.upgrade_charm, self._reconcile)
+        framework.observe(self.on.collect_unit_status, self._on_collect_unit_status)
+
+    def _server_name_problem(self) -> str | None:
+        """Say what is wrong with server-name, if anything.
+
+        Returns:
+            The Blocked message, or None when server-name can be used.
+        """
+        server_name = str(self.config.get("server-name") or "")
+        if not server_name:
+            return "set server-name (the homeserver's public name)"
+        if not SERVER_NAME_PATTERN.fullmatch(server_name):
+            return f"server-name: {server_name!r} is not a host name"
+        if self.container.can_connect():
+            try:
+                current = synapse.configured_server_name(self.container)
+            except synapse.SynapseError as exc:
+                return f"Synapse configuration unreadable: {exc}"
+            if current and current != server_name:
+                return f"server-name: Synapse was set up as {current!r}; it cannot change"
+        return None
+
+    def _reconcile(self, _: ops.EventBase) -> None:
+        """Generate Synapse's configuration once and keep its service running."""
+        if self._server_name_problem() or not self.container.can_connect():
+            return
+        if synapse.configured_server_name(self.container) is None:
+            logger.info("generating the Synapse configuration")
+            synapse.generate_config(self.container, str(self.config["server-name"]))
+        self.container.add_layer(synapse.SERVICE_NAME, synapse.pebble_layer(), combine=True)
+        self.container.replan()
+
+    def _on_collect_unit_status(self, event: ops.CollectStatusEvent) -> None:
+        """Report the workload's status.
+
+        Args:
+            event: the collect-status event.
+        """
+        problem = self._server_name_problem()
+        if problem:
+            event.add_status(ops.BlockedStatus(problem))
+        elif not self.container.can_connect():
+            event.add_status(ops.WaitingStatus("waiting for the synapse container"))
+        elif not synapse.is_ready(self.container):
+            event.add_status(ops.WaitingStatus("waiting for Synapse to answer its health check"))
+        else:
+            event.add_status(ops.ActiveStatus())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    ops.main(SynapseCharm)
