@@ -1,0 +1,378 @@
+"""Deploy the synapse charm on a real Juju controller and back it up to S3.
+
+The flow is the operator's: deploy with the image and a server name, add the
+S3 credentials and the passphrase as Juju user secrets, grant them, point the
+config at them, run ``create-backup``, then look at the bucket from outside
+with boto3 and gpg. See conftest.py for what must be provided; without it,
+every test here is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import re
+import secrets
+import shlex
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import botocore.exceptions
+import jubilant
+import pytest
+
+if TYPE_CHECKING:
+    from conftest import IntegrationSettings
+
+pytestmark = pytest.mark.integration
+
+APP_NAME = "synapse"
+UNIT_NAME = f"{APP_NAME}/0"
+SERVER_NAME = "integration.synapse.test"
+BACKUP_ACTION_TIMEOUT = 15 * 60
+# create-backup names a backup after its UTC start time (backup.BACKUP_ID_FORMAT).
+BACKUP_ID_PATTERN = re.compile(r"\d{8}T\d{6}Z")
+BACKUP_ID_FORMAT = "%Y%m%dT%H%M%SZ"
+# Tolerated difference between this machine's clock and the cluster's: far less
+# than any time zone offset, so a backup id in local time would still be caught.
+CLOCK_SKEW = datetime.timedelta(minutes=10)
+MANIFEST_SUFFIX = ".manifest.json"
+CONFIG_MEMBER = "data/homeserver.yaml"
+OPENPGP_SKESK_TAG = 3  # Symmetric-Key Encrypted Session Key packet
+OPENPGP_AES256 = 9
+
+
+@dataclasses.dataclass(frozen=True)
+class BackupRun:
+    """One run of the create-backup action and where its object landed.
+
+    Attributes:
+        results: the action's results.
+        started: UTC time just before the action was run.
+        finished: UTC time just after it returned.
+        key: the object key of the encrypted archive.
+        local_copy: the encrypted archive, downloaded.
+    """
+
+    results: dict[str, str]
+    started: datetime.datetime
+    finished: datetime.datetime
+    key: str
+    local_copy: Path
+
+
+def first_openpgp_packet(data: bytes) -> tuple[int, int]:
+    """Read the header of the first OpenPGP packet (RFC 4880, section 4.2).
+
+    Args:
+        data: the start of an OpenPGP message.
+
+    Returns:
+        The packet's tag and the offset at which its body starts.
+    """
+    header = data[0]
+    assert header & 0x80, f"first byte {header:#04x} is not an OpenPGP packet header"
+    if header & 0x40:  # new format: tag in the low six bits, then a 1, 2 or 5-byte length
+        length_size = 1 if data[1] < 192 else 5 if data[1] == 255 else 2
+        return header & 0x3F, 1 + length_size
+    # Old format: tag in bits 5-2, length type in bits 1-0 (3: indeterminate, no length).
+    length_size = {0: 1, 1: 2, 2: 4, 3: 0}[header & 0x03]
+    return (header >> 2) & 0x0F, 1 + length_size
+
+
+def _app_active(status: jubilant.Status) -> bool:
+    return jubilant.all_active(status, APP_NAME)
+
+
+def _app_error(status: jubilant.Status) -> bool:
+    return jubilant.any_error(status, APP_NAME)
+
+
+@pytest.fixture(scope="module")
+def synapse_app(juju: jubilant.Juju, settings: IntegrationSettings) -> str:
+    """Deploy the packed charm with the image and a server name; wait for active.
+
+    Args:
+        juju: the temporary model.
+        settings: the checked settings.
+
+    Returns:
+        The application name.
+    """
+    juju.deploy(
+        settings.charm_file,
+        APP_NAME,
+        resources={"synapse-image": settings.image},
+        config={"server-name": SERVER_NAME},
+    )
+    juju.wait(_app_active, error=_app_error)
+    return APP_NAME
+
+
+@pytest.fixture(scope="module")
+def passphrase() -> str:
+    """Return a random backup passphrase for this run.
+
+    Returns:
+        The passphrase.
+    """
+    return secrets.token_urlsafe(32)
+
+
+@pytest.fixture(scope="module")
+def s3_credentials_secret(
+    juju: jubilant.Juju, settings: IntegrationSettings, synapse_app: str
+) -> jubilant.SecretURI:
+    """Add the S3 credentials as a user secret granted to the application.
+
+    Args:
+        juju: the temporary model.
+        settings: the checked settings.
+        synapse_app: the deployed application.
+
+    Returns:
+        The secret's URI.
+    """
+    uri = juju.add_secret(
+        "synapse-s3-credentials",
+        {"access-key": settings.s3.access_key, "secret-key": settings.s3.secret_key},
+        info="S3 credentials for the synapse integration tests",
+    )
+    juju.grant_secret(uri, synapse_app)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def backup_configured(
+    juju: jubilant.Juju,
+    settings: IntegrationSettings,
+    s3_credentials_secret: jubilant.SecretURI,
+    passphrase: str,
+    s3_prefix: str,
+) -> str:
+    """Configure backups through secrets and config, as an operator would; wait for active.
+
+    Args:
+        juju: the temporary model.
+        settings: the checked settings.
+        s3_credentials_secret: the S3 credentials secret, granted to the deployed application.
+        passphrase: the backup passphrase.
+        s3_prefix: the test's prefix in the bucket.
+
+    Returns:
+        The application name.
+    """
+    passphrase_uri = juju.add_secret(
+        "synapse-backup-passphrase",
+        {"passphrase": passphrase},
+        info="backup passphrase for the synapse integration tests",
+    )
+    juju.grant_secret(passphrase_uri, APP_NAME)
+    config: dict[str, str] = {
+        "s3-credentials": s3_credentials_secret,
+        "backup-passphrase": passphrase_uri,
+        "s3-bucket": settings.s3.bucket,
+        "s3-endpoint": settings.s3.endpoint,
+        "s3-path": s3_prefix,
+        "s3-uri-style": "path",
+    }
+    if settings.s3.region:
+        config["s3-region"] = settings.s3.region
+    juju.config(APP_NAME, config)
+    juju.wait(_app_active, error=_app_error)
+    return APP_NAME
+
+
+@pytest.fixture(scope="module")
+def backup(
+    juju: jubilant.Juju,
+    settings: IntegrationSettings,
+    backup_configured: str,
+    s3_prefix: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> BackupRun:
+    """Run create-backup once and download the encrypted object it reports.
+
+    Args:
+        juju: the temporary model.
+        settings: the checked settings.
+        backup_configured: the application, configured for backups.
+        s3_prefix: the test's prefix in the bucket.
+        tmp_path_factory: pytest's temporary directories.
+
+    Returns:
+        The action's results and the downloaded object.
+    """
+    started = datetime.datetime.now(datetime.timezone.utc)
+    task = juju.run(f"{backup_configured}/0", "create-backup", wait=BACKUP_ACTION_TIMEOUT)
+    finished = datetime.datetime.now(datetime.timezone.utc)
+    assert task.status == "completed", task
+    results = {key: str(value) for key, value in task.results.items()}
+    assert "backup-id" in results, task
+    key = f"{s3_prefix}/{results['backup-id']}"
+    local_copy = tmp_path_factory.mktemp("backup") / "archive.gpg"
+    settings.s3.client().download_file(settings.s3.bucket, key, str(local_copy))
+    return BackupRun(results, started, finished, key, local_copy)
+
+
+def test_deploy_serves_synapse(juju: jubilant.Juju, synapse_app: str) -> None:
+    """Synapse answers its health endpoint once the unit is active."""
+    status = juju.status()
+    unit = status.apps[synapse_app].units[UNIT_NAME]
+    assert unit.workload_status.current == "active", unit.workload_status
+    # The charm container shares the pod's network with the workload container.
+    probe = (
+        "import urllib.request; "
+        "print(urllib.request.urlopen('http://localhost:8008/health', timeout=10).read().decode())"
+    )
+    task = juju.exec(f"python3 -c {shlex.quote(probe)}", unit=UNIT_NAME)
+    assert task.stdout.strip() == "OK"
+
+
+def test_create_backup_results(backup: BackupRun) -> None:
+    """create-backup returns a UTC timestamp id, the object's size and the duration."""
+    backup_id = backup.results["backup-id"]
+    assert BACKUP_ID_PATTERN.fullmatch(backup_id), backup_id
+    created = datetime.datetime.strptime(backup_id, BACKUP_ID_FORMAT).replace(
+        tzinfo=datetime.timezone.utc
+    )
+    assert backup.started - CLOCK_SKEW <= created <= backup.finished + CLOCK_SKEW, (
+        f"backup id {backup_id} is not the UTC time of the run "
+        f"({backup.started:%Y-%m-%dT%H:%M:%SZ} to {backup.finished:%Y-%m-%dT%H:%M:%SZ})"
+    )
+    assert int(backup.results["size"]) > 0
+    assert float(backup.results["duration"]) >= 0
+
+
+def test_backup_object_and_manifest_in_s3(
+    backup: BackupRun, settings: IntegrationSettings
+) -> None:
+    """The encrypted object has the reported size and its manifest names it."""
+    client = settings.s3.client()
+    head = client.head_object(Bucket=settings.s3.bucket, Key=backup.key)
+    assert head["ContentLength"] == int(backup.results["size"])
+    assert backup.local_copy.stat().st_size == int(backup.results["size"])
+    manifest_object = client.get_object(
+        Bucket=settings.s3.bucket, Key=backup.key + MANIFEST_SUFFIX
+    )
+    manifest = json.loads(manifest_object["Body"].read())
+    assert manifest.get("backup-id") == backup.results["backup-id"]
+
+
+def test_backup_object_is_encrypted(backup: BackupRun) -> None:
+    """The object is an OpenPGP symmetrically encrypted message (AES256), not a tar."""
+    data = backup.local_copy.read_bytes()
+    assert data[257:262] != b"ustar", "the object is a plain tar archive"
+    assert not tarfile.is_tarfile(backup.local_copy), "the object is a readable tar archive"
+    tag, body_start = first_openpgp_packet(data)
+    assert tag == OPENPGP_SKESK_TAG, f"first packet has tag {tag}, not a symmetric session key"
+    version, cipher = data[body_start], data[body_start + 1]
+    assert version in (4, 5), f"unexpected symmetric-key packet version {version}"
+    assert cipher == OPENPGP_AES256, f"cipher algorithm {cipher} is not AES256"
+
+
+@pytest.fixture
+def gnupg_home() -> Iterator[Path]:
+    """Give gpg a private, short home directory; stop its agent afterwards.
+
+    Yields:
+        The home directory.
+    """
+    gpg = shutil.which("gpg")
+    if gpg is None:
+        pytest.skip("gpg is not on PATH on this machine: cannot decrypt the backup here")
+    # Short, so that gpg-agent's socket path fits.
+    home = Path(tempfile.mkdtemp(prefix="gpg-"))
+    home.chmod(0o700)
+    try:
+        yield home
+    finally:
+        gpgconf = shutil.which("gpgconf")
+        if gpgconf is not None:
+            subprocess.run(
+                [gpgconf, "--homedir", str(home), "--kill", "gpg-agent"],
+                capture_output=True,
+                check=False,
+            )
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_backup_decrypts_with_the_passphrase(
+    backup: BackupRun, passphrase: str, gnupg_home: Path
+) -> None:
+    """The configured passphrase decrypts the object (gpg) into a tar with the config."""
+    gpg = shutil.which("gpg")
+    assert gpg is not None
+    passphrase_file = gnupg_home / "passphrase"
+    passphrase_file.touch(mode=0o600)
+    passphrase_file.write_text(passphrase)
+    common = [
+        gpg,
+        "--batch",
+        "--homedir",
+        str(gnupg_home),
+        "--no-symkey-cache",
+        "--pinentry-mode",
+        "loopback",
+        "--passphrase-file",
+        str(passphrase_file),
+    ]
+    packets = subprocess.run(
+        [*common, "--list-packets", str(backup.local_copy)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert ":symkey enc packet:" in packets.stdout, packets.stderr
+    plain = gnupg_home / "archive.tar"
+    decrypted = subprocess.run(
+        [*common, "--output", str(plain), "--decrypt", str(backup.local_copy)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert decrypted.returncode == 0, decrypted.stderr
+    assert tarfile.is_tarfile(plain), "the decrypted backup is not a tar archive"
+    with tarfile.open(plain) as archive:
+        names = {name.lstrip("./") for name in archive.getnames()}
+    assert CONFIG_MEMBER in names, sorted(names)[:20]
+
+
+def test_wrong_secret_key_blocks_on_s3_credentials(
+    juju: jubilant.Juju,
+    settings: IntegrationSettings,
+    backup_configured: str,
+    s3_credentials_secret: jubilant.SecretURI,
+) -> None:
+    """A wrong secret key blocks the unit naming s3-credentials; the right one clears it."""
+    wrong_key = settings.s3.secret_key[::-1] + "x"
+    try:
+        settings.s3.client(secret_key=wrong_key).head_bucket(Bucket=settings.s3.bucket)
+    except botocore.exceptions.ClientError:
+        pass
+    else:
+        pytest.skip("this S3 store accepts a wrong secret key, so the charm cannot notice one")
+    wrong_uri = juju.add_secret(
+        "synapse-s3-wrong-credentials",
+        {"access-key": settings.s3.access_key, "secret-key": wrong_key},
+    )
+    juju.grant_secret(wrong_uri, backup_configured)
+    juju.config(backup_configured, {"s3-credentials": wrong_uri})
+
+    def blocked_on_credentials(status: jubilant.Status) -> bool:
+        unit = status.apps[backup_configured].units.get(UNIT_NAME)
+        return (
+            unit is not None
+            and unit.workload_status.current == "blocked"
+            and "s3-credentials" in unit.workload_status.message
+        )
+
+    juju.wait(blocked_on_credentials, error=_app_error, timeout=10 * 60)
+    juju.config(backup_configured, {"s3-credentials": s3_credentials_secret})
+    juju.wait(_app_active, error=_app_error, timeout=10 * 60)
