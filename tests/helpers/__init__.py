@@ -1,0 +1,1 @@
+"""Test helpers: a real SeaweedFS S3 server and a bubblewrap sandbox for Pebble exec."""
