@@ -957,7 +957,14 @@ def check_tools(container: ops.Container, tools: Sequence[str] = REQUIRED_TOOLS)
             f"the workload container lacks {BASH_COMMAND} ({exc.message}); "
             "use the synapse rock from synapse_rock/"
         ) from exc
-    except (ops.pebble.ExecError, ops.pebble.ChangeError, ops.pebble.TimeoutError) as exc:
+    except ops.pebble.ExecError as exc:
+        if exc.exit_code == 127:  # the shell itself could not be found
+            raise BackupError(
+                f"the workload container lacks {BASH_COMMAND}; "
+                "use the synapse rock from synapse_rock/"
+            ) from exc
+        raise BackupError(f"cannot check the workload's tools: {_tail(exc.stderr)}") from exc
+    except (ops.pebble.ChangeError, ops.pebble.TimeoutError) as exc:
         raise BackupError(f"cannot check the workload's tools: {exc}") from exc
     missing = stdout.split()
     if missing:
@@ -1078,6 +1085,7 @@ def run_backup(
     client = S3Client(s3_parameters)
     names = (backup_key, backup_key + MANIFEST_SUFFIX)
     try:
+        client.check_bucket()
         if any(client.object_size(name) is not None for name in names):
             raise BackupError(f"a backup named {backup_key} exists already")
     except S3Error as exc:

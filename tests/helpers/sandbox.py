@@ -187,7 +187,7 @@ class Sandbox:
                 disk-full tests; `mount_small_fs` keeps writes.
         """
         self.root = Path(root)
-        self.path_dirs = list(path_dirs) if path_dirs is not None else _default_path()
+        self.path_dirs = list(path_dirs) if path_dirs is not None else default_path()
         self.extra_ro_binds = [
             (Path(b[0]), Path(b[1])) if isinstance(b, tuple) else (Path(b), Path(b))
             for b in extra_ro_binds
@@ -358,7 +358,7 @@ def _host_binds(exclude: set[str]) -> list[str]:
     return argv
 
 
-def _default_path() -> list[str]:
+def default_path() -> list[str]:
     """The default PATH: venv bin, base interpreter bin, then the system dirs.
 
     Returns:

@@ -1,0 +1,154 @@
+"""Fixtures for the workload tests: real S3, real bash, tar, gpg and aws CLI.
+
+Pebble and Kubernetes cannot run here. The container is ops' Harness stand-in:
+its filesystem is a real directory, and every exec runs for real in a
+bubblewrap sandbox where that directory is the container's /data and /tmp,
+as the Synapse user (uid 991). Nothing else is simulated.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import ops
+import pytest
+from ops import testing
+
+from backup import S3Parameters
+from charm import SynapseCharm
+from tests.helpers.sandbox import Sandbox, honor_pebble_ownership
+from tests.helpers.seaweed import SeaweedServer
+from tests.helpers.synapse_data import make_synapse_data
+
+SERVER_NAME = "demo.example"
+PASSPHRASE = "correct horse battery staple 'quoted' $(not run)"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
+    """A SeaweedFS server shared by the session's tests."""
+    with SeaweedServer(tmp_path_factory.mktemp("seaweed")) as server:
+        yield server
+
+
+@pytest.fixture
+def bucket(s3_server: SeaweedServer) -> str:
+    """A new empty bucket."""
+    name = f"backups-{secrets.token_hex(6)}"
+    s3_server.create_bucket(name)
+    return name
+
+
+def parameters_for(server: SeaweedServer, bucket: str, path: str = "synapse/prod") -> S3Parameters:
+    """Return S3 parameters for a bucket of a server.
+
+    Args:
+        server: the S3 server.
+        bucket: the bucket.
+        path: the prefix of the backups.
+
+    Returns:
+        The parameters.
+    """
+    return S3Parameters.model_validate(
+        {
+            "access-key": server.access_key,
+            "secret-key": server.secret_key,
+            "endpoint": server.endpoint,
+            "region": "us-east-1",
+            "bucket": bucket,
+            "path": path,
+        }
+    )
+
+
+@pytest.fixture
+def s3_parameters(s3_server: SeaweedServer, bucket: str) -> S3Parameters:
+    """S3 parameters for the test's bucket."""
+    return parameters_for(s3_server, bucket)
+
+
+@pytest.fixture
+def harness(monkeypatch: pytest.MonkeyPatch) -> Iterator[testing.Harness[SynapseCharm]]:
+    """The charm in Harness, with sample Synapse data and real exec."""
+    honor_pebble_ownership(monkeypatch)
+    harness = testing.Harness(SynapseCharm)
+    harness.set_can_connect("synapse", True)
+    harness.begin()
+    root = harness.get_filesystem_root("synapse")
+    tmp = root / "tmp"
+    tmp.mkdir(exist_ok=True)
+    tmp.chmod(0o1777)
+    make_synapse_data(root, SERVER_NAME)
+    sandbox = Sandbox(root)
+    harness.handle_exec("synapse", [], handler=sandbox.handle)
+    yield harness
+    harness.cleanup()
+
+
+@pytest.fixture
+def container(harness: testing.Harness[SynapseCharm]) -> ops.Container:
+    """The Synapse container of the harness."""
+    return harness.model.unit.get_container("synapse")
+
+
+@pytest.fixture
+def root(harness: testing.Harness[SynapseCharm]) -> Path:
+    """The container's filesystem root."""
+    return harness.get_filesystem_root("synapse")
+
+
+def decrypt_and_extract(encrypted: bytes, passphrase: str, target: Path) -> None:
+    """Decrypt a backup with the host's gpg and extract it as root, like a restore.
+
+    Args:
+        encrypted: the object's bytes.
+        passphrase: the passphrase.
+        target: the directory to extract into.
+
+    Raises:
+        CalledProcessError: if gpg or tar fail.
+    """
+    gnupg = target.parent / f"gnupg-{secrets.token_hex(4)}"
+    gnupg.mkdir(mode=0o700)
+    passphrase_file = gnupg / "passphrase"
+    passphrase_file.write_text(passphrase)
+    env = {**os.environ, "GNUPGHOME": str(gnupg)}
+    try:
+        tar = subprocess.run(
+            [
+                "gpg",
+                "--batch",
+                "--quiet",
+                "--pinentry-mode",
+                "loopback",
+                "--passphrase-file",
+                str(passphrase_file),
+                "--decrypt",
+            ],
+            input=encrypted,
+            capture_output=True,
+            env=env,
+            check=True,
+        ).stdout
+    finally:
+        subprocess.run(["gpgconf", "--homedir", str(gnupg), "--kill", "gpg-agent"], check=False)
+    target.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [
+            "tar",
+            "--extract",
+            "--file=-",
+            "--same-owner",
+            "--same-permissions",
+            "--numeric-owner",
+            f"--directory={target}",
+        ],
+        input=tar,
+        check=True,
+        capture_output=True,
+    )
