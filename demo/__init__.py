@@ -1,0 +1,1 @@
+"""Demo of the charm's encrypted backup on an embedded S3 server."""
