@@ -1,0 +1,48 @@
+"""Fixtures for the Scenario (ops.testing) unit tests."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Iterator
+from unittest import mock
+
+import pytest
+from ops import testing
+
+import backup
+from charm import SynapseCharm
+from tests.unit.builders import homeserver_yaml
+
+
+@pytest.fixture
+def ctx() -> testing.Context[SynapseCharm]:
+    """A Scenario context for the charm (metadata, config and actions from the repo)."""
+    return testing.Context(SynapseCharm)
+
+
+@pytest.fixture
+def data_dir(tmp_path: pathlib.Path) -> pathlib.Path:
+    """An empty local directory mounted as the container's /data."""
+    path = tmp_path / "data"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def configured_data_dir(data_dir: pathlib.Path) -> pathlib.Path:
+    """A /data holding the homeserver.yaml Synapse generated for SERVER_NAME."""
+    (data_dir / "homeserver.yaml").write_text(homeserver_yaml())
+    return data_dir
+
+
+@pytest.fixture(autouse=True)
+def check_bucket() -> Iterator[mock.MagicMock]:
+    """Patch S3Client.check_bucket, which talks to a real S3 server.
+
+    This stands for S3 in unit tests (the real client is exercised against
+    SeaweedFS in tests/workload). By default the bucket is usable; tests set
+    ``side_effect`` to an S3Error to stand for a bucket S3 refuses.
+    """
+    with mock.patch.object(backup.S3Client, "check_bucket", autospec=True) as patched:
+        patched.return_value = None
+        yield patched

@@ -1,0 +1,714 @@
+"""Pure functions of src/backup.py: no ops, no Pebble, no S3."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import shlex
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tarfile
+
+import pydantic
+import pytest
+
+import backup
+
+ACCESS_KEY = "AKIAPUREFUNCTIONTEST"
+SECRET_KEY = "pure-function-secret-key-5d2e"
+PASSPHRASE = "pure-function-passphrase-0b7a"
+WORK_DIR = "/tmp/synapse-backup-0123456789abcdef"
+PASSPHRASE_FILE = f"{WORK_DIR}/passphrase"
+
+
+def _params(**changes: object) -> backup.S3Parameters:
+    values: dict[str, object] = {
+        "access-key": ACCESS_KEY,
+        "secret-key": SECRET_KEY,
+        "bucket": "synapse-backups",
+        "endpoint": "https://s3.example.com",
+    }
+    values.update(changes)
+    return backup.S3Parameters.model_validate(
+        {key: value for key, value in values.items() if value is not None}
+    )
+
+
+# --- S3Parameters ---------------------------------------------------------------------------
+
+
+def test_s3_parameters_aliases_and_names():
+    """S3Parameters accepts Juju's hyphenated aliases and the Python field names alike."""
+    by_alias = _params(**{"s3-uri-style": "host"})
+    by_name = backup.S3Parameters(
+        access_key=ACCESS_KEY,
+        secret_key=SECRET_KEY,
+        bucket="synapse-backups",
+        endpoint="https://s3.example.com",
+        s3_uri_style="host",
+    )
+
+    assert by_alias == by_name
+    assert by_alias.access_key == ACCESS_KEY
+    assert by_alias.secret_key == SECRET_KEY
+    assert by_alias.s3_uri_style == "host"
+
+
+@pytest.mark.parametrize(
+    ("changes", "endpoint", "region"),
+    [
+        pytest.param({}, "https://s3.example.com", None, id="endpoint-only"),
+        pytest.param({"endpoint": None, "region": "eu-west-1"}, None, "eu-west-1", id="region"),
+        pytest.param(
+            {"endpoint": "", "region": "eu-west-1"}, None, "eu-west-1", id="empty-endpoint"
+        ),
+        pytest.param(
+            {"endpoint": "http://10.0.0.1:8333", "region": "us-east-1"},
+            "http://10.0.0.1:8333",
+            "us-east-1",
+            id="both",
+        ),
+    ],
+)
+def test_s3_parameters_endpoint_or_region(
+    changes: dict[str, object], endpoint: str | None, region: str | None
+):
+    """Either an endpoint or a region is enough; an empty endpoint becomes None."""
+    parameters = _params(**changes)
+
+    assert (parameters.endpoint, parameters.region) == (endpoint, region)
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "message"),
+    [
+        pytest.param({"endpoint": None}, "endpoint", "one of s3-endpoint", id="neither"),
+        pytest.param({"endpoint": "", "region": ""}, "endpoint", "one of", id="both-empty"),
+        pytest.param({"endpoint": "s3.example.com"}, "endpoint", "http", id="no-scheme"),
+        pytest.param({"endpoint": "ftp://s3.example.com"}, "endpoint", "http", id="ftp"),
+        pytest.param({"endpoint": "https://"}, "endpoint", "http", id="no-host"),
+        pytest.param({"access-key": ""}, "access-key", "at least 1", id="empty-access-key"),
+        pytest.param({"secret-key": ""}, "secret-key", "at least 1", id="empty-secret-key"),
+        pytest.param({"bucket": "ab"}, "bucket", "at least 3", id="bucket-too-short"),
+        pytest.param({"bucket": "a" * 64}, "bucket", "at most 63", id="bucket-too-long"),
+        pytest.param({"bucket": "My_Bucket"}, "bucket", "pattern", id="bucket-uppercase"),
+        pytest.param({"bucket": "bucket-"}, "bucket", "pattern", id="bucket-trailing-dash"),
+        pytest.param({"s3-uri-style": "virtual"}, "s3-uri-style", "'path' or 'host'", id="uri"),
+        pytest.param({"path": "a/../b"}, "path", "'..'", id="path-dot-dot"),
+        pytest.param({"path": ".."}, "path", "'..'", id="path-only-dot-dot"),
+        pytest.param({"path": "a/./b"}, "path", "'.'", id="path-dot"),
+    ],
+)
+def test_s3_parameters_invalid(changes: dict[str, object], field: str, message: str):
+    """Invalid values are rejected on the field they belong to, without echoing a secret."""
+    with pytest.raises(pydantic.ValidationError) as exc_info:
+        _params(**changes)
+
+    (error,) = exc_info.value.errors()
+    assert error["loc"] == (field,)
+    assert message in error["msg"]
+    assert SECRET_KEY not in error["msg"]
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        pytest.param("", "", id="empty"),
+        pytest.param("/a//b/", "a/b", id="slashes"),
+        pytest.param("synapse/prod", "synapse/prod", id="plain"),
+        pytest.param("///", "", id="only-slashes"),
+        pytest.param("a/.../b", "a/.../b", id="three-dots-is-a-name"),
+    ],
+)
+def test_s3_parameters_path_normalised(path: str, expected: str):
+    """The object prefix loses leading, trailing and doubled slashes."""
+    assert _params(path=path).path == expected
+
+
+@pytest.mark.parametrize(
+    ("style", "addressing"),
+    [
+        pytest.param(None, "path", id="default"),
+        pytest.param("path", "path", id="path"),
+        pytest.param("host", "virtual", id="host"),
+    ],
+)
+def test_addressing_style(style: str | None, addressing: str):
+    """The charm's s3-uri-style maps to boto's and aws's addressing_style."""
+    assert _params(**{"s3-uri-style": style}).addressing_style == addressing
+
+
+def test_s3_parameters_repr_hides_keys():
+    """Neither repr nor str of S3Parameters shows the access or secret key."""
+    parameters = _params()
+
+    for text in (repr(parameters), str(parameters), f"{parameters!r}"):
+        assert SECRET_KEY not in text
+        assert ACCESS_KEY not in text
+    assert "synapse-backups" in repr(parameters)
+
+
+@pytest.mark.parametrize(
+    ("path", "key", "url"),
+    [
+        pytest.param("", "20250101T000000Z", "s3://synapse-backups/20250101T000000Z", id="top"),
+        pytest.param(
+            "/a//b/", "20250101T000000Z", "s3://synapse-backups/a/b/20250101T000000Z", id="nested"
+        ),
+        pytest.param(
+            "prod",
+            "x.manifest.json",
+            "s3://synapse-backups/prod/x.manifest.json",
+            id="manifest",
+        ),
+    ],
+)
+def test_object_key_and_url(path: str, key: str, url: str):
+    """Object keys have no leading or doubled slash; URLs are s3://bucket/key."""
+    parameters = _params(path=path)
+
+    object_key = parameters.object_key(key)
+
+    assert not object_key.startswith("/")
+    assert "//" not in object_key
+    assert object_key.endswith(key)
+    assert parameters.object_url(key) == url
+    assert "//" not in url.removeprefix("s3://")
+
+
+# --- backup ids and keys -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "20250101T000000Z",
+        "my-backup_1.tar.gpg",
+        "a",
+        "A" * 200,
+    ],
+)
+def test_validate_backup_key_accepts(key: str):
+    """Plain object names are accepted and returned."""
+    assert backup.validate_backup_key(key) == key
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        pytest.param("", id="empty"),
+        pytest.param("a/b", id="slash"),
+        pytest.param("/abs", id="leading-slash"),
+        pytest.param("..", id="dot-dot"),
+        pytest.param("a..b", id="inner-dot-dot"),
+        pytest.param(".hidden", id="leading-dot"),
+        pytest.param("-rf", id="leading-dash"),
+        pytest.param("it's", id="single-quote"),
+        pytest.param('say"hi"', id="double-quote"),
+        pytest.param("$(touch /tmp/pwned)", id="command-substitution"),
+        pytest.param("`id`", id="backticks"),
+        pytest.param("a b", id="space"),
+        pytest.param("a\nb", id="newline"),
+        pytest.param("x.manifest.json", id="manifest-name"),
+        pytest.param("20250101T000000Z.manifest.json", id="backup-manifest-name"),
+        pytest.param("A" * 201, id="too-long"),
+    ],
+)
+def test_validate_backup_key_rejects(key: str):
+    """Keys that could escape the prefix, break a shell word or hide a manifest are rejected."""
+    with pytest.raises(backup.BackupError, match="invalid backup id"):
+        backup.validate_backup_key(key)
+
+
+def test_new_backup_id_now_is_utc():
+    """The default backup id is the current UTC time, in the backup id format."""
+    before = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+
+    backup_id = backup.new_backup_id()
+
+    after = datetime.datetime.now(datetime.timezone.utc)
+    assert backup.BACKUP_ID_PATTERN.fullmatch(backup_id)
+    parsed = datetime.datetime.strptime(backup_id, backup.BACKUP_ID_FORMAT).replace(
+        tzinfo=datetime.timezone.utc
+    )
+    assert before <= parsed <= after
+    assert backup.validate_backup_key(backup_id) == backup_id
+
+
+@pytest.mark.parametrize(
+    ("now", "expected"),
+    [
+        pytest.param(
+            datetime.datetime(2025, 3, 9, 1, 2, 3, tzinfo=datetime.timezone.utc),
+            "20250309T010203Z",
+            id="utc",
+        ),
+        pytest.param(
+            datetime.datetime(
+                2025, 1, 1, 1, 30, 0, tzinfo=datetime.timezone(datetime.timedelta(hours=2))
+            ),
+            "20241231T233000Z",
+            id="utc-plus-2-crosses-new-year",
+        ),
+        pytest.param(
+            datetime.datetime(
+                2025, 6, 30, 20, 0, 0, tzinfo=datetime.timezone(datetime.timedelta(hours=-5))
+            ),
+            "20250701T010000Z",
+            id="utc-minus-5",
+        ),
+    ],
+)
+def test_new_backup_id_from_aware_time(now: datetime.datetime, expected: str):
+    """An aware time in any zone gives the UTC time."""
+    assert backup.new_backup_id(now) == expected
+
+
+def test_new_backup_ids_sort_by_time():
+    """Backup ids sort like the times they were made at, across zones."""
+    plus_one = datetime.timezone(datetime.timedelta(hours=1))
+    times = [
+        datetime.datetime(2024, 12, 31, 23, 59, 59, tzinfo=datetime.timezone.utc),
+        datetime.datetime(2025, 1, 1, 1, 0, 0, tzinfo=plus_one),  # 00:00:00 UTC
+        datetime.datetime(2025, 1, 1, 0, 0, 1, tzinfo=datetime.timezone.utc),
+        datetime.datetime(2025, 2, 1, 0, 0, 0, tzinfo=datetime.timezone.utc),
+        datetime.datetime(2025, 10, 1, 0, 0, 0, tzinfo=datetime.timezone.utc),
+    ]
+
+    ids = [backup.new_backup_id(time) for time in times]
+
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+
+
+# --- environment and aws configuration ------------------------------------------------------
+
+
+def test_get_environment_credentials():
+    """The environment carries the credentials, endpoint and region for the aws CLI."""
+    environment = backup.get_environment(_params(region="eu-west-1"))
+
+    assert environment["AWS_ACCESS_KEY_ID"] == ACCESS_KEY
+    assert environment["AWS_SECRET_ACCESS_KEY"] == SECRET_KEY
+    assert environment["AWS_ENDPOINT_URL"] == "https://s3.example.com"
+    assert environment["AWS_DEFAULT_REGION"] == "eu-west-1"
+    assert environment["AWS_EC2_METADATA_DISABLED"] == "true"
+    assert "HOME" not in environment
+    assert "GNUPGHOME" not in environment
+
+
+def test_get_environment_region_only():
+    """Without an endpoint, the aws CLI is not pointed at one."""
+    environment = backup.get_environment(_params(endpoint=None, region="eu-west-1"))
+
+    assert "AWS_ENDPOINT_URL" not in environment
+    assert environment["AWS_DEFAULT_REGION"] == "eu-west-1"
+
+
+def test_get_environment_endpoint_only():
+    """Without a region, none is set."""
+    assert "AWS_DEFAULT_REGION" not in backup.get_environment(_params())
+
+
+def test_get_environment_work_dir():
+    """With a work dir, HOME, GNUPGHOME and the aws files all live inside it."""
+    environment = backup.get_environment(_params(), work_dir=WORK_DIR)
+
+    assert environment["HOME"] == WORK_DIR
+    for variable in ("GNUPGHOME", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        assert environment[variable].startswith(WORK_DIR + "/")
+    assert environment["GNUPGHOME"] == f"{WORK_DIR}/{backup.GNUPG_DIR}"
+    assert environment["AWS_CONFIG_FILE"] == f"{WORK_DIR}/{backup.AWS_CONFIG_FILE}"
+
+
+@pytest.mark.parametrize(
+    ("changes", "lines"),
+    [
+        pytest.param({}, ["addressing_style = path"], id="path-style"),
+        pytest.param({"s3-uri-style": "host"}, ["addressing_style = virtual"], id="host-style"),
+        pytest.param({"region": "eu-west-1"}, ["region = eu-west-1"], id="region"),
+    ],
+)
+def test_build_aws_config(changes: dict[str, str], lines: list[str]):
+    """The aws config sets the addressing style and limits, and holds no secret."""
+    config = backup.build_aws_config(_params(**changes))
+
+    assert config.startswith("[default]\n")
+    for line in lines:
+        assert line in config
+    assert f"max_concurrent_requests = {backup.S3_MAX_CONCURRENT_REQUESTS}" in config
+    assert f"multipart_chunksize = {backup.S3_MULTIPART_CHUNKSIZE}" in config
+    assert SECRET_KEY not in config
+    assert ACCESS_KEY not in config
+
+
+# --- build_backup_command ---------------------------------------------------------------------
+
+HOSTILE_NAMES = [
+    pytest.param("with space.yaml", id="space"),
+    pytest.param("it's.yaml", id="single-quote"),
+    pytest.param('say "hi".yaml', id="double-quote"),
+    pytest.param("line\nbreak.yaml", id="newline"),
+    pytest.param("$(touch /tmp/pwned)", id="command-substitution"),
+    pytest.param("`touch /tmp/pwned`", id="backticks"),
+    pytest.param("-rf", id="leading-dash"),
+    pytest.param("--to-command=sh", id="tar-option"),
+    pytest.param("a;b|c&d>e<f", id="shell-operators"),
+    pytest.param("*.yaml", id="glob"),
+    pytest.param("~root", id="tilde"),
+]
+
+
+def _pipeline_words(script: str) -> list[list[str]]:
+    """Split the tar | gpg | digest | aws pipeline of a backup script into its commands."""
+    start = script.index("tar --create")
+    end = script.index("\nread -r sha256")
+    words = shlex.split(script[start:end])
+    commands: list[list[str]] = [[]]
+    for word in words:
+        if word == "|":
+            commands.append([])
+        else:
+            commands[-1].append(word)
+    return commands
+
+
+def _bash_syntax_ok(script: str) -> None:
+    result = subprocess.run(
+        ["bash", "-n", "-c", script], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_build_backup_command_shape():
+    """The command is bash -c SCRIPT: tar | gpg | digest | aws, and the digest is printed."""
+    command = backup.build_backup_command(
+        _params(path="/prod//synapse/"),
+        "20250101T000000Z",
+        ["/data/homeserver.yaml", "/data/media_store/local_content"],
+        PASSPHRASE_FILE,
+        expected_size=12345,
+    )
+
+    assert command[:2] == ["bash", "-c"]
+    assert len(command) == 3
+    script = command[2]
+    _bash_syntax_ok(script)
+    assert script.startswith("set -o errexit -o nounset -o pipefail\n")
+    assert "set -x" not in script
+    tar, gpg, digest, aws = _pipeline_words(script)
+    assert tar[0] == "tar"
+    assert "--directory=/" in tar
+    assert tar[-2:] == [
+        "--add-file=data/homeserver.yaml",
+        "--add-file=data/media_store/local_content",
+    ]
+    assert gpg[0] == "gpg"
+    assert gpg[gpg.index("--passphrase-file") + 1] == PASSPHRASE_FILE
+    assert "--symmetric" in gpg
+    assert digest[:2] == ["python3", "-c"]
+    assert digest[-1] == f"{WORK_DIR}/digest"
+    assert aws[:3] == ["aws", "s3", "cp"]
+    assert aws[aws.index("--expected-size") + 1] == "12345"
+    assert aws[-2:] == ["-", "s3://synapse-backups/prod/synapse/20250101T000000Z"]
+    assert "//" not in aws[-1].removeprefix("s3://")
+
+
+def test_build_backup_command_no_secret():
+    """Neither the secret key, the access key nor the passphrase is in the command."""
+    command = backup.build_backup_command(
+        _params(),
+        "20250101T000000Z",
+        ["/data/homeserver.yaml"],
+        PASSPHRASE_FILE,
+        database_path="/data/homeserver.db",
+        work_dir=WORK_DIR,
+    )
+
+    text = "\n".join(command)
+    for value in (SECRET_KEY, ACCESS_KEY, PASSPHRASE):
+        assert value not in text
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_build_backup_command_quotes_hostile_paths(name: str):
+    """Hostile file names stay single, intact words of the tar command.
+
+    The script parses (bash -n) and shlex.split of the pipeline gives back each
+    path as exactly one --add-file=data/... word.
+    """
+    paths = [f"/data/{name}", f"/data/media_store/{name}/x"]
+    database = f"/data/db {name}/homeserver.db"
+
+    command = backup.build_backup_command(
+        _params(),
+        "20250101T000000Z",
+        paths,
+        PASSPHRASE_FILE,
+        database_path=database,
+        work_dir=WORK_DIR,
+    )
+
+    script = command[2]
+    _bash_syntax_ok(script)
+    tar = _pipeline_words(script)[0]
+    assert f"--add-file=data/{name}" in tar
+    assert f"--add-file=data/media_store/{name}/x" in tar
+    assert tar[-1] == f"--add-file=data/db {name}/homeserver.db"
+    snapshot_dir = f"/data/db {name}/{backup.SNAPSHOT_DIR_PREFIX}20250101T000000Z"
+    assert tar[-2] == f"--directory={snapshot_dir}"
+    assert "SNAPSHOT_DIR=" + shlex.quote(snapshot_dir) in script
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param("data/homeserver.yaml", id="relative"),
+        pytest.param("/data/../etc/shadow", id="dot-dot"),
+        pytest.param("/data/./homeserver.yaml", id="dot"),
+        pytest.param("/data//homeserver.yaml", id="double-slash"),
+        pytest.param("/data/media/", id="trailing-slash"),
+        pytest.param("/", id="root"),
+        pytest.param("", id="empty"),
+    ],
+)
+def test_build_backup_command_rejects_paths(path: str):
+    """Relative or non-normalised paths raise BackupError, as backup or database paths."""
+    with pytest.raises(backup.BackupError, match="not an absolute normalised path"):
+        backup.build_backup_command(_params(), "20250101T000000Z", [path], PASSPHRASE_FILE)
+    with pytest.raises(backup.BackupError, match="not an absolute normalised path"):
+        backup.build_backup_command(
+            _params(),
+            "20250101T000000Z",
+            ["/data/homeserver.yaml"],
+            PASSPHRASE_FILE,
+            database_path=path or "relative.db",
+        )
+
+
+@pytest.mark.parametrize("key", ["../x", "a/b", "$(id)", "x.manifest.json", ""])
+def test_build_backup_command_rejects_keys(key: str):
+    """An unsafe backup key is rejected before any script is built."""
+    with pytest.raises(backup.BackupError, match="invalid backup id"):
+        backup.build_backup_command(_params(), key, ["/data/homeserver.yaml"], PASSPHRASE_FILE)
+
+
+def test_build_backup_command_work_dir_defaults_to_passphrase_dir():
+    """Without work_dir, temporary files go beside the passphrase file."""
+    command = backup.build_backup_command(
+        _params(), "20250101T000000Z", ["/data/homeserver.yaml"], PASSPHRASE_FILE
+    )
+
+    tar, _, digest, _ = _pipeline_words(command[2])
+    assert f"--index-file={WORK_DIR}/index" in tar
+    assert digest[-1] == f"{WORK_DIR}/digest"
+
+
+def _stub(directory: pathlib.Path, name: str, body: str) -> None:
+    path = directory / name
+    path.write_text(f"#!{sys.executable}\n{body}")
+    path.chmod(0o755)
+
+
+@pytest.mark.skipif(not shutil.which("tar"), reason="needs GNU tar")
+def test_build_backup_command_runs_with_hostile_names(tmp_path: pathlib.Path):
+    """The script, run by bash with real tar and python3, archives hostile names intact.
+
+    The command substitutions in the names would create files in the working
+    directory if they ever reached the shell unquoted.
+
+    gpg, gpgconf and aws are stubs (gpg copies its input, aws stores it in a file);
+    the real encryption and upload are tested in tests/workload.
+    """
+    names = [
+        "with space",
+        "it's",
+        'say "hi"',
+        "line\nbreak",
+        "$(touch pwned)",
+        "`touch pwned2`",
+        "-rf",
+    ]
+    data = tmp_path / "data dir"
+    data.mkdir()
+    for name in names:
+        (data / name).write_text(name)
+    database = data / "homeserver.db"
+    with sqlite3.connect(database) as connection:
+        connection.execute("CREATE TABLE t (x)")
+        connection.execute("INSERT INTO t VALUES ('row')")
+    connection.close()
+    work_dir = tmp_path / "work"
+    work_dir.mkdir()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    upload = tmp_path / "uploaded"
+    _stub(
+        bin_dir,
+        "gpg",
+        "import shutil, sys\nshutil.copyfileobj(sys.stdin.buffer, sys.stdout.buffer)\n",
+    )
+    _stub(bin_dir, "gpgconf", "")
+    _stub(
+        bin_dir,
+        "aws",
+        "import json, os, shutil, sys\n"
+        f"open({str(tmp_path / 'aws-argv')!r}, 'w').write(json.dumps(sys.argv[1:]))\n"
+        f"shutil.copyfileobj(sys.stdin.buffer, open({str(upload)!r}, 'wb'))\n",
+    )
+    _stub(
+        bin_dir,
+        "python3",
+        "import os, sys\nos.execv(sys.executable, [sys.executable, *sys.argv[1:]])\n",
+    )
+    command = backup.build_backup_command(
+        _params(path="prod"),
+        "20250101T000000Z",
+        sorted(str(data / name) for name in names),
+        str(work_dir / "passphrase"),
+        database_path=str(database),
+        work_dir=str(work_dir),
+    )
+
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+        env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+        timeout=60,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "pwned").exists()
+    assert not (tmp_path / "pwned2").exists()
+    sha256, size, members = backup._parse_digest(result.stdout)
+    assert size == upload.stat().st_size
+    assert members == len(names) + 1
+    with tarfile.open(upload) as archive:
+        archived = set(archive.getnames())
+    relative = str(data).lstrip("/")
+    assert archived == {f"{relative}/{name}" for name in names} | {f"{relative}/homeserver.db"}
+    assert json.loads((tmp_path / "aws-argv").read_text())[-1] == (
+        "s3://synapse-backups/prod/20250101T000000Z"
+    )
+    # The snapshot directory is gone (trap cleanup).
+    assert not any(path.name.startswith(backup.SNAPSHOT_DIR_PREFIX) for path in data.iterdir())
+    assert len(sha256) == 64
+
+
+# --- redact and _parse_digest ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "hidden", "expected"),
+    [
+        pytest.param("key=abc; again abc", ["abc"], "key=***; again ***", id="every-occurrence"),
+        pytest.param("a secret and a pass", ["secret", "pass"], "a *** and a ***", id="several"),
+        pytest.param("nothing here", ["absent"], "nothing here", id="absent"),
+        pytest.param("keep me", ["", ""], "keep me", id="empty-secret-ignored"),
+        pytest.param("", ["x"], "", id="empty-text"),
+    ],
+)
+def test_redact(text: str, hidden: list[str], expected: str):
+    """Redact replaces each secret by ***, and ignores empty ones."""
+    assert backup.redact(text, hidden) == expected
+
+
+@pytest.mark.parametrize(
+    ("stdout", "expected"),
+    [
+        pytest.param(f"{'a' * 64} 10 3\n", ("a" * 64, 10, 3), id="plain"),
+        pytest.param(
+            f"some progress\nmore\n{'0123456789abcdef' * 4} 1048576 42\n\n",
+            ("0123456789abcdef" * 4, 1048576, 42),
+            id="last-line-after-output",
+        ),
+        pytest.param(f"  {'b' * 64} 0 0  ", ("b" * 64, 0, 0), id="surrounding-space"),
+    ],
+)
+def test_parse_digest(stdout: str, expected: tuple[str, int, int]):
+    """The last line gives the SHA-256, the size and the member count."""
+    assert backup._parse_digest(stdout) == expected
+
+
+@pytest.mark.parametrize(
+    "stdout",
+    [
+        pytest.param("", id="empty"),
+        pytest.param("\n\n", id="blank"),
+        pytest.param(f"{'a' * 63} 10 3", id="short-digest"),
+        pytest.param(f"{'A' * 64} 10 3", id="uppercase-digest"),
+        pytest.param(f"{'a' * 64} 10", id="no-member-count"),
+        pytest.param(f"{'a' * 64} -1 3", id="negative-size"),
+        pytest.param(f"{'a' * 64} 10 3\nextra", id="not-last-line"),
+    ],
+)
+def test_parse_digest_rejects(stdout: str):
+    """A missing or malformed digest line raises BackupError."""
+    with pytest.raises(backup.BackupError, match="did not report"):
+        backup._parse_digest(stdout)
+
+
+# --- small helpers ---------------------------------------------------------------------------
+
+
+def test_manifest_to_json():
+    """The manifest is JSON with hyphenated keys and the metadata merged in."""
+    manifest = backup.BackupManifest(
+        backup_id="20250101T000000Z",
+        created_at="2025-01-01T00:00:00+00:00",
+        paths=("/data/homeserver.yaml",),
+        file_count=2,
+        size=100,
+        sha256="c" * 64,
+        duration=0.5,
+        metadata={"server-name": "example.com"},
+    )
+
+    document = json.loads(manifest.to_json())
+
+    assert document == {
+        "version": backup.MANIFEST_VERSION,
+        "backup-id": "20250101T000000Z",
+        "created-at": "2025-01-01T00:00:00+00:00",
+        "paths": ["/data/homeserver.yaml"],
+        "file-count": 2,
+        "size": 100,
+        "sha256": "c" * 64,
+        "duration": 0.5,
+        "server-name": "example.com",
+    }
+
+
+@pytest.mark.parametrize(
+    ("output", "expected"),
+    [
+        pytest.param(None, "no error output", id="none"),
+        pytest.param("", "no error output", id="empty"),
+        pytest.param(b"one\n\ntwo\n", "one; two", id="bytes"),
+        pytest.param("\n".join(str(n) for n in range(10)), "5; 6; 7; 8; 9", id="last-five"),
+    ],
+)
+def test_tail(output: str | bytes | None, expected: str):
+    """Error output is shortened to its last lines, on one line."""
+    assert backup._tail(output) == expected
+
+
+def test_expected_size_is_generous():
+    """The announced size is above the data size, with room for the archive overhead."""
+    assert backup._expected_size(0) >= 64 * 1024 * 1024
+    assert backup._expected_size(10**9) > 10**9
+
+
+def test_new_work_dir_is_random_and_private():
+    """Work directories are fresh, under the private prefix."""
+    first, second = backup.new_work_dir(), backup.new_work_dir()
+
+    assert first != second
+    assert first.startswith(backup.WORK_DIR_PREFIX)

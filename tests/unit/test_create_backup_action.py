@@ -1,0 +1,324 @@
+"""The create-backup action: precondition failures, backup errors and results.
+
+backup.run_backup is patched here: it runs a tar | gpg | aws pipeline in the
+workload against S3, which tests/workload exercises for real (bash, tar, gpg,
+the aws CLI and a SeaweedFS server). These tests cover what the observer does
+around it.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Iterator
+from typing import Any
+from unittest import mock
+
+import ops
+import pytest
+from ops import testing
+
+import backup
+import synapse
+from backup_observer import NOT_CONFIGURED
+from tests.unit.builders import (
+    CREDENTIALS_WITHOUT_SECRET_KEY,
+    PASSPHRASE,
+    SECRET_KEY,
+    SECRET_VALUES,
+    SERVER_NAME,
+    UNKNOWN_SECRET_ID,
+    VALID_S3_CONFIG,
+    make_state,
+)
+
+SYNAPSE_VERSION = "1.120.2"
+VERSION_EXEC = testing.Exec(
+    ["python3", "-c", "import synapse; print(synapse.__version__)"], stdout=f"{SYNAPSE_VERSION}\n"
+)
+CONFIG = {"server-name": SERVER_NAME, **VALID_S3_CONFIG}
+
+
+@pytest.fixture
+def run_backup() -> Iterator[mock.MagicMock]:
+    """Patch backup.run_backup (the real pipeline is tested in tests/workload)."""
+    with mock.patch.object(backup, "run_backup", autospec=True) as patched:
+        yield patched
+
+
+def _manifest(backup_id: str = "20250101T000000Z") -> backup.BackupManifest:
+    return backup.BackupManifest(
+        backup_id=backup_id,
+        created_at="2025-01-01T00:00:00+00:00",
+        paths=("/data/homeserver.yaml", "/data/homeserver.db"),
+        file_count=7,
+        size=123456,
+        sha256="0" * 64,
+        duration=1.5,
+    )
+
+
+def _assert_no_secret(message: str) -> None:
+    for value in SECRET_VALUES:
+        assert value not in message
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        pytest.param({"server-name": SERVER_NAME}, NOT_CONFIGURED, id="no-s3-option"),
+        pytest.param({}, NOT_CONFIGURED, id="nothing-set"),
+    ],
+)
+def test_not_configured(
+    ctx: testing.Context,
+    configured_data_dir: pathlib.Path,
+    run_backup: mock.MagicMock,
+    config: dict[str, str],
+    expected: str,
+):
+    """Without backup options the action fails and says what to set.
+
+    Arrange: no S3 option.
+    Act: run create-backup.
+    Assert: the failure lists every option to set; no backup ran.
+    """
+    state = make_state(configured_data_dir, config)
+
+    with pytest.raises(testing.ActionFailed) as exc_info:
+        ctx.run(ctx.on.action("create-backup"), state)
+
+    assert exc_info.value.message == expected
+    for option in ("s3-bucket", "s3-endpoint", "s3-region", "s3-credentials", "backup-passphrase"):
+        assert option in exc_info.value.message
+    run_backup.assert_not_called()
+
+
+@pytest.mark.parametrize(
+    ("changes", "option"),
+    [
+        pytest.param({"s3-bucket": None}, "s3-bucket", id="missing-bucket"),
+        pytest.param({"s3-bucket": "Not_A_Bucket"}, "s3-bucket", id="bad-bucket"),
+        pytest.param({"s3-credentials": None}, "s3-credentials", id="missing-credentials"),
+        pytest.param(
+            {"s3-credentials": UNKNOWN_SECRET_ID}, "s3-credentials", id="credentials-not-granted"
+        ),
+        pytest.param(
+            {"s3-credentials": CREDENTIALS_WITHOUT_SECRET_KEY.id},
+            "s3-credentials",
+            id="credentials-lack-secret-key",
+        ),
+        pytest.param({"backup-passphrase": None}, "backup-passphrase", id="missing-passphrase"),
+        pytest.param(
+            {"backup-passphrase": UNKNOWN_SECRET_ID},
+            "backup-passphrase",
+            id="passphrase-not-granted",
+        ),
+        pytest.param({"s3-endpoint": None}, "s3-endpoint", id="no-endpoint-or-region"),
+        pytest.param({"s3-endpoint": "s3.example.com"}, "s3-endpoint", id="bad-endpoint"),
+        pytest.param({"s3-uri-style": "dns"}, "s3-uri-style", id="bad-uri-style"),
+        pytest.param({"s3-path": "../escape"}, "s3-path", id="bad-path"),
+    ],
+)
+def test_invalid_config(
+    ctx: testing.Context,
+    configured_data_dir: pathlib.Path,
+    run_backup: mock.MagicMock,
+    changes: dict[str, str | None],
+    option: str,
+):
+    """Invalid backup options fail the action, naming the option.
+
+    Arrange: valid backup options but one.
+    Act: run create-backup.
+    Assert: the failure names the option and shows no secret; no backup ran.
+    """
+    config = {**CONFIG, **changes}
+    config = {key: value for key, value in config.items() if value is not None}
+    state = make_state(configured_data_dir, config)
+
+    with pytest.raises(testing.ActionFailed) as exc_info:
+        ctx.run(ctx.on.action("create-backup"), state)
+
+    assert exc_info.value.message.startswith(f"cannot back up: {option}: ")
+    _assert_no_secret(exc_info.value.message)
+    run_backup.assert_not_called()
+
+
+def test_container_not_connectable(
+    ctx: testing.Context, configured_data_dir: pathlib.Path, run_backup: mock.MagicMock
+):
+    """The action fails while the workload container does not answer.
+
+    Arrange: valid backup options; Pebble does not answer.
+    Act: run create-backup.
+    Assert: the failure says the container is not reachable; no backup ran.
+    """
+    state = make_state(configured_data_dir, CONFIG, can_connect=False)
+
+    with pytest.raises(testing.ActionFailed) as exc_info:
+        ctx.run(ctx.on.action("create-backup"), state)
+
+    assert exc_info.value.message == "cannot back up: the synapse container is not reachable yet"
+    run_backup.assert_not_called()
+
+
+def test_not_configured_yet(
+    ctx: testing.Context, data_dir: pathlib.Path, run_backup: mock.MagicMock
+):
+    """The action fails before Synapse generated homeserver.yaml.
+
+    Arrange: valid backup options; /data is empty.
+    Act: run create-backup.
+    Assert: the failure says Synapse is not configured yet; no backup ran.
+    """
+    state = make_state(data_dir, CONFIG, planned=False)
+
+    with pytest.raises(testing.ActionFailed) as exc_info:
+        ctx.run(ctx.on.action("create-backup"), state)
+
+    assert exc_info.value.message == (
+        "cannot back up: Synapse has not been configured yet (set server-name)"
+    )
+    run_backup.assert_not_called()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        pytest.param("the backup pipeline failed (exit code 2): gpg: error", id="pipeline"),
+        pytest.param("a backup named X exists already", id="exists"),
+        pytest.param("the workload container lacks gpg", id="missing-tool"),
+    ],
+)
+def test_backup_error(
+    ctx: testing.Context,
+    configured_data_dir: pathlib.Path,
+    run_backup: mock.MagicMock,
+    error: str,
+):
+    """A BackupError from the backup fails the action with its message.
+
+    Arrange: valid options; run_backup raises a BackupError.
+    Act: run create-backup.
+    Assert: the failure names the backup id and carries the error.
+    """
+    run_backup.side_effect = backup.BackupError(error)
+    state = make_state(configured_data_dir, CONFIG, execs=[VERSION_EXEC])
+
+    with pytest.raises(testing.ActionFailed) as exc_info:
+        ctx.run(ctx.on.action("create-backup"), state)
+
+    backup_id = run_backup.call_args.args[2]
+    assert backup.BACKUP_ID_PATTERN.fullmatch(backup_id)
+    assert exc_info.value.message == f"backup {backup_id} failed: {error}"
+    assert ctx.action_logs == [f"creating backup {backup_id}"]
+
+
+def test_success(ctx: testing.Context, configured_data_dir: pathlib.Path):
+    """A backup returns its id, size, duration and file count, and logs progress.
+
+    Arrange: valid options; run_backup (patched) logs progress and returns a manifest
+        for the backup id it was given.
+    Act: run create-backup.
+    Assert: the results; run_backup got the container, the S3 parameters, a UTC backup
+        id, the passphrase and the metadata; the progress is in the action logs.
+    """
+    calls: list[dict[str, Any]] = []
+
+    def fake_run_backup(
+        container: ops.Container,
+        s3_parameters: backup.S3Parameters,
+        backup_key: str,
+        passphrase: str,
+        **kwargs: Any,
+    ) -> backup.BackupManifest:
+        calls.append(
+            {
+                "container": container,
+                "s3": s3_parameters,
+                "backup_key": backup_key,
+                "passphrase": passphrase,
+                **kwargs,
+            }
+        )
+        kwargs["log"]("streaming tar | gpg | aws")
+        return _manifest(backup_key)
+
+    state = make_state(configured_data_dir, CONFIG, execs=[VERSION_EXEC])
+
+    with mock.patch.object(backup, "run_backup", side_effect=fake_run_backup):
+        out = ctx.run(ctx.on.action("create-backup"), state)
+
+    (call,) = calls
+    backup_id = call["backup_key"]
+    assert backup.BACKUP_ID_PATTERN.fullmatch(backup_id)
+    assert ctx.action_results == {
+        "backup-id": backup_id,
+        "size": 123456,
+        "duration": 1.5,
+        "file-count": 7,
+    }
+    assert isinstance(call["container"], ops.Container)
+    assert call["container"].name == synapse.CONTAINER_NAME
+    s3 = call["s3"]
+    assert (s3.bucket, s3.endpoint, s3.secret_key) == (
+        "synapse-backups",
+        "https://s3.example.com",
+        SECRET_KEY,
+    )
+    assert call["passphrase"] == PASSPHRASE
+    assert call["metadata"] == {
+        "server-name": SERVER_NAME,
+        "synapse-version": SYNAPSE_VERSION,
+        "charm-version": "unknown",
+    }
+    assert ctx.action_logs == [
+        f"creating backup {backup_id}",
+        "streaming tar | gpg | aws",
+        f"backup {backup_id} committed",
+    ]
+    for line in ctx.action_logs:
+        _assert_no_secret(line)
+    assert out.unit_status == ops.ActiveStatus()
+
+
+def test_success_with_unknown_synapse_version(
+    ctx: testing.Context, configured_data_dir: pathlib.Path, run_backup: mock.MagicMock
+):
+    """A Synapse version that cannot be read does not stop the backup.
+
+    Arrange: valid options; the version command fails; run_backup returns a manifest.
+    Act: run create-backup.
+    Assert: the backup succeeds with synapse-version "unknown" in its metadata.
+    """
+    run_backup.return_value = _manifest()
+    failing_version = testing.Exec(VERSION_EXEC.command_prefix, return_code=1, stderr="no")
+    state = make_state(configured_data_dir, CONFIG, execs=[failing_version])
+
+    ctx.run(ctx.on.action("create-backup"), state)
+
+    assert run_backup.call_args.kwargs["metadata"]["synapse-version"] == "unknown"
+    assert ctx.action_results is not None
+    assert ctx.action_results["backup-id"] == "20250101T000000Z"
+
+
+def test_endpoint_boto_rejects_fails_cleanly(
+    ctx: testing.Context, configured_data_dir: pathlib.Path
+):
+    """An endpoint boto3 refuses fails the action with a message, not a traceback.
+
+    Arrange: an endpoint that passes S3Parameters but that boto3 refuses; the real
+        run_backup (it fails before running anything in the workload).
+    Act: run create-backup.
+    Assert: ActionFailed naming the backup and the refused endpoint.
+    """
+    config = {**CONFIG, "s3-endpoint": "https://bad_host.example.com"}
+    state = make_state(configured_data_dir, config, execs=[VERSION_EXEC])
+
+    with pytest.raises(testing.ActionFailed) as exc_info:
+        ctx.run(ctx.on.action("create-backup"), state)
+
+    message = exc_info.value.message
+    assert message.startswith("backup ")
+    assert "Invalid endpoint: https://bad_host.example.com" in message
+    _assert_no_secret(message)
