@@ -153,7 +153,11 @@ def tree_snapshot(top: Path) -> dict[str, tuple[str, int, int, int, bytes | str]
         relative = os.fsdecode(path.relative_to(top))
         if path.is_symlink():
             entry: tuple[str, int, int, int, bytes | str] = (
-                "link", 0, stat.st_uid, stat.st_gid, os.readlink(path)
+                "link",
+                0,
+                stat.st_uid,
+                stat.st_gid,
+                os.readlink(path),
             )
         elif path.is_dir():
             entry = ("dir", stat.st_mode & 0o7777, stat.st_uid, stat.st_gid, b"")
