@@ -34,7 +34,7 @@ import boto3
 import ops
 import yaml
 from botocore.config import Config as BotoConfig
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, InvalidRegionError
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 logger = logging.getLogger(__name__)
@@ -300,8 +300,13 @@ class S3Client:
                 region_name=s3_parameters.region,
             )
             self._client = session.client("s3", endpoint_url=s3_parameters.endpoint, config=config)
+        except InvalidRegionError as exc:
+            raise S3Error(f"cannot create an S3 client: {exc}", option="s3-region") from exc
         except (BotoCoreError, ValueError) as exc:
-            raise S3Error(f"cannot create an S3 client: {exc}") from exc
+            raise S3Error(
+                f"cannot create an S3 client: {exc}",
+                option="s3-endpoint" if s3_parameters.endpoint else "s3-region",
+            ) from exc
 
     def can_use_bucket(self) -> bool:
         """Check if a bucket exists and is accessible in an S3 compatible object store.
@@ -1082,9 +1087,9 @@ def run_backup(
         raise BackupError("the backup passphrase is empty")
     started = time.monotonic()
     created_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    client = S3Client(s3_parameters)
     names = (backup_key, backup_key + MANIFEST_SUFFIX)
     try:
+        client = S3Client(s3_parameters)
         client.check_bucket()
         if any(client.object_size(name) is not None for name in names):
             raise BackupError(f"a backup named {backup_key} exists already")

@@ -474,13 +474,6 @@ def test_s3_blocked_and_waiting_workload(
         pytest.param(
             _config(s3_region="eu west 1"),
             "s3-region",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "bug: S3Client() blames s3-endpoint for any client error when an "
-                    "endpoint is set, even when boto3 refused the region"
-                ),
-            ),
             id="region-with-endpoint-boto-rejects",
         ),
     ],
