@@ -220,6 +220,7 @@ class Sandbox:
             The argv, starting with the bwrap binary.
         """
         root_names = {entry.name for entry in self.root.iterdir()}
+        _check_not_shadowed(root_names)
         tmpfs_dirs = [name for name in _TMPFS_DIRS if name not in root_names]
         argv = [self._bwrap, "--die-with-parent", "--unshare-pid"]
         argv += _host_binds(exclude=root_names)
@@ -336,6 +337,28 @@ class Sandbox:
             if hidden and not any(item.is_relative_to(kept) for kept in paths):
                 paths.append(item)
         return paths
+
+
+def _check_not_shadowed(root_names: set[str]) -> None:
+    """Fail clearly when the Python running the tests sits where the container's dirs go.
+
+    The container root's top-level directories (``/tmp``, ``/data``) replace
+    the host's inside the sandbox, so a virtual environment under the host's
+    ``/tmp`` would vanish and the aws CLI with it.
+
+    Args:
+        root_names: The top-level names the container root provides.
+
+    Raises:
+        RuntimeError: If the interpreter or its virtual environment is shadowed.
+    """
+    for prefix in (sys.prefix, sys.base_prefix):
+        parts = Path(os.path.realpath(prefix)).parts
+        if len(parts) > 1 and parts[1] in root_names:
+            raise RuntimeError(
+                f"the test environment {prefix} is under /{parts[1]}, which the stand-in "
+                "container replaces: put it elsewhere, e.g. TOX_WORK_DIR=/var/tmp/synapse-tox tox"
+            )
 
 
 def _host_binds(exclude: set[str]) -> list[str]:
