@@ -27,6 +27,7 @@ import secrets
 import shlex
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -251,6 +252,48 @@ class BackupManifest:
     metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
     version: int = MANIFEST_VERSION
 
+    @classmethod
+    def from_json(cls, text: str | bytes) -> BackupManifest:
+        """Parse a manifest written by to_json.
+
+        Args:
+            text: the JSON document.
+
+        Returns:
+            The manifest.
+
+        Raises:
+            BackupError: if it is not a valid manifest.
+        """
+        try:
+            document = json.loads(text)
+            known = {
+                "version",
+                "backup-id",
+                "created-at",
+                "paths",
+                "file-count",
+                "size",
+                "sha256",
+                "duration",
+            }
+            manifest = cls(
+                backup_id=str(document["backup-id"]),
+                created_at=str(document["created-at"]),
+                paths=tuple(str(path) for path in document["paths"]),
+                file_count=int(document["file-count"]),
+                size=int(document["size"]),
+                sha256=str(document["sha256"]),
+                duration=float(document.get("duration", 0)),
+                metadata={k: str(v) for k, v in document.items() if k not in known},
+                version=int(document.get("version", MANIFEST_VERSION)),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise BackupError(f"invalid backup manifest: {exc}") from exc
+        if not re.fullmatch(r"[0-9a-f]{64}", manifest.sha256):
+            raise BackupError("invalid backup manifest: bad sha256")
+        return manifest
+
     def to_json(self) -> str:
         """Serialise the manifest.
 
@@ -387,6 +430,149 @@ class S3Client:
             )
         except (ClientError, BotoCoreError) as exc:
             raise S3Error(f"cannot write object {name}: {_client_error(exc)}") from exc
+
+    def _list_names(self) -> dict[str, int]:
+        """List the objects directly under the configured path, following pagination.
+
+        Returns:
+            Each object's name (relative to the path) and size.
+
+        Raises:
+            S3Error: if the bucket cannot be listed.
+        """
+        prefix = f"{self._parameters.path}/" if self._parameters.path else ""
+        names: dict[str, int] = {}
+        try:
+            paginator = self._client.get_paginator("list_objects_v2")
+            pages = paginator.paginate(Bucket=self._parameters.bucket, Prefix=prefix)
+            for page in pages:
+                for item in page.get("Contents", []):
+                    name = item["Key"][len(prefix) :]
+                    if name and "/" not in name:
+                        names[name] = int(item["Size"])
+        except (ClientError, BotoCoreError) as exc:
+            raise S3Error(f"cannot list the backups: {_client_error(exc)}") from exc
+        return names
+
+    def read_object(self, name: str, *, first_bytes: int | None = None) -> bytes:
+        """Read an object, or its beginning.
+
+        Args:
+            name: the object's name under the configured path.
+            first_bytes: read only this many bytes from the start.
+
+        Returns:
+            The bytes.
+
+        Raises:
+            S3Error: if the object cannot be read.
+        """
+        extra = {"Range": f"bytes=0-{first_bytes - 1}"} if first_bytes else {}
+        try:
+            response = self._client.get_object(
+                Bucket=self._parameters.bucket, Key=self._parameters.object_key(name), **extra
+            )
+            return bytes(response["Body"].read())
+        except (ClientError, BotoCoreError) as exc:
+            raise S3Error(f"cannot read object {name}: {_client_error(exc)}") from exc
+
+    def get_manifest(self, backup_id: str) -> BackupManifest:
+        """Return the manifest of a complete backup.
+
+        Args:
+            backup_id: the backup.
+
+        Returns:
+            Its manifest.
+
+        Raises:
+            S3Error: if there is no complete backup with that id.
+            BackupError: if its manifest is not valid.
+        """
+        validate_backup_key(backup_id)
+        archive_size = self.object_size(backup_id)
+        if archive_size is None or self.object_size(backup_id + MANIFEST_SUFFIX) is None:
+            raise S3Error(f"there is no backup {backup_id}", option="backup-id")
+        manifest = BackupManifest.from_json(self.read_object(backup_id + MANIFEST_SUFFIX))
+        if manifest.backup_id != backup_id or manifest.size != archive_size:
+            raise S3Error(
+                f"backup {backup_id} is incomplete: its object does not match its manifest",
+                option="backup-id",
+            )
+        return manifest
+
+    def list_backups(self) -> list[BackupManifest]:
+        """List the complete backups, newest first.
+
+        A backup is complete when its manifest exists, parses and matches
+        the size of its encrypted object; anything else is left out.
+
+        Returns:
+            The manifests.
+
+        Raises:
+            S3Error: if the bucket cannot be listed.
+        """
+        names = self._list_names()
+        candidates = sorted(
+            (
+                name.removesuffix(MANIFEST_SUFFIX)
+                for name in names
+                if name.endswith(MANIFEST_SUFFIX)
+                and name.removesuffix(MANIFEST_SUFFIX) in names
+                and BACKUP_ID_PATTERN.fullmatch(name.removesuffix(MANIFEST_SUFFIX))
+            ),
+            reverse=True,
+        )
+
+        def read(backup_id: str) -> BackupManifest | None:
+            try:
+                manifest = BackupManifest.from_json(self.read_object(backup_id + MANIFEST_SUFFIX))
+            except (S3Error, BackupError) as exc:
+                logger.warning("skipping backup %s: %s", backup_id, exc)
+                return None
+            ok = manifest.backup_id == backup_id and manifest.size == names[backup_id]
+            return manifest if ok else None
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            manifests = list(pool.map(read, candidates))
+        return [manifest for manifest in manifests if manifest is not None]
+
+    def exists_backup(self, backup_id: str) -> bool:
+        """Tell whether a complete backup exists.
+
+        Args:
+            backup_id: the backup.
+
+        Returns:
+            True when the backup and its manifest exist and agree.
+
+        Raises:
+            S3Error: on S3 errors other than a missing backup.
+        """
+        try:
+            self.get_manifest(backup_id)
+        except S3Error as exc:
+            if exc.option == "backup-id":
+                return False
+            raise
+        except BackupError:
+            return False
+        return True
+
+    def delete_backup(self, backup_id: str) -> None:
+        """Delete a backup: its manifest first (so it stops counting), then its objects.
+
+        Args:
+            backup_id: the backup.
+
+        Raises:
+            S3Error: if there is no such backup or it cannot be deleted.
+        """
+        validate_backup_key(backup_id)
+        if self.object_size(backup_id + MANIFEST_SUFFIX) is None:
+            raise S3Error(f"there is no backup {backup_id}", option="backup-id")
+        self.delete_objects([backup_id + MANIFEST_SUFFIX, backup_id])
 
     def delete_objects(self, names: Iterable[str]) -> None:
         """Delete objects and abort unfinished multipart uploads of them.
@@ -987,6 +1173,7 @@ def run_in_container(
     *,
     secrets_to_hide: Iterable[str] = (),
     what: str,
+    user_id: int = SYNAPSE_USER_ID,
 ) -> str:
     """Run a pipeline in the container as the Synapse user.
 
@@ -996,6 +1183,7 @@ def run_in_container(
         environment: the exec's environment (may hold credentials).
         secrets_to_hide: strings that must never appear in an error message.
         what: what the command does, for error messages.
+        user_id: the user to run it as (default: the Synapse user).
 
     Returns:
         The command's standard output.
@@ -1008,8 +1196,8 @@ def run_in_container(
         process = container.exec(
             command,
             environment=dict(environment),
-            user_id=SYNAPSE_USER_ID,
-            group_id=SYNAPSE_GROUP_ID,
+            user_id=user_id,
+            group_id=SYNAPSE_GROUP_ID if user_id == SYNAPSE_USER_ID else user_id,
             working_dir="/",
             timeout=EXEC_TIMEOUT,
         )
@@ -1217,3 +1405,534 @@ def create_backup(
         BackupError: If there was an error creating the backup.
     """
     run_backup(container, s3_parameters, backup_key, passphrase)
+
+
+# ---------------------------------------------------------------- restore
+
+RESTORE_STAGING_PREFIX = ".synapse-restore-"
+PREVIOUS_DATA_PREFIX = ".synapse-previous-"
+PASSPHRASE_PROBE_BYTES = 64 * 1024
+# Room the staging area needs beyond the archive's size.
+STAGING_HEADROOM = 64 * 1024 * 1024
+ROOT_USER_ID = 0
+
+# Synapse's backup documentation: after restoring a database, forget the
+# one-time keys it had handed out, or clients would be given used ones.
+_POST_RESTORE_PROGRAM = """
+import sqlite3, sys
+connection = sqlite3.connect(sys.argv[1])
+try:
+    tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
+    if "e2e_one_time_keys_json" in tables:
+        with connection:
+            connection.execute("DELETE FROM e2e_one_time_keys_json")
+finally:
+    connection.close()
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchiveCheck:
+    """What reading a backup's archive found, against its manifest.
+
+    Attributes:
+        sha256: the SHA-256 of the encrypted object as downloaded.
+        size: its size in bytes.
+        file_count: the members of the archive.
+        manifest: the backup's manifest.
+    """
+
+    sha256: str
+    size: int
+    file_count: int
+    manifest: BackupManifest
+
+    @property
+    def matches(self) -> bool:
+        """Whether checksum, size and member count are the manifest's."""
+        return (
+            self.sha256 == self.manifest.sha256
+            and self.size == self.manifest.size
+            and self.file_count == self.manifest.file_count
+        )
+
+    def mismatch(self) -> str:
+        """Describe how the archive differs from the manifest.
+
+        Returns:
+            The differences, or an empty string.
+        """
+        problems = []
+        if self.sha256 != self.manifest.sha256:
+            problems.append("checksum differs")
+        if self.size != self.manifest.size:
+            problems.append(f"size {self.size} instead of {self.manifest.size}")
+        if self.file_count != self.manifest.file_count:
+            problems.append(f"{self.file_count} files instead of {self.manifest.file_count}")
+        return ", ".join(problems)
+
+
+def build_restore_command(
+    s3_parameters: S3Parameters,
+    backup_key: str,
+    passphrase_file: str,
+    *,
+    staging_dir: str | None = None,
+    work_dir: str | None = None,
+) -> list[str]:
+    """Build the command that downloads, checks, decrypts and unpacks a backup.
+
+    ``aws s3 cp - | digest | gpg --decrypt | tar`` extracts into the staging
+    directory (or, with no staging directory, only lists the archive). The
+    last line of output is ``<sha256> <size> <members>`` of what was read.
+
+    Args:
+        s3_parameters: S3 parameters.
+        backup_key: The backup to read.
+        passphrase_file: The file with the passphrase.
+        staging_dir: Where to extract; None only lists the archive.
+        work_dir: the private work directory (default: the passphrase file's).
+
+    Returns:
+        The command to execute.
+
+    Raises:
+        BackupError: if the key or the staging directory is not acceptable.
+    """
+    validate_backup_key(backup_key)
+    work_dir = work_dir or posixpath.dirname(passphrase_file)
+    digest_file = posixpath.join(work_dir, "digest")
+    index_file = posixpath.join(work_dir, "index")
+    aws = [AWS_COMMAND, "s3", "cp", "--only-show-errors", "--no-progress"]
+    aws += [s3_parameters.object_url(backup_key), "-"]
+    gpg = _gpg_command(passphrase_file, "--decrypt", "--output", "-")
+    tar = ["tar", "--file=-", "--numeric-owner", "--verbose", f"--index-file={index_file}"]
+    tar += ["--quoting-style=escape"]
+    if staging_dir is None:
+        tar.append("--list")
+    else:
+        _relative(staging_dir)
+        tar += ["--extract", f"--directory={staging_dir}", "--same-owner", "--same-permissions"]
+        tar += ["--delay-directory-restore"]
+    digest = ["python3", "-c", _DIGEST_PROGRAM, digest_file]
+    lines = _script_preamble(work_dir)
+    lines += [
+        " | ".join(_script([words]) for words in (aws, digest, gpg, tar)),
+        "read -r sha256 size < " + shlex.quote(digest_file),
+        "members=$(wc -l < " + shlex.quote(index_file) + ")",
+        'printf "%s %s %s\\n" "$sha256" "$size" "$members"',
+    ]
+    return [BASH_COMMAND, "-c", _script(lines)]
+
+
+def _check_passphrase(
+    container: ops.Container, client: S3Client, backup_key: str, work_dir: str
+) -> None:
+    """Check that the passphrase decrypts a backup, reading only its start.
+
+    Args:
+        container: Synapse Container.
+        client: the S3 client.
+        backup_key: the backup.
+        work_dir: the prepared work directory (with the passphrase file).
+
+    Raises:
+        BackupError: if the passphrase is wrong.
+    """
+    probe = posixpath.join(work_dir, "probe.gpg")
+    head = client.read_object(backup_key, first_bytes=PASSPHRASE_PROBE_BYTES)
+    container.push(probe, head, permissions=0o600)
+    gpg = _gpg_command(posixpath.join(work_dir, PASSPHRASE_FILE), "--decrypt")
+    command = _script([*_script_preamble(work_dir), [*gpg, "--output", "/dev/null", probe]])
+    try:
+        container.exec(
+            [BASH_COMMAND, "-c", command],
+            environment={"GNUPGHOME": posixpath.join(work_dir, GNUPG_DIR), "HOME": work_dir},
+            timeout=120,
+        ).wait_output()
+    except ops.pebble.ExecError as exc:
+        # A cut-off stream fails too, later; only a bad key means a wrong passphrase.
+        if "Bad session key" in str(exc.stderr):
+            raise BackupError(
+                f"the backup passphrase does not decrypt backup {backup_key}"
+            ) from exc
+    except (ops.pebble.APIError, ops.pebble.ChangeError, ops.pebble.TimeoutError) as exc:
+        raise BackupError(f"cannot check the passphrase: {exc}") from exc
+
+
+def _available_bytes(container: ops.Container, path: str) -> int:
+    """Return the free space of the filesystem holding a path.
+
+    Args:
+        container: Synapse Container.
+        path: the path.
+
+    Returns:
+        Bytes available.
+
+    Raises:
+        BackupError: if df fails.
+    """
+    try:
+        stdout, _ = container.exec(
+            ["df", "--output=avail", "--block-size=1", "--", path], timeout=60
+        ).wait_output()
+        return int(stdout.split()[-1])
+    except (ops.pebble.ExecError, ops.pebble.APIError, ops.pebble.ChangeError) as exc:
+        raise BackupError(f"cannot measure the free space of {path}: {exc}") from exc
+    except (ValueError, IndexError) as exc:
+        raise BackupError(f"cannot measure the free space of {path}") from exc
+
+
+def _read_archive(
+    container: ops.Container,
+    s3_parameters: S3Parameters,
+    manifest: BackupManifest,
+    passphrase: str,
+    work_dir: str,
+    *,
+    staging_dir: str | None,
+) -> ArchiveCheck:
+    """Download, decrypt and extract (or list) an archive in the container.
+
+    Args:
+        container: Synapse Container.
+        s3_parameters: S3 parameters.
+        manifest: the backup's manifest.
+        passphrase: the passphrase.
+        work_dir: the prepared work directory.
+        staging_dir: where to extract, or None to list only.
+
+    Returns:
+        What was read.
+
+    Raises:
+        BackupError: if the pipeline fails.
+    """
+    command = build_restore_command(
+        s3_parameters,
+        manifest.backup_id,
+        posixpath.join(work_dir, PASSPHRASE_FILE),
+        staging_dir=staging_dir,
+        work_dir=work_dir,
+    )
+    stdout = run_in_container(
+        container,
+        command,
+        get_environment(s3_parameters, work_dir=work_dir),
+        secrets_to_hide=(s3_parameters.secret_key, passphrase),
+        what="downloading and decrypting the backup",
+        user_id=ROOT_USER_ID if staging_dir else SYNAPSE_USER_ID,
+    )
+    sha256, size, file_count = _parse_digest(stdout)
+    return ArchiveCheck(sha256=sha256, size=size, file_count=file_count, manifest=manifest)
+
+
+def verify_backup(
+    container: ops.Container,
+    s3_parameters: S3Parameters,
+    backup_key: str,
+    passphrase: str,
+    *,
+    log: Callable[[str], None] = logger.info,
+) -> ArchiveCheck:
+    """Download a backup, check its checksum, decrypt it and list it; touch no live data.
+
+    Args:
+        container: Synapse Container.
+        s3_parameters: S3 parameters.
+        backup_key: the backup.
+        passphrase: the passphrase.
+        log: receives progress messages.
+
+    Returns:
+        What was found, with whether it matches the manifest.
+
+    Raises:
+        BackupError: if the backup is missing or cannot be read or decrypted.
+    """
+    try:
+        manifest = S3Client(s3_parameters).get_manifest(backup_key)
+    except S3Error as exc:
+        raise BackupError(str(exc)) from exc
+    check_tools(container)
+    with prepared_container(container, s3_parameters, passphrase) as work_dir:
+        log(f"downloading and listing {manifest.size} bytes")
+        return _read_archive(
+            container, s3_parameters, manifest, passphrase, work_dir, staging_dir=None
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoreResult:
+    """The outcome of a restore.
+
+    Attributes:
+        backup_id: the restored backup.
+        file_count: members restored.
+        size: bytes downloaded.
+        restored_paths: the live paths replaced.
+        previous_dir: where the previous data was kept, if it was.
+    """
+
+    backup_id: str
+    file_count: int
+    size: int
+    restored_paths: tuple[str, ...]
+    previous_dir: str | None
+
+
+def _allowed_restore_path(path: str) -> bool:
+    """Tell whether a manifest's path may be replaced by a restore.
+
+    Only paths inside the data directory: a manifest is not encrypted, and
+    must not be able to name a path elsewhere in the container.
+
+    Args:
+        path: the path.
+
+    Returns:
+        True when it is a normalised path strictly inside DATA_DIR.
+    """
+    return (
+        path.startswith(DATA_DIR + "/")
+        and posixpath.normpath(path) == path
+        and "/." not in path[len(DATA_DIR) :]
+    )
+
+
+def _swap_paths(container: ops.Container, manifest: BackupManifest) -> list[str]:
+    """Return the live paths a restore replaces.
+
+    The backed-up paths, whatever of them exists now, and the SQLite
+    journal files of the live database (which must not meet the restored one).
+
+    Args:
+        container: Synapse Container.
+        manifest: the backup's manifest.
+
+    Returns:
+        The paths, sorted.
+
+    Raises:
+        BackupError: if the manifest names a path outside the data directory.
+    """
+    paths = set(manifest.paths)
+    bad = [path for path in paths if not _allowed_restore_path(path)]
+    if bad:
+        raise BackupError(f"the manifest names paths outside {DATA_DIR}: {bad[0]!r}")
+    paths.update(get_paths_to_backup(container))
+    database = get_database_path(container)
+    for name in (database, *[p for p in manifest.paths if p.endswith(".db")]):
+        if name:
+            paths.update({name, f"{name}-wal", f"{name}-shm", f"{name}-journal"})
+    return sorted(path for path in paths if _allowed_restore_path(path))
+
+
+def _move(container: ops.Container, source: str, target: str) -> None:
+    """Rename a path in the container (same filesystem: no copy).
+
+    Args:
+        container: Synapse Container.
+        source: what to move.
+        target: where; its parent is created if missing.
+
+    Raises:
+        BackupError: if the move fails.
+    """
+    command = [BASH_COMMAND, "-c", _script([
+        ["mkdir", "-p", "--", posixpath.dirname(target)],
+        ["mv", "--no-target-directory", "--", source, target],
+    ])]  # fmt: skip
+    try:
+        container.exec(command, timeout=600).wait_output()
+    except ops.pebble.ExecError as exc:
+        raise BackupError(f"cannot move {source} to {target}: {_tail(exc.stderr)}") from exc
+    except (ops.pebble.APIError, ops.pebble.ChangeError, ops.pebble.TimeoutError) as exc:
+        raise BackupError(f"cannot move {source} to {target}: {exc}") from exc
+
+
+def _swap_in(
+    container: ops.Container, paths: Sequence[str], staging_dir: str, previous_dir: str
+) -> None:
+    """Move the live paths aside and the staged ones in; undo everything on failure.
+
+    Args:
+        container: Synapse Container.
+        paths: the live paths to replace.
+        staging_dir: where the backup was extracted.
+        previous_dir: where the live data goes.
+
+    Raises:
+        BackupError: if a move fails (after the previous data was put back).
+    """
+    done: list[tuple[str, str]] = []
+    try:
+        for path in paths:
+            if container.exists(path):
+                _move(container, path, previous_dir + path)
+                done.append((path, previous_dir + path))
+            if container.exists(staging_dir + path):
+                _move(container, staging_dir + path, path)
+                done.append((staging_dir + path, path))
+    except BackupError:
+        for source, target in reversed(done):
+            try:
+                _move(container, target, source)
+            except BackupError as undo_error:
+                logger.critical("could not undo the move of %s: %s", source, undo_error)
+        raise
+
+
+def restore_backup(
+    container: ops.Container,
+    s3_parameters: S3Parameters,
+    backup_key: str,
+    passphrase: str,
+) -> None:
+    """Restore a backup into the live data directory.
+
+    Args:
+        container: Synapse Container.
+        s3_parameters: S3 parameters.
+        backup_key: the backup to restore.
+        passphrase: its passphrase.
+
+    Raises:
+        BackupError: if the restore failed; the live data is then as it was.
+    """
+    run_restore(container, s3_parameters, backup_key, passphrase, force=True)
+
+
+def run_restore(
+    container: ops.Container,
+    s3_parameters: S3Parameters,
+    backup_key: str,
+    passphrase: str,
+    *,
+    server_name: str | None = None,
+    force: bool = False,
+    keep_previous: bool = False,
+    service: str = "synapse",
+    log: Callable[[str], None] = logger.info,
+) -> RestoreResult:
+    """Check, stage and swap in a backup; Synapse is started again in every outcome.
+
+    Pre-flight: the backup exists, its server name is ``server_name`` (unless
+    ``force``), the passphrase decrypts it, the staging area has room. Then
+    the archive is downloaded, decrypted and extracted into a staging
+    directory beside the live data and checked against the manifest. Only
+    then is Synapse stopped and the staged data renamed into place; the
+    previous data is moved aside, put back if the swap fails, and removed
+    afterwards unless ``keep_previous``.
+
+    Args:
+        container: Synapse Container.
+        s3_parameters: S3 parameters.
+        backup_key: the backup to restore.
+        passphrase: its passphrase.
+        server_name: this homeserver's name.
+        force: restore a backup of another server name.
+        keep_previous: keep the replaced data in the data directory.
+        service: the Pebble service to stop and start.
+        log: receives progress messages.
+
+    Returns:
+        What was restored.
+
+    Raises:
+        BackupError: if the restore failed; the live data is then as it was.
+    """
+    try:
+        client = S3Client(s3_parameters)
+        manifest = client.get_manifest(backup_key)
+    except S3Error as exc:
+        raise BackupError(str(exc)) from exc
+    backed_up_name = manifest.metadata.get("server-name", "")
+    if not force and server_name is not None and backed_up_name != server_name:
+        raise BackupError(
+            f"backup {backup_key} is of server {backed_up_name!r}, not {server_name!r}; "
+            "use force=true to restore it anyway"
+        )
+    check_tools(container)
+    paths = _swap_paths(container, manifest)
+    token = secrets.token_hex(4)
+    staging_dir = f"{DATA_DIR}/{RESTORE_STAGING_PREFIX}{backup_key}-{token}"
+    previous_dir = f"{DATA_DIR}/{PREVIOUS_DATA_PREFIX}{backup_key}-{token}"
+    try:
+        with prepared_container(container, s3_parameters, passphrase) as work_dir:
+            log("checking the passphrase")
+            _check_passphrase(container, client, backup_key, work_dir)
+            needed = manifest.size + STAGING_HEADROOM
+            available = _available_bytes(container, DATA_DIR)
+            if available < needed:
+                raise BackupError(
+                    f"not enough room in {DATA_DIR} to stage the restore: "
+                    f"{needed} bytes needed, {available} available"
+                )
+            container.make_dir(staging_dir, permissions=0o700)
+            log(f"downloading, decrypting and extracting {manifest.size} bytes into staging")
+            check = _read_archive(
+                container, s3_parameters, manifest, passphrase, work_dir, staging_dir=staging_dir
+            )
+        if not check.matches:
+            raise BackupError(f"backup {backup_key} does not match its manifest: "
+                              + check.mismatch())  # fmt: skip
+        staged_paths = [path for path in manifest.paths if path.endswith(".db")]
+        for database in staged_paths:
+            run_in_container(
+                container,
+                ["python3", "-c", _POST_RESTORE_PROGRAM, staging_dir + database],
+                {},
+                what="clearing the restored database's one-time keys",
+                user_id=ROOT_USER_ID,
+            )
+        log("stopping Synapse and swapping the restored data in")
+        _stop_and_swap(container, service, paths, staging_dir, previous_dir)
+    except (ops.pebble.PathError, ops.pebble.APIError) as exc:
+        raise BackupError(f"restore failed: {exc}") from exc
+    finally:
+        _remove_quietly(container, staging_dir)
+    if not keep_previous:
+        log("removing the previous data")
+        _remove_quietly(container, previous_dir)
+    return RestoreResult(
+        backup_id=backup_key,
+        file_count=check.file_count,
+        size=check.size,
+        restored_paths=tuple(paths),
+        previous_dir=previous_dir if keep_previous else None,
+    )
+
+
+def _stop_and_swap(
+    container: ops.Container,
+    service: str,
+    paths: Sequence[str],
+    staging_dir: str,
+    previous_dir: str,
+) -> None:
+    """Stop Synapse, swap the data, and start Synapse again whatever happened.
+
+    Args:
+        container: Synapse Container.
+        service: the Pebble service.
+        paths: the live paths to replace.
+        staging_dir: the extracted backup.
+        previous_dir: where the live data goes.
+
+    Raises:
+        BackupError: if the swap failed (the data was put back) or Synapse
+            could not be started again.
+    """
+    has_service = service in container.get_plan().services
+    if has_service:
+        container.stop(service)
+    try:
+        _swap_in(container, paths, staging_dir, previous_dir)
+    finally:
+        if has_service:
+            try:
+                container.start(service)
+            except (ops.pebble.ChangeError, ops.pebble.APIError) as exc:
+                raise BackupError(f"Synapse did not start again: {exc}") from exc

@@ -6,6 +6,7 @@ configuration problems become a Blocked status.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 
@@ -23,6 +24,65 @@ NOT_CONFIGURED = (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class BackupIdParams:
+    """Parameters of the actions that take a backup id.
+
+    Attributes:
+        backup_id: the backup, as list-backups shows it.
+    """
+
+    backup_id: str
+
+    def __post_init__(self) -> None:
+        """Check the id, so that no other string reaches a shell or an S3 key.
+
+        Raises:
+            ValueError: if it is not a backup id.
+        """
+        if not backup.BACKUP_ID_PATTERN.fullmatch(self.backup_id):
+            raise ValueError("backup-id must be a backup id such as 20261126T120000Z")
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoreParams(BackupIdParams):
+    """Parameters of restore-backup.
+
+    Attributes:
+        force: restore a backup of another server name.
+        keep_previous: keep the replaced data.
+    """
+
+    force: bool = False
+    keep_previous: bool = False
+
+
+def format_backups(manifests: list[backup.BackupManifest]) -> str:
+    """Render backups as a table.
+
+    Args:
+        manifests: the backups, newest first.
+
+    Returns:
+        The table.
+    """
+    rows = [("backup-id", "created-at", "size", "files", "server-name")]
+    rows += [
+        (
+            manifest.backup_id,
+            manifest.created_at,
+            str(manifest.size),
+            str(manifest.file_count),
+            manifest.metadata.get("server-name", ""),
+        )
+        for manifest in manifests
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+             for row in rows]  # fmt: skip
+    return "\n".join(lines) if manifests else "no backups"
+
+
 class BackupObserver(ops.Object):
     """Handles the backup actions and reports the backup configuration's status."""
 
@@ -36,6 +96,10 @@ class BackupObserver(ops.Object):
         self._charm = charm
         framework = charm.framework
         framework.observe(charm.on.create_backup_action, self._on_create_backup)
+        framework.observe(charm.on.list_backups_action, self._on_list_backups)
+        framework.observe(charm.on.restore_backup_action, self._on_restore_backup)
+        framework.observe(charm.on.delete_backup_action, self._on_delete_backup)
+        framework.observe(charm.on.verify_backup_action, self._on_verify_backup)
         framework.observe(charm.on.collect_unit_status, self._on_collect_unit_status)
 
     @functools.cached_property
@@ -72,26 +136,55 @@ class BackupObserver(ops.Object):
         except backup.S3Error as exc:
             event.add_status(ops.BlockedStatus(f"{exc.option or 's3-bucket'}: {exc}"))
 
+    def _ready_config(self, event: ops.ActionEvent, what: str) -> BackupConfig | None:
+        """Return the backup configuration, or fail the action saying what is missing.
+
+        Args:
+            event: the action event.
+            what: the action's verb, for messages.
+
+        Returns:
+            The configuration, or None when the action was failed.
+        """
+        try:
+            config = self._backup_config()
+        except InvalidConfigError as exc:
+            event.fail(f"cannot {what}: {exc}")
+            return None
+        if config is None:
+            event.fail(NOT_CONFIGURED)
+        return config
+
+    def _ready_container(self, event: ops.ActionEvent, what: str) -> ops.Container | None:
+        """Return the workload container, or fail the action if it cannot be used.
+
+        Args:
+            event: the action event.
+            what: the action's verb, for messages.
+
+        Returns:
+            The container, or None when the action was failed.
+        """
+        container = self._charm.unit.get_container(synapse.CONTAINER_NAME)
+        if not container.can_connect():
+            event.fail(f"cannot {what}: the synapse container is not reachable yet")
+            return None
+        if not container.exists(backup.SYNAPSE_CONFIG_PATH):
+            event.fail(f"cannot {what}: Synapse has not been configured yet (set server-name)")
+            return None
+        return container
+
     def _on_create_backup(self, event: ops.ActionEvent) -> None:
         """Create an encrypted backup in S3.
 
         Args:
             event: the action event.
         """
-        try:
-            config = self._backup_config()
-        except InvalidConfigError as exc:
-            event.fail(f"cannot back up: {exc}")
-            return
+        config = self._ready_config(event, "back up")
         if config is None:
-            event.fail(NOT_CONFIGURED)
             return
-        container = self._charm.unit.get_container(synapse.CONTAINER_NAME)
-        if not container.can_connect():
-            event.fail("cannot back up: the synapse container is not reachable yet")
-            return
-        if not container.exists(backup.SYNAPSE_CONFIG_PATH):
-            event.fail("cannot back up: Synapse has not been configured yet (set server-name)")
+        container = self._ready_container(event, "back up")
+        if container is None:
             return
         backup_id = backup.new_backup_id()
         event.log(f"creating backup {backup_id}")
@@ -119,5 +212,119 @@ class BackupObserver(ops.Object):
                 "size": manifest.size,
                 "duration": manifest.duration,
                 "file-count": manifest.file_count,
+            }
+        )
+
+    def _on_list_backups(self, event: ops.ActionEvent) -> None:
+        """List the complete backups, newest first.
+
+        Args:
+            event: the action event.
+        """
+        config = self._ready_config(event, "list backups")
+        if config is None:
+            return
+        event.log(f"listing {config.s3.object_url('')}")
+        try:
+            manifests = backup.S3Client(config.s3).list_backups()
+        except backup.S3Error as exc:
+            event.fail(f"cannot list backups: {exc}")
+            return
+        event.set_results(
+            {
+                "formatted": format_backups(manifests),
+                "count": len(manifests),
+                "backups": {
+                    str(index): {
+                        "id": manifest.backup_id,
+                        "created-at": manifest.created_at,
+                        "size": manifest.size,
+                        "server-name": manifest.metadata.get("server-name", ""),
+                    }
+                    for index, manifest in enumerate(manifests, start=1)
+                },
+            }
+        )
+
+    def _on_delete_backup(self, event: ops.ActionEvent) -> None:
+        """Delete a backup.
+
+        Args:
+            event: the action event.
+        """
+        params = event.load_params(BackupIdParams, errors="fail")
+        config = self._ready_config(event, "delete the backup")
+        if config is None:
+            return
+        try:
+            backup.S3Client(config.s3).delete_backup(params.backup_id)
+        except backup.S3Error as exc:
+            event.fail(f"cannot delete backup {params.backup_id}: {exc}")
+            return
+        event.set_results({"deleted": params.backup_id})
+
+    def _on_verify_backup(self, event: ops.ActionEvent) -> None:
+        """Download, check, decrypt and list a backup without touching live data.
+
+        Args:
+            event: the action event.
+        """
+        params = event.load_params(BackupIdParams, errors="fail")
+        config = self._ready_config(event, "verify the backup")
+        container = self._ready_container(event, "verify the backup") if config else None
+        if config is None or container is None:
+            return
+        try:
+            check = backup.verify_backup(
+                container, config.s3, params.backup_id, config.passphrase, log=event.log
+            )
+        except backup.BackupError as exc:
+            event.fail(f"cannot verify backup {params.backup_id}: {exc}")
+            return
+        event.set_results(
+            {
+                "backup-id": params.backup_id,
+                "file-count": check.file_count,
+                "size": check.size,
+                "sha256": check.sha256,
+                "matches-manifest": check.matches,
+                "mismatch": check.mismatch() or "none",
+            }
+        )
+
+    def _on_restore_backup(self, event: ops.ActionEvent) -> None:
+        """Restore a backup; Synapse is started again in every outcome.
+
+        Args:
+            event: the action event.
+        """
+        params = event.load_params(RestoreParams, errors="fail")
+        config = self._ready_config(event, "restore")
+        container = self._ready_container(event, "restore") if config else None
+        if config is None or container is None:
+            return
+        event.log(f"restoring backup {params.backup_id}")
+        try:
+            result = backup.run_restore(
+                container,
+                config.s3,
+                params.backup_id,
+                config.passphrase,
+                server_name=self._config.server_name,
+                force=params.force,
+                keep_previous=params.keep_previous,
+                service=synapse.SERVICE_NAME,
+                log=event.log,
+            )
+        except backup.BackupError as exc:
+            logger.error("restore of %s failed: %s", params.backup_id, exc)
+            event.fail(f"restore of {params.backup_id} failed: {exc}")
+            return
+        event.set_results(
+            {
+                "backup-id": result.backup_id,
+                "file-count": result.file_count,
+                "size": result.size,
+                "previous-data": result.previous_dir or "removed",
             }
         )
