@@ -1889,6 +1889,8 @@ def run_restore(
             )
         log("stopping Synapse and swapping the restored data in")
         _stop_and_swap(container, service, paths, staging_dir, previous_dir)
+    except S3Error as exc:
+        raise BackupError(str(exc)) from exc
     except (ops.pebble.PathError, ops.pebble.APIError) as exc:
         raise BackupError(f"restore failed: {exc}") from exc
     finally:
