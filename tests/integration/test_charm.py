@@ -1,16 +1,21 @@
-"""Deploy the synapse charm on a real Juju controller and back it up to S3.
+"""Deploy the synapse charm on a real Juju controller, back it up to S3 and restore it.
 
 The flow is the operator's: deploy with the image and a server name, add the
 S3 credentials and the passphrase as Juju user secrets, grant them, point the
 config at them, run ``create-backup``, then look at the bucket from outside
-with boto3 and gpg. See conftest.py for what must be provided; without it,
-every test here is skipped with the reason.
+with boto3 and gpg. The backup is then listed and verified, and restored into
+a fresh deployment with the same server name in a second temporary model, as
+an operator would after losing a cluster; a deployment with another server
+name must refuse it. Deleting is tried on a backup of its own. See
+conftest.py for what must be provided; without it, every test here is
+skipped with the reason.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import re
 import secrets
@@ -19,6 +24,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +32,7 @@ from typing import TYPE_CHECKING
 import botocore.exceptions
 import jubilant
 import pytest
+import yaml
 
 if TYPE_CHECKING:
     from conftest import IntegrationSettings
@@ -35,7 +42,18 @@ pytestmark = pytest.mark.integration
 APP_NAME = "synapse"
 UNIT_NAME = f"{APP_NAME}/0"
 SERVER_NAME = "integration.synapse.test"
+CONTAINER_NAME = "synapse"
+# In the restore model: a deployment with another server name.
+OTHER_APP_NAME = "synapse-other"
+OTHER_SERVER_NAME = "other.synapse.test"
+DATA_DIR = "/data"
+HOMESERVER_CONFIG = f"{DATA_DIR}/homeserver.yaml"
+# What a restore puts in the data directory while it runs (backup.py).
+RESTORE_LEFTOVER_PREFIXES = (".synapse-restore-", ".synapse-previous-")
 BACKUP_ACTION_TIMEOUT = 15 * 60
+DEPLOY_TIMEOUT = 20 * 60
+# After a restore Synapse is started again; it may take a while to answer.
+HEALTH_TIMEOUT = 5 * 60
 # create-backup names a backup after its UTC start time (backup.BACKUP_ID_FORMAT).
 BACKUP_ID_PATTERN = re.compile(r"\d{8}T\d{6}Z")
 BACKUP_ID_FORMAT = "%Y%m%dT%H%M%SZ"
@@ -92,6 +110,135 @@ def _app_active(status: jubilant.Status) -> bool:
 
 def _app_error(status: jubilant.Status) -> bool:
     return jubilant.any_error(status, APP_NAME)
+
+
+def synapse_health(juju: jubilant.Juju, unit: str) -> str:
+    """Ask Synapse's /health endpoint, from the unit's charm container.
+
+    The charm container shares the pod's network with the workload container.
+
+    Args:
+        juju: the model of the unit.
+        unit: the unit.
+
+    Returns:
+        The endpoint's answer ("OK" when Synapse is healthy).
+    """
+    probe = (
+        "import urllib.request; "
+        "print(urllib.request.urlopen('http://localhost:8008/health', timeout=10).read().decode())"
+    )
+    task = juju.exec(f"python3 -c {shlex.quote(probe)}", unit=unit)
+    return task.stdout.strip()
+
+
+def wait_for_health(juju: jubilant.Juju, unit: str, timeout: float = HEALTH_TIMEOUT) -> None:
+    """Wait until Synapse answers OK on /health, failing after a timeout.
+
+    Args:
+        juju: the model of the unit.
+        unit: the unit.
+        timeout: seconds to wait.
+    """
+    deadline = time.monotonic() + timeout
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        try:
+            last = synapse_health(juju, unit)
+        except (jubilant.CLIError, jubilant.TaskError) as exc:
+            last = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
+        if last == "OK":
+            return
+        time.sleep(5)
+    pytest.fail(f"Synapse on {unit} did not answer /health in {timeout}s: {last}")
+
+
+def read_workload_file(juju: jubilant.Juju, unit: str, path: str) -> str:
+    """Read a file in the unit's synapse container (juju ssh --container synapse).
+
+    Args:
+        juju: the model of the unit.
+        unit: the unit.
+        path: the file's path in the container.
+
+    Returns:
+        The file's content.
+    """
+    return juju.ssh(unit, "cat", shlex.quote(path), container=CONTAINER_NAME)
+
+
+def signing_key(juju: jubilant.Juju, unit: str) -> str:
+    """Read the signing key file that the unit's homeserver.yaml names.
+
+    Only its digest is returned, so that a failing comparison does not print
+    the key into the test logs.
+
+    Args:
+        juju: the model of the unit.
+        unit: the unit.
+
+    Returns:
+        The SHA-256 of the key file's content, stripped of surrounding whitespace.
+    """
+    config = yaml.safe_load(read_workload_file(juju, unit, HOMESERVER_CONFIG))
+    path = str(config.get("signing_key_path") or "")
+    assert path.startswith(f"{DATA_DIR}/"), f"signing_key_path {path!r} is not under {DATA_DIR}"
+    key = read_workload_file(juju, unit, path).strip()
+    assert key, f"{path} on {unit} is empty"
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def restore_leftovers(juju: jubilant.Juju, unit: str) -> list[str]:
+    """List what a restore left in the data directory (staging or previous data).
+
+    Args:
+        juju: the model of the unit.
+        unit: the unit.
+
+    Returns:
+        The names of such entries in /data.
+    """
+    listing = juju.ssh(unit, "ls", "-A", DATA_DIR, container=CONTAINER_NAME)
+    return [name for name in listing.split() if name.startswith(RESTORE_LEFTOVER_PREFIXES)]
+
+
+def listed_backup_ids(juju: jubilant.Juju, unit: str) -> list[str]:
+    """Run list-backups and return the ids it lists, checking its count.
+
+    Args:
+        juju: the model of the unit.
+        unit: the unit.
+
+    Returns:
+        The listed backup ids, in the order listed.
+    """
+    task = juju.run(unit, "list-backups", wait=BACKUP_ACTION_TIMEOUT)
+    backups = task.results.get("backups") or {}
+    assert isinstance(backups, dict), task
+    ids = [str(backups[index]["id"]) for index in sorted(backups, key=int)]
+    assert int(task.results["count"]) == len(ids), task
+    return ids
+
+
+def run_failing_action(
+    juju: jubilant.Juju, unit: str, action: str, params: dict[str, object]
+) -> jubilant.Task:
+    """Run an action that must fail; return its task.
+
+    Args:
+        juju: the model of the unit.
+        unit: the unit.
+        action: the action.
+        params: its parameters.
+
+    Returns:
+        The failed task (its message is the charm's event.fail message).
+    """
+    with pytest.raises(jubilant.TaskError) as excinfo:
+        juju.run(unit, action, params, wait=BACKUP_ACTION_TIMEOUT)
+    task = excinfo.value.task
+    assert task.status == "failed", task
+    return task
 
 
 @pytest.fixture(scope="module")
@@ -226,13 +373,7 @@ def test_deploy_serves_synapse(juju: jubilant.Juju, synapse_app: str) -> None:
     status = juju.status()
     unit = status.apps[synapse_app].units[UNIT_NAME]
     assert unit.workload_status.current == "active", unit.workload_status
-    # The charm container shares the pod's network with the workload container.
-    probe = (
-        "import urllib.request; "
-        "print(urllib.request.urlopen('http://localhost:8008/health', timeout=10).read().decode())"
-    )
-    task = juju.exec(f"python3 -c {shlex.quote(probe)}", unit=UNIT_NAME)
-    assert task.stdout.strip() == "OK"
+    assert synapse_health(juju, UNIT_NAME) == "OK"
 
 
 def test_create_backup_results(backup: BackupRun) -> None:
@@ -376,3 +517,227 @@ def test_wrong_secret_key_blocks_on_s3_credentials(
     juju.wait(blocked_on_credentials, error=_app_error, timeout=10 * 60)
     juju.config(backup_configured, {"s3-credentials": s3_credentials_secret})
     juju.wait(_app_active, error=_app_error, timeout=10 * 60)
+
+
+def test_list_backups_shows_the_backup(juju: jubilant.Juju, backup: BackupRun) -> None:
+    """list-backups lists the backup with its size and server name; count matches the entries."""
+    task = juju.run(UNIT_NAME, "list-backups", wait=BACKUP_ACTION_TIMEOUT)
+    backup_id = backup.results["backup-id"]
+    backups = task.results.get("backups") or {}
+    entries = {str(entry["id"]): entry for entry in backups.values()}
+    assert backup_id in entries, task
+    assert int(task.results["count"]) == len(entries), task
+    assert int(entries[backup_id]["size"]) == int(backup.results["size"])
+    assert entries[backup_id]["server-name"] == SERVER_NAME
+    assert backup_id in task.results["formatted"]
+    ids = [str(backups[index]["id"]) for index in sorted(backups, key=int)]
+    assert ids == sorted(ids, reverse=True), f"backups are not listed newest first: {ids}"
+
+
+def test_verify_backup_matches_manifest(juju: jubilant.Juju, backup: BackupRun) -> None:
+    """verify-backup reads the whole backup and finds what its manifest says."""
+    backup_id = backup.results["backup-id"]
+    task = juju.run(
+        UNIT_NAME, "verify-backup", {"backup-id": backup_id}, wait=BACKUP_ACTION_TIMEOUT
+    )
+    assert str(task.results["matches-manifest"]).lower() == "true", task
+    assert task.results["mismatch"] == "none", task
+    assert task.results["backup-id"] == backup_id
+    assert int(task.results["size"]) == int(backup.results["size"])
+    assert int(task.results["file-count"]) == int(backup.results["file-count"])
+
+
+def test_delete_backup(
+    juju: jubilant.Juju, settings: IntegrationSettings, s3_prefix: str, backup_configured: str
+) -> None:
+    """delete-backup removes a backup of its own; it is no longer listed; a second delete fails."""
+    unit = f"{backup_configured}/0"
+    created = juju.run(unit, "create-backup", wait=BACKUP_ACTION_TIMEOUT)
+    backup_id = str(created.results["backup-id"])
+    assert backup_id in listed_backup_ids(juju, unit)
+
+    deleted = juju.run(unit, "delete-backup", {"backup-id": backup_id}, wait=BACKUP_ACTION_TIMEOUT)
+    assert deleted.results["deleted"] == backup_id, deleted
+    assert backup_id not in listed_backup_ids(juju, unit)
+    client = settings.s3.client()
+    for key in (f"{s3_prefix}/{backup_id}", f"{s3_prefix}/{backup_id}{MANIFEST_SUFFIX}"):
+        with pytest.raises(botocore.exceptions.ClientError):
+            client.head_object(Bucket=settings.s3.bucket, Key=key)
+
+    again = run_failing_action(juju, unit, "delete-backup", {"backup-id": backup_id})
+    assert f"there is no backup {backup_id}" in again.message, again
+
+
+# ------------------------------------------------ restore into a second model
+
+
+@pytest.fixture(scope="module")
+def restore_juju(
+    settings: IntegrationSettings, juju: jubilant.Juju, request: pytest.FixtureRequest
+) -> Iterator[jubilant.Juju]:
+    """Create a second temporary model, as if the first cluster were lost.
+
+    Args:
+        settings: the checked settings.
+        juju: the first model (on the same controller, already checked to be Kubernetes).
+        request: the pytest request (to print the debug log after a failure).
+
+    Yields:
+        The second model.
+    """
+    with jubilant.temp_model(keep=settings.keep_models, controller=settings.controller) as other:
+        other.wait_timeout = DEPLOY_TIMEOUT
+        yield other
+        if request.session.testsfailed:
+            print(other.debug_log(limit=1000), end="")
+
+
+@pytest.fixture(scope="module")
+def restore_config(
+    restore_juju: jubilant.Juju, settings: IntegrationSettings, passphrase: str, s3_prefix: str
+) -> dict[str, str]:
+    """Add the same S3 credentials and passphrase as secrets in the second model.
+
+    Args:
+        restore_juju: the second model.
+        settings: the checked settings.
+        passphrase: the passphrase of the first model's backups.
+        s3_prefix: the first model's prefix in the bucket (its backups are there).
+
+    Returns:
+        The backup configuration, the same bucket and path as the first model's;
+        the secrets are granted to no application yet.
+    """
+    credentials_uri = restore_juju.add_secret(
+        "synapse-s3-credentials",
+        {"access-key": settings.s3.access_key, "secret-key": settings.s3.secret_key},
+    )
+    passphrase_uri = restore_juju.add_secret(
+        "synapse-backup-passphrase", {"passphrase": passphrase}
+    )
+    config = {
+        "s3-credentials": str(credentials_uri),
+        "backup-passphrase": str(passphrase_uri),
+        "s3-bucket": settings.s3.bucket,
+        "s3-endpoint": settings.s3.endpoint,
+        "s3-path": s3_prefix,
+        "s3-uri-style": "path",
+    }
+    if settings.s3.region:
+        config["s3-region"] = settings.s3.region
+    return config
+
+
+def deploy_configured(
+    juju: jubilant.Juju,
+    settings: IntegrationSettings,
+    config: dict[str, str],
+    app: str,
+    server_name: str,
+) -> str:
+    """Deploy the charm with a server name, grant the secrets, configure backups; wait active.
+
+    Args:
+        juju: the model.
+        settings: the checked settings.
+        config: the backup configuration (secrets already in the model).
+        app: the application's name.
+        server_name: its server name.
+
+    Returns:
+        The name of its unit.
+    """
+    juju.deploy(
+        settings.charm_file,
+        app,
+        resources={"synapse-image": settings.image},
+        config={"server-name": server_name},
+    )
+    juju.grant_secret(config["s3-credentials"], app)
+    juju.grant_secret(config["backup-passphrase"], app)
+    juju.config(app, config)
+    juju.wait(
+        lambda status: jubilant.all_active(status, app) and jubilant.all_agents_idle(status, app),
+        error=lambda status: jubilant.any_error(status, app),
+    )
+    return f"{app}/0"
+
+
+@pytest.fixture(scope="module")
+def fresh_unit(
+    restore_juju: jubilant.Juju, settings: IntegrationSettings, restore_config: dict[str, str]
+) -> str:
+    """Deploy a fresh Synapse with the first one's server name in the second model.
+
+    Args:
+        restore_juju: the second model.
+        settings: the checked settings.
+        restore_config: the same backup configuration as the first model's.
+
+    Returns:
+        Its unit.
+    """
+    return deploy_configured(restore_juju, settings, restore_config, APP_NAME, SERVER_NAME)
+
+
+@pytest.fixture(scope="module")
+def other_unit(
+    restore_juju: jubilant.Juju, settings: IntegrationSettings, restore_config: dict[str, str]
+) -> str:
+    """Deploy a Synapse with another server name in the second model.
+
+    Args:
+        restore_juju: the second model.
+        settings: the checked settings.
+        restore_config: the same backup configuration as the first model's.
+
+    Returns:
+        Its unit.
+    """
+    return deploy_configured(
+        restore_juju, settings, restore_config, OTHER_APP_NAME, OTHER_SERVER_NAME
+    )
+
+
+def test_restore_into_a_new_model(
+    juju: jubilant.Juju, backup: BackupRun, restore_juju: jubilant.Juju, fresh_unit: str
+) -> None:
+    """A fresh deployment with the same server name comes back with the original's identity."""
+    backup_id = backup.results["backup-id"]
+    original_key = signing_key(juju, UNIT_NAME)
+    fresh_key = signing_key(restore_juju, fresh_unit)
+    assert fresh_key != original_key, "the fresh deployment already has the original's key"
+    assert backup_id in listed_backup_ids(restore_juju, fresh_unit)
+
+    task = restore_juju.run(
+        fresh_unit, "restore-backup", {"backup-id": backup_id}, wait=BACKUP_ACTION_TIMEOUT
+    )
+
+    assert task.results["backup-id"] == backup_id, task
+    assert int(task.results["file-count"]) == int(backup.results["file-count"]), task
+    assert int(task.results["size"]) == int(backup.results["size"]), task
+    assert task.results["previous-data"] == "removed", task
+    restore_juju.wait(
+        lambda status: jubilant.all_active(status, APP_NAME),
+        error=lambda status: jubilant.any_error(status, APP_NAME),
+    )
+    wait_for_health(restore_juju, fresh_unit)
+    assert signing_key(restore_juju, fresh_unit) == original_key
+    assert restore_leftovers(restore_juju, fresh_unit) == []
+
+
+def test_restore_refuses_another_server_name(
+    backup: BackupRun, restore_juju: jubilant.Juju, other_unit: str
+) -> None:
+    """Without force, a backup of another server name is refused and the live data kept."""
+    backup_id = backup.results["backup-id"]
+    key_before = signing_key(restore_juju, other_unit)
+
+    task = run_failing_action(restore_juju, other_unit, "restore-backup", {"backup-id": backup_id})
+
+    assert SERVER_NAME in task.message, task
+    assert OTHER_SERVER_NAME in task.message, task
+    assert "force=true" in task.message, task
+    assert signing_key(restore_juju, other_unit) == key_before
+    assert restore_leftovers(restore_juju, other_unit) == []
+    wait_for_health(restore_juju, other_unit)
