@@ -1,0 +1,1 @@
+"""Benchmark of the backup pipelines (see __main__)."""

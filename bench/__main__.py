@@ -1,0 +1,544 @@
+"""Benchmark of the backup and restore pipelines against SeaweedFS on loopback.
+
+Generates a synthetic Synapse data set (incompressible media in files of
+log-normal sizes, plus a SQLite database), starts SeaweedFS on 127.0.0.1 and
+runs, interleaved over several rounds, each variant as the charm runs it
+(the same command builders, as the Synapse user, in the bubblewrap stand-in
+for the workload container):
+
+- upload-limit: ``aws s3 cp`` of a ready file as large as our archive;
+- create-backup: our pipeline;
+- baseline: tar | gpg (defaults) | aws with max_concurrent_requests=1;
+- restore: our restore pipeline into a staging directory;
+- restore-limit: ``aws s3 cp s3://... - | tar -x`` of an unencrypted tar.
+
+Each run's peak RSS is the largest sum of the RSS of all its processes,
+sampled every 20 ms. Prints a table, writes JSON and a PNG plot.
+
+Run with ``tox -e bench`` (as root); ``-- --size-mib 64 --rounds 1`` for a
+quick run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import backup
+from tests.helpers.sandbox import Sandbox, exec_args
+from tests.helpers.seaweed import SeaweedServer
+from tests.helpers.synapse_data import SYNAPSE_GID, SYNAPSE_UID, create_database, homeserver_config
+
+MIB = 1024 * 1024
+BUCKET = "bench"
+PASSPHRASE = "benchmark passphrase"
+SERVER_NAME = "bench.example"
+
+
+@dataclass
+class Run:
+    """One measured run.
+
+    Attributes:
+        variant: what ran.
+        data_bytes: the size of the data set.
+        seconds: wall time.
+        peak_rss: peak RSS of all its processes together, in bytes.
+        transferred: bytes sent to or read from S3.
+    """
+
+    variant: str
+    data_bytes: int
+    seconds: float
+    peak_rss: int
+    transferred: int
+
+
+@dataclass
+class Results:
+    """Everything a benchmark run measured.
+
+    Attributes:
+        machine: where it ran.
+        runs: every run.
+        summary: medians per variant and data size.
+        targets: each target, its value and whether it is met.
+    """
+
+    machine: dict[str, str]
+    runs: list[Run] = field(default_factory=list)
+    summary: list[dict[str, float | str | int]] = field(default_factory=list)
+    targets: list[dict[str, object]] = field(default_factory=list)
+
+
+def tree_rss(pid: int) -> int:
+    """Return the summed RSS of a process and all its descendants.
+
+    Args:
+        pid: the top process.
+
+    Returns:
+        Bytes.
+    """
+    total, stack = 0, [pid]
+    while stack:
+        current = stack.pop()
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+            for task in Path(f"/proc/{current}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    stack += [int(child) for child in (task / "children").read_text().split()]
+    return total
+
+
+def measure(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
+    """Run a command, sampling the RSS of its process tree.
+
+    Args:
+        argv: the command.
+        env: its environment.
+
+    Returns:
+        Wall seconds and peak RSS in bytes.
+
+    Raises:
+        RuntimeError: if the command fails.
+    """
+    started = time.monotonic()
+    process = subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, tree_rss(process.pid))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    _, stderr = process.communicate()
+    seconds = time.monotonic() - started
+    done.set()
+    sampler.join()
+    if process.returncode:
+        raise RuntimeError(f"{argv[-1][:200]!r} failed: {stderr.decode(errors='replace')[-2000:]}")
+    return seconds, peak
+
+
+def make_data(root: Path, size: int, seed: int = 1) -> int:
+    """Lay out a Synapse data directory with ``size`` bytes of incompressible media.
+
+    Args:
+        root: the container root.
+        size: bytes of media.
+        seed: random seed of the file sizes.
+
+    Returns:
+        The bytes written, database included.
+    """
+    import yaml
+
+    rng = random.Random(seed)  # noqa: S311 - sizes, not secrets
+    data = root / "data"
+    media = data / "media_store" / "local_content"
+    media.mkdir(parents=True)
+    (data / "homeserver.yaml").write_text(yaml.safe_dump(homeserver_config(SERVER_NAME)))
+    (data / f"{SERVER_NAME}.signing.key").write_text("ed25519 a_bench key\n")
+    create_database(data / "homeserver.db", rows=120_000)  # about 25 MB
+    written, index = 0, 0
+    chunk = os.urandom(8 * MIB)
+    while written < size:
+        length = min(size - written, max(4096, int(rng.lognormvariate(12.3, 1.2))))
+        name = f"{index:08x}"
+        path = media / name[:2] / name[2:4] / name[4:]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as file:
+            remaining = length
+            while remaining:
+                offset = rng.randrange(0, len(chunk) - 1)
+                piece = chunk[offset : offset + remaining]
+                file.write(piece)
+                remaining -= len(piece)
+        written += length
+        index += 1
+    for path in [data, *data.rglob("*")]:
+        os.lchown(path, SYNAPSE_UID, SYNAPSE_GID)
+    return written + (data / "homeserver.db").stat().st_size
+
+
+class Bench:
+    """The benchmark's fixtures: a server, a container root and a sandbox."""
+
+    def __init__(self, workdir: Path, server: SeaweedServer):
+        """Prepare the container root and the S3 parameters.
+
+        Args:
+            workdir: scratch space (not under /tmp: the sandbox owns /tmp).
+            server: the S3 server.
+        """
+        self.root = workdir / "container"
+        (self.root / "tmp").mkdir(parents=True)
+        (self.root / "tmp").chmod(0o1777)
+        self.sandbox = Sandbox(self.root)
+        self.server = server
+        self.s3 = backup.S3Parameters.model_validate(
+            {
+                "access-key": server.access_key,
+                "secret-key": server.secret_key,
+                "endpoint": server.endpoint,
+                "region": "us-east-1",
+                "bucket": BUCKET,
+                "path": "bench",
+            }
+        )
+        self.work_dir = "/tmp/bench-work"
+        host_work = self.root / "tmp/bench-work"
+        (host_work / backup.GNUPG_DIR).mkdir(parents=True, mode=0o700)
+        (host_work / backup.PASSPHRASE_FILE).write_text(PASSPHRASE)
+        (host_work / backup.AWS_CONFIG_FILE).write_text(backup.build_aws_config(self.s3))
+        (host_work / backup.AWS_DOWNLOAD_CONFIG_FILE).write_text(
+            backup.build_aws_config(self.s3, download=True)
+        )
+        baseline = backup.build_aws_config(self.s3).replace(
+            f"max_concurrent_requests = {backup.S3_MAX_CONCURRENT_REQUESTS}",
+            "max_concurrent_requests = 1",
+        )
+        (host_work / "aws-config-baseline").write_text(baseline)
+        for path in [host_work, *host_work.rglob("*")]:
+            os.lchown(path, SYNAPSE_UID, SYNAPSE_GID)
+            path.chmod(0o700 if path.is_dir() else 0o600)
+        self.env = backup.get_environment(self.s3, work_dir=self.work_dir)
+
+    def run(self, command: list[str], *, env: dict[str, str] | None = None, root: bool = False):
+        """Run a command in the sandbox as the charm would.
+
+        Args:
+            command: the command.
+            env: extra environment.
+            root: run as root (restore) instead of the Synapse user.
+
+        Returns:
+            Seconds and peak RSS.
+        """
+        ids = {} if root else {"user_id": SYNAPSE_UID, "group_id": SYNAPSE_GID}
+        args = exec_args(command, environment={**self.env, **(env or {})}, **ids)
+        return measure(self.sandbox.argv(args), self.sandbox.environment(args))
+
+    def shell(self, script: str, **kwargs: object):
+        """Run a bash script in the sandbox.
+
+        Args:
+            script: the script.
+            **kwargs: as for run.
+
+        Returns:
+            Seconds and peak RSS.
+        """
+        return self.run(["bash", "-c", script], **kwargs)  # type: ignore[arg-type]
+
+
+def variants(bench: Bench, data_bytes: int) -> dict[str, Callable[[], tuple[float, int, int]]]:
+    """Build the variants to measure.
+
+    Args:
+        bench: the fixtures.
+        data_bytes: the size of the data set.
+
+    Returns:
+        Each variant's name and a function running it once, returning
+        seconds, peak RSS and bytes transferred.
+    """
+    paths = ["/data/homeserver.yaml", f"/data/{SERVER_NAME}.signing.key",
+             "/data/media_store/local_content"]  # fmt: skip
+    passphrase_file = f"{bench.work_dir}/{backup.PASSPHRASE_FILE}"
+    expected = backup._expected_size(data_bytes)
+    client = bench.server.client()
+    state: dict[str, int] = {}
+
+    def ours() -> tuple[float, int, int]:
+        command = backup.build_backup_command(
+            bench.s3, "ours", paths, passphrase_file, expected_size=expected,
+            database_path="/data/homeserver.db", work_dir=bench.work_dir,
+        )  # fmt: skip
+        seconds, rss = bench.run(command)
+        size = client.head_object(Bucket=BUCKET, Key="bench/ours")["ContentLength"]
+        state["archive"] = size
+        return seconds, rss, size
+
+    def limit() -> tuple[float, int, int]:
+        size = state["archive"]
+        ready = bench.root / "tmp/ready.bin"
+        if not ready.exists() or ready.stat().st_size != size:
+            with ready.open("wb") as file:
+                for offset in range(0, size, 8 * MIB):
+                    file.write(os.urandom(min(8 * MIB, size - offset)))
+            os.chown(ready, SYNAPSE_UID, SYNAPSE_GID)
+        url = bench.s3.object_url("limit")
+        command = f"aws s3 cp --only-show-errors --no-progress /tmp/ready.bin {url}"
+        seconds, rss = bench.shell(command)
+        return seconds, rss, size
+
+    def baseline() -> tuple[float, int, int]:
+        members = " ".join(path.lstrip("/") for path in paths)
+        script = (
+            f"set -o pipefail; tar -c -C / {members} data/homeserver.db"
+            f" | gpg --batch --no-symkey-cache --pinentry-mode loopback"
+            f" --passphrase-file {passphrase_file} --symmetric"
+            f" | aws s3 cp --only-show-errors - {bench.s3.object_url('baseline')}"
+        )
+        env = {"AWS_CONFIG_FILE": f"{bench.work_dir}/aws-config-baseline"}
+        seconds, rss = bench.shell(script, env=env)
+        return (
+            seconds,
+            rss,
+            client.head_object(Bucket=BUCKET, Key="bench/baseline")["ContentLength"],
+        )
+
+    def restore() -> tuple[float, int, int]:
+        staging = "/data/.bench-staging"
+        shutil.rmtree(bench.root / staging.lstrip("/"), ignore_errors=True)
+        (bench.root / staging.lstrip("/")).mkdir()
+        command = backup.build_restore_command(
+            bench.s3, "ours", passphrase_file, staging_dir=staging, work_dir=bench.work_dir
+        )
+        seconds, rss = bench.run(command, root=True)
+        shutil.rmtree(bench.root / staging.lstrip("/"))
+        return seconds, rss, state["archive"]
+
+    def restore_limit() -> tuple[float, int, int]:
+        if "plain" not in state:
+            members = " ".join(path.lstrip("/") for path in paths)
+            url = bench.s3.object_url("plain")
+            bench.shell(
+                f"set -o pipefail; tar -c -C / {members}"
+                f" | aws s3 cp --only-show-errors --expected-size {expected} - {url}"
+            )
+            state["plain"] = client.head_object(Bucket=BUCKET, Key="bench/plain")["ContentLength"]
+        staging = bench.root / "data/.bench-plain"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        script = (f"set -o pipefail; aws s3 cp --only-show-errors {bench.s3.object_url('plain')} -"
+                  " | tar -x -C /data/.bench-plain")  # fmt: skip
+        download_config = f"{bench.work_dir}/{backup.AWS_DOWNLOAD_CONFIG_FILE}"
+        seconds, rss = bench.shell(script, root=True, env={"AWS_CONFIG_FILE": download_config})
+        shutil.rmtree(staging)
+        return seconds, rss, state["plain"]
+
+    return {
+        "create-backup": ours,
+        "upload-limit": limit,
+        "baseline": baseline,
+        "restore": restore,
+        "restore-limit": restore_limit,
+    }
+
+
+def run_size(workdir: Path, size: int, rounds: int, results: Results, only: set[str]) -> None:
+    """Measure every variant on one data size, interleaved over rounds.
+
+    Args:
+        workdir: scratch space.
+        size: bytes of media.
+        rounds: how many rounds.
+        results: where runs go.
+        only: the variants to run (empty: all).
+    """
+    with SeaweedServer(workdir / "s3") as server:
+        server.create_bucket(BUCKET)
+        bench = Bench(workdir, server)
+        print(f"generating {size // MIB} MiB of media ...", flush=True)
+        data_bytes = make_data(bench.root, size)
+        todo = variants(bench, data_bytes)
+        names = [name for name in todo if not only or name in only or name == "create-backup"]
+        for round_number in range(rounds):
+            for name in names:
+                seconds, rss, transferred = todo[name]()
+                results.runs.append(Run(name, data_bytes, seconds, rss, transferred))
+                print(f"round {round_number + 1}: {name:<14} {seconds:7.2f} s "
+                      f"{data_bytes / MIB / seconds:8.1f} MiB/s  peak {rss / MIB:7.1f} MiB",
+                      flush=True)  # fmt: skip
+
+
+def summarise(results: Results) -> None:
+    """Compute medians and check the targets.
+
+    Args:
+        results: the runs; summary and targets are filled in.
+    """
+    groups: dict[tuple[str, int], list[Run]] = {}
+    for run in results.runs:
+        groups.setdefault((run.variant, run.data_bytes), []).append(run)
+    for (variant, data_bytes), runs in sorted(groups.items(), key=lambda item: item[0][1]):
+        seconds = statistics.median(run.seconds for run in runs)
+        results.summary.append(
+            {
+                "variant": variant,
+                "data-mib": round(data_bytes / MIB),
+                "seconds": round(seconds, 2),
+                "mib-per-s": round(data_bytes / MIB / seconds, 1),
+                "peak-rss-mib": round(max(run.peak_rss for run in runs) / MIB, 1),
+                "rounds": len(runs),
+            }
+        )
+    by = {(row["variant"], row["data-mib"]): row for row in results.summary}
+    smallest = min(row["data-mib"] for row in results.summary)
+
+    def ratio(a: str, b: str) -> float | None:
+        if (a, smallest) not in by or (b, smallest) not in by:
+            return None
+        return round(
+            float(by[(a, smallest)]["mib-per-s"]) / float(by[(b, smallest)]["mib-per-s"]), 2
+        )
+
+    checks = [
+        ("create-backup / upload-limit", ratio("create-backup", "upload-limit"), 0.9),
+        ("create-backup / baseline", ratio("create-backup", "baseline"), 2.0),
+        ("restore / restore-limit", ratio("restore", "restore-limit"), 0.8),
+    ]
+    for name, value, target in checks:
+        results.targets.append(
+            {
+                "target": f"{name} >= {target}",
+                "value": value,
+                "met": value is not None and value >= target,
+            }
+        )
+    for variant in ("create-backup", "restore"):
+        peaks = [
+            float(row["peak-rss-mib"]) for row in results.summary if row["variant"] == variant
+        ]
+        if peaks:
+            results.targets.append(
+                {
+                    "target": f"{variant} peak RSS <= 200 MiB at every size",
+                    "value": max(peaks),
+                    "met": max(peaks) <= 200,
+                }
+            )
+
+
+def print_table(results: Results) -> None:
+    """Print the summary and the targets.
+
+    Args:
+        results: the summarised results.
+    """
+    print(f"\n{'variant':<14} {'data MiB':>9} {'seconds':>8} {'MiB/s':>8} {'peak MiB':>9} rounds")
+    for row in results.summary:
+        print(f"{row['variant']:<14} {row['data-mib']:>9} {row['seconds']:>8} "
+              f"{row['mib-per-s']:>8} {row['peak-rss-mib']:>9} {row['rounds']:>6}")  # fmt: skip
+    print()
+    for target in results.targets:
+        print(
+            f"{'met    ' if target['met'] else 'NOT met'}  {target['target']}: {target['value']}"
+        )
+
+
+def plot(results: Results, path: Path) -> None:
+    """Render throughput and peak memory per variant as a PNG.
+
+    Args:
+        results: the summarised results.
+        path: the PNG file.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({row["data-mib"] for row in results.summary})
+    variant_names = list(dict.fromkeys(str(row["variant"]) for row in results.summary))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / max(1, len(sizes))
+    for offset, size in enumerate(sizes):
+        rows = {row["variant"]: row for row in results.summary if row["data-mib"] == size}
+        xs = [index + offset * width for index in range(len(variant_names))]
+        left.bar(xs, [float(rows[v]["mib-per-s"]) if v in rows else 0 for v in variant_names],
+                 width, label=f"{size} MiB")  # fmt: skip
+        right.bar(xs, [float(rows[v]["peak-rss-mib"]) if v in rows else 0 for v in variant_names],
+                  width, label=f"{size} MiB")  # fmt: skip
+    for axis, title in ((left, "throughput (MiB/s, median)"), (right, "peak RSS (MiB)")):
+        axis.set_xticks(
+            [index + width * (len(sizes) - 1) / 2 for index in range(len(variant_names))]
+        )
+        axis.set_xticklabels(variant_names, rotation=20)
+        axis.set_title(title)
+        axis.legend()
+    right.axhline(200, color="red", linestyle="--", linewidth=1)
+    figure.suptitle(
+        f"Synapse backup pipelines, SeaweedFS on loopback ({results.machine['cpus']} CPUs)"
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> int:
+    """Run the benchmark.
+
+    Returns:
+        The exit code.
+    """
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mib", type=int, default=1024, help="media for the speed runs")
+    parser.add_argument("--memory-size-mib", type=int, default=4096,
+                        help="a second, larger size for the memory runs (0: skip)")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", default="", help="comma-separated variants")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
+    options = parser.parse_args()
+    if os.geteuid() != 0:
+        print("the benchmark runs the pipelines as uid 991 in a sandbox: run as root")
+        return 2
+    options.out.mkdir(parents=True, exist_ok=True)
+    results = Results(
+        machine={
+            "cpus": str(os.cpu_count()),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "memory": f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // MIB} MiB",
+        }
+    )
+    only = {name for name in options.only.split(",") if name}
+    sizes = [(options.size_mib, options.rounds)]
+    if options.memory_size_mib:
+        sizes.append((options.memory_size_mib, 1))
+    for size_mib, rounds in sizes:
+        workdir = Path(tempfile.mkdtemp(prefix="synapse-bench-", dir=options.workdir))
+        try:
+            variants_here = only if size_mib == options.size_mib else {"create-backup", "restore"}
+            run_size(workdir, size_mib * MIB, rounds, results, variants_here)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    summarise(results)
+    print_table(results)
+    (options.out / "results.json").write_text(json.dumps(asdict(results), indent=2))
+    plot(results, options.out / "results.png")
+    print(f"\nwrote {options.out / 'results.json'} and {options.out / 'results.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
