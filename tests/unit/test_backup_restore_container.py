@@ -1,0 +1,892 @@
+"""run_restore's pre-flight and steps, verify_backup and _swap_paths on Scenario's container.
+
+The container is the charm's own, taken from a live Scenario event; /data is a
+mounted local directory. S3Client is a mock, the tool check is skipped and
+commands are canned (testing.Exec), so nothing is downloaded, decrypted or
+moved for real: tests/workload runs the real pipeline against SeaweedFS. What
+is tested here is the order of the steps and that nothing touches the live
+data before the pre-flight has passed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import pathlib
+import shlex
+from collections.abc import Iterator
+from typing import Any
+from unittest import mock
+
+import ops
+import pytest
+from ops import testing
+
+import backup
+import synapse
+from tests.unit.builders import SERVER_NAME, homeserver_yaml, make_state
+
+SECRET_KEY = "restore-container-secret-key-2f6a"
+PASSPHRASE = "restore-container-passphrase-91dc"
+BACKUP_ID = "20250102T030405Z"
+TOKEN = "0a1b2c3d"
+WORK_DIR = f"{backup.WORK_DIR_PREFIX}{TOKEN}"
+STAGING_DIR = f"/data/{backup.RESTORE_STAGING_PREFIX}{BACKUP_ID}-{TOKEN}"
+PREVIOUS_DIR = f"/data/{backup.PREVIOUS_DATA_PREFIX}{BACKUP_ID}-{TOKEN}"
+SHA256 = "ab" * 32
+MANIFEST_PATHS = (
+    "/data/example.com.signing.key",
+    "/data/homeserver.yaml",
+    "/data/media_store/local_content",
+    "/data/homeserver.db",
+)
+
+
+# What a restore of _manifest() replaces in synapse_data: the backed-up paths, what
+# would be backed up now (extra.signing.key) and the database with its journals.
+SWAP_PATHS = (
+    "/data/example.com.signing.key",
+    "/data/extra.signing.key",
+    "/data/homeserver.db",
+    "/data/homeserver.db-journal",
+    "/data/homeserver.db-shm",
+    "/data/homeserver.db-wal",
+    "/data/homeserver.yaml",
+    "/data/media_store/local_content",
+)
+
+
+def _params() -> backup.S3Parameters:
+    return backup.S3Parameters.model_validate(
+        {
+            "access-key": "AKIARESTORECONTAINER",
+            "secret-key": SECRET_KEY,
+            "bucket": "synapse-backups",
+            "endpoint": "https://s3.example.com",
+        }
+    )
+
+
+def _manifest(**changes: Any) -> backup.BackupManifest:
+    values: dict[str, Any] = {
+        "backup_id": BACKUP_ID,
+        "created_at": "2025-01-02T03:04:05+00:00",
+        "paths": MANIFEST_PATHS,
+        "file_count": 6,
+        "size": 1234,
+        "sha256": SHA256,
+        "duration": 1.0,
+        "metadata": {"server-name": SERVER_NAME},
+    }
+    values.update(changes)
+    return backup.BackupManifest(**values)
+
+
+@pytest.fixture
+def synapse_data(data_dir: pathlib.Path) -> pathlib.Path:
+    """A /data as Synapse leaves it, with a database WAL and a key the backup lacks."""
+    (data_dir / "homeserver.yaml").write_text(homeserver_yaml())
+    (data_dir / "example.com.signing.key").write_text("ed25519 a_key xyz\n")
+    (data_dir / "homeserver.db").write_bytes(b"SQLite format 3\x00live")
+    (data_dir / "homeserver.db-wal").write_bytes(b"wal")
+    (data_dir / "extra.signing.key").write_text("ed25519 b_key xyz\n")
+    for name in ("local_content", "remote_content"):
+        (data_dir / "media_store" / name).mkdir(parents=True)
+    (data_dir / "media_store" / "local_content" / "file").write_bytes(b"media")
+    return data_dir
+
+
+def _snapshot(directory: pathlib.Path) -> dict[str, bytes | None]:
+    return {
+        str(path.relative_to(directory)): path.read_bytes() if path.is_file() else None
+        for path in sorted(directory.rglob("*"))
+    }
+
+
+@contextlib.contextmanager
+def live_container(
+    ctx: testing.Context, data_dir: pathlib.Path, **container_options: Any
+) -> Iterator[ops.Container]:
+    """Yield the charm's synapse container during an update-status event, /tmp made."""
+    state = make_state(data_dir, {}, **container_options)
+    with ctx(ctx.on.update_status(), state) as manager:
+        container = manager.charm.unit.get_container(synapse.CONTAINER_NAME)
+        container.make_dir("/tmp", make_parents=True)
+        yield container
+
+
+@pytest.fixture
+def s3_client() -> Iterator[mock.MagicMock]:
+    """Replace S3Client by a mock holding the backup; its first bytes read fine."""
+    client = mock.create_autospec(backup.S3Client, instance=True)
+    client.get_manifest.return_value = _manifest()
+    client.read_object.return_value = b"\x8c\x0d encrypted head"
+    with mock.patch.object(backup, "S3Client", return_value=client):
+        yield client
+
+
+@pytest.fixture(autouse=True)
+def tools_present() -> Iterator[mock.MagicMock]:
+    """Skip the tool check (tested in test_backup_container.py)."""
+    with mock.patch.object(backup, "check_tools") as patched:
+        yield patched
+
+
+@pytest.fixture(autouse=True)
+def fixed_token() -> Iterator[None]:
+    """Make the random work, staging and previous-data names predictable."""
+    with mock.patch.object(backup.secrets, "token_hex", return_value=TOKEN):
+        yield
+
+
+def _probe_command() -> list[str]:
+    gpg = backup._gpg_command(f"{WORK_DIR}/{backup.PASSPHRASE_FILE}", "--decrypt")
+    script = backup._script(
+        [
+            *backup._script_preamble(WORK_DIR),
+            [*gpg, "--output", "/dev/null", f"{WORK_DIR}/probe.gpg"],
+        ]
+    )
+    return ["bash", "-c", script]
+
+
+def _pipeline_command(staging_dir: str | None) -> list[str]:
+    return backup.build_restore_command(
+        _params(),
+        BACKUP_ID,
+        f"{WORK_DIR}/{backup.PASSPHRASE_FILE}",
+        staging_dir=staging_dir,
+        work_dir=WORK_DIR,
+    )
+
+
+PROBE_OK = testing.Exec(_probe_command())
+DF_ROOMY = testing.Exec(["df"], stdout="Avail\n1000000000000\n")
+PIPELINE_OK = testing.Exec(_pipeline_command(STAGING_DIR), stdout=f"{SHA256} 1234 6\n")
+POST_RESTORE = testing.Exec(["python3"])
+MOVE = testing.Exec(["bash", "-c"])
+RESTORE_EXECS = [PROBE_OK, DF_ROOMY, PIPELINE_OK, POST_RESTORE, MOVE]
+
+
+def _commands(ctx: testing.Context) -> list[list[str]]:
+    return [call.command for call in ctx.exec_history.get(synapse.CONTAINER_NAME, [])]
+
+
+def _move_command(source: str, target: str) -> list[str]:
+    """The command _move runs (canned here: nothing really moves)."""
+    return [
+        "bash",
+        "-c",
+        backup._script(
+            [
+                ["mkdir", "-p", "--", target.rsplit("/", 1)[0]],
+                ["mv", "--no-target-directory", "--", source, target],
+            ]
+        ),
+    ]
+
+
+def _moves(ctx: testing.Context) -> list[tuple[str, str]]:
+    """The (source, target) of every move the restore ran, in order."""
+    moves = []
+    for command in _commands(ctx):
+        if command[:2] == ["bash", "-c"] and "\nmv --no-target-directory -- " in command[2]:
+            source, target = shlex.split(command[2].splitlines()[-1])[-2:]
+            moves.append((source, target))
+    return moves
+
+
+@contextlib.contextmanager
+def staged_by_pipeline(
+    container: ops.Container, data_dir: pathlib.Path, names: tuple[str, ...]
+) -> Iterator[None]:
+    """Make the canned extraction leave files in the staging dir, as tar would."""
+    real_exec = container.exec
+
+    def exec_and_stage(command: list[str], **kwargs: Any) -> Any:
+        process = real_exec(command, **kwargs)
+        if command == _pipeline_command(STAGING_DIR):
+            staged = data_dir / STAGING_DIR.removeprefix("/data/") / "data"
+            for name in names:
+                (staged / name).parent.mkdir(parents=True, exist_ok=True)
+                (staged / name).write_bytes(b"restored " + name.encode())
+        return process
+
+    with mock.patch.object(container, "exec", side_effect=exec_and_stage):
+        yield
+
+
+# --- _swap_paths ----------------------------------------------------------------------------
+
+
+def test_swap_paths(ctx: testing.Context, synapse_data: pathlib.Path):
+    """The backed-up paths, what would be backed up now, and the database's journals."""
+    with live_container(ctx, synapse_data) as container:
+        paths = backup._swap_paths(container, _manifest())
+
+    assert paths == list(SWAP_PATHS)
+
+
+@pytest.mark.parametrize(
+    "bad_path",
+    [
+        pytest.param("/etc/passwd", id="etc"),
+        pytest.param("/data/../etc/shadow", id="dot-dot"),
+        pytest.param("/data", id="data-itself"),
+        pytest.param("data/homeserver.yaml", id="relative"),
+    ],
+)
+def test_swap_paths_refuses_paths_outside_data(
+    ctx: testing.Context, synapse_data: pathlib.Path, bad_path: str
+):
+    """A manifest (not encrypted) cannot make a restore replace a path outside /data."""
+    manifest = _manifest(paths=(*MANIFEST_PATHS, bad_path))
+
+    with (
+        live_container(ctx, synapse_data) as container,
+        pytest.raises(backup.BackupError, match="names paths outside /data"),
+    ):
+        backup._swap_paths(container, manifest)
+
+
+# --- run_restore: the pre-flight ------------------------------------------------------------
+
+
+def _restore(container: ops.Container, logs: list[str] | None = None, **kwargs: Any) -> Any:
+    kwargs.setdefault("server_name", SERVER_NAME)
+    return backup.run_restore(
+        container,
+        _params(),
+        BACKUP_ID,
+        PASSPHRASE,
+        log=(logs if logs is not None else []).append,
+        **kwargs,
+    )
+
+
+def test_restore_missing_backup(
+    ctx: testing.Context,
+    synapse_data: pathlib.Path,
+    s3_client: mock.MagicMock,
+    tools_present: mock.MagicMock,
+):
+    """A backup that does not exist fails before anything runs in the container."""
+    s3_client.get_manifest.side_effect = backup.S3Error(
+        f"there is no backup {BACKUP_ID}", option="backup-id"
+    )
+    before = _snapshot(synapse_data)
+
+    with (
+        live_container(ctx, synapse_data, execs=RESTORE_EXECS) as container,
+        pytest.raises(backup.BackupError, match=f"^there is no backup {BACKUP_ID}$"),
+    ):
+        _restore(container)
+
+    assert _commands(ctx) == []
+    tools_present.assert_not_called()
+    assert _snapshot(synapse_data) == before
+
+
+def test_restore_invalid_manifest(
+    ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock
+):
+    """A manifest that does not parse fails the restore with a BackupError."""
+    s3_client.get_manifest.side_effect = backup.BackupError("invalid backup manifest: bad sha256")
+
+    with (
+        live_container(ctx, synapse_data, execs=RESTORE_EXECS) as container,
+        pytest.raises(backup.BackupError, match="invalid backup manifest"),
+    ):
+        _restore(container)
+
+    assert _commands(ctx) == []
+
+
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        pytest.param(
+            {"server-name": "other.org"},
+            "is of server 'other.org', not 'example.com'; use force=true",
+            id="other-server",
+        ),
+        pytest.param({}, "is of server '', not 'example.com'", id="no-server-name"),
+    ],
+)
+def test_restore_refuses_another_server(
+    ctx: testing.Context,
+    synapse_data: pathlib.Path,
+    s3_client: mock.MagicMock,
+    tools_present: mock.MagicMock,
+    metadata: dict[str, str],
+    message: str,
+):
+    """A backup of another server name is refused without force, before anything runs."""
+    s3_client.get_manifest.return_value = _manifest(metadata=metadata)
+    before = _snapshot(synapse_data)
+
+    with (
+        live_container(ctx, synapse_data, execs=RESTORE_EXECS) as container,
+        pytest.raises(backup.BackupError, match=message),
+    ):
+        _restore(container)
+
+    assert _commands(ctx) == []
+    tools_present.assert_not_called()
+    assert _snapshot(synapse_data) == before
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param({"force": True}, id="force"),
+        pytest.param({"server_name": None}, id="no-server-name-given"),
+    ],
+)
+def test_restore_server_check_skipped(
+    ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock, kwargs: dict
+):
+    """With force, or no server name to compare, another server's backup goes through."""
+    s3_client.get_manifest.return_value = _manifest(metadata={"server-name": "other.org"})
+
+    with live_container(ctx, synapse_data, execs=RESTORE_EXECS) as container:
+        result = _restore(container, **kwargs)
+
+    assert result.backup_id == BACKUP_ID
+
+
+def test_restore_refuses_paths_outside_data(
+    ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock
+):
+    """A manifest naming /etc/passwd fails the restore before any work dir is made."""
+    s3_client.get_manifest.return_value = _manifest(paths=(*MANIFEST_PATHS, "/etc/passwd"))
+
+    with live_container(ctx, synapse_data, execs=RESTORE_EXECS) as container:
+        with pytest.raises(backup.BackupError, match="names paths outside /data: '/etc/passwd'"):
+            _restore(container)
+        assert not container.exists(WORK_DIR)
+
+    assert _commands(ctx) == []
+    s3_client.read_object.assert_not_called()
+
+
+def _assert_untouched(
+    ctx: testing.Context,
+    container: ops.Container,
+    data_dir: pathlib.Path,
+    before: dict[str, bytes | None],
+) -> None:
+    """Nothing moved, no staging or previous-data dir left, Synapse never stopped."""
+    assert _snapshot(data_dir) == before
+    assert not container.exists(WORK_DIR)
+    assert not list(data_dir.glob(".synapse-*"))
+    assert not any(command[0] == "python3" for command in _commands(ctx))
+    assert container.get_service(synapse.SERVICE_NAME).is_running()
+
+
+def test_restore_wrong_passphrase(
+    ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock
+):
+    """A passphrase that does not decrypt the backup's first bytes fails the pre-flight."""
+    probe = testing.Exec(
+        _probe_command(),
+        return_code=2,
+        stderr="gpg: decryption failed: Bad session key\n",
+    )
+    before = _snapshot(synapse_data)
+
+    with live_container(ctx, synapse_data, execs=[probe, DF_ROOMY, PIPELINE_OK]) as container:
+        with pytest.raises(backup.BackupError, match="passphrase does not decrypt backup"):
+            _restore(container)
+        _assert_untouched(ctx, container, synapse_data, before)
+
+    assert _commands(ctx) == [_probe_command()]
+    s3_client.read_object.assert_called_once_with(
+        BACKUP_ID, first_bytes=backup.PASSPHRASE_PROBE_BYTES
+    )
+
+
+def test_restore_probe_cut_off_is_not_a_wrong_passphrase(
+    ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock
+):
+    """A gpg failure on the cut-off probe for another reason does not stop the restore."""
+    probe = testing.Exec(
+        _probe_command(), return_code=2, stderr="gpg: block_filter: 1st length byte missing\n"
+    )
+    execs = [probe, DF_ROOMY, PIPELINE_OK, POST_RESTORE, MOVE]
+
+    with live_container(ctx, synapse_data, execs=execs) as container:
+        result = _restore(container)
+
+    assert result.file_count == 6
+
+
+def test_restore_s3_error_reading_the_probe(
+    ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock
+):
+    """An S3 error while reading the backup's first bytes is a BackupError, data untouched."""
+    s3_client.read_object.side_effect = backup.S3Error("cannot read object x: AccessDenied")
+    before = _snapshot(synapse_data)
+
+    with live_container(ctx, synapse_data, execs=RESTORE_EXECS) as container:
+        with pytest.raises(backup.BackupError, match="cannot read object x: AccessDenied"):
+            _restore(container)
+        _assert_untouched(ctx, container, synapse_data, before)
+
+    assert _commands(ctx) == []
+
+
+@pytest.mark.parametrize(
+    ("df", "message"),
+    [
+        pytest.param(
+            testing.Exec(["df"], stdout="Avail\n1000\n"),
+            "not enough room in /data to stage the restore: "
+            f"{1234 + backup.STAGING_HEADROOM} bytes needed, 1000 available",
+            id="no-room",
+        ),
+        pytest.param(
+            testing.Exec(["df"], stdout="Avail\nlots\n"),
+            "cannot measure the free space of /data",
+            id="unparsable",
+        ),
+        pytest.param(
+            testing.Exec(["df"], stdout=""),
+            "cannot measure the free space of /data",
+            id="no-output",
+        ),
+        pytest.param(
+            testing.Exec(["df"], return_code=1, stderr="df: /data: I/O error"),
+            "cannot measure the free space of /data",
+            id="df-fails",
+        ),
+    ],
+)
+def test_restore_room_check(
+    ctx: testing.Context,
+    synapse_data: pathlib.Path,
+    s3_client: mock.MagicMock,
+    df: testing.Exec,
+    message: str,
+):
+    """Without room to stage the backup, or free space unknown, nothing is downloaded."""
+    before = _snapshot(synapse_data)
+
+    with live_container(ctx, synapse_data, execs=[PROBE_OK, df, PIPELINE_OK]) as container:
+        with pytest.raises(backup.BackupError, match=message):
+            _restore(container)
+        _assert_untouched(ctx, container, synapse_data, before)
+
+    commands = _commands(ctx)
+    assert commands[0] == _probe_command()
+    assert commands[1] == ["df", "--output=avail", "--block-size=1", "--", "/data"]
+    assert len(commands) == 2
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: _available_bytes does not catch ops.pebble.TimeoutError (a df that hangs "
+    "on a stuck filesystem), so run_restore raises it instead of a BackupError and the "
+    "restore-backup action crashes instead of failing",
+)
+def test_restore_df_timeout_is_a_backup_error(
+    ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock
+):
+    """A df that does not finish fails the restore with a BackupError."""
+    with live_container(ctx, synapse_data, execs=RESTORE_EXECS) as container:
+        real_exec = container.exec
+
+        def exec_with_hanging_df(command: list[str], **kwargs: Any) -> Any:
+            if command[0] == "df":
+                raise ops.pebble.TimeoutError("timed out waiting for change 7 (61 seconds)")
+            return real_exec(command, **kwargs)
+
+        with (
+            mock.patch.object(container, "exec", side_effect=exec_with_hanging_df),
+            pytest.raises(backup.BackupError),
+        ):
+            _restore(container)
+
+
+@pytest.mark.parametrize(
+    ("stdout", "message"),
+    [
+        pytest.param(
+            f"{'cd' * 32} 1234 6\n", "does not match its manifest: checksum differs", id="checksum"
+        ),
+        pytest.param(f"{SHA256} 1234 5\n", "5 files instead of 6", id="file-count"),
+        pytest.param("garbage\n", "did not report the archive's digest", id="no-digest"),
+    ],
+)
+def test_restore_staged_archive_must_match(
+    ctx: testing.Context,
+    synapse_data: pathlib.Path,
+    s3_client: mock.MagicMock,
+    stdout: str,
+    message: str,
+):
+    """A download that does not match the manifest is never swapped in; staging is removed."""
+    pipeline = testing.Exec(_pipeline_command(STAGING_DIR), stdout=stdout)
+    before = _snapshot(synapse_data)
+
+    with live_container(ctx, synapse_data, execs=[PROBE_OK, DF_ROOMY, pipeline]) as container:
+        with pytest.raises(backup.BackupError, match=message):
+            _restore(container)
+        _assert_untouched(ctx, container, synapse_data, before)
+
+
+def test_restore_pipeline_fails(
+    ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock
+):
+    """A failing download is a BackupError without secrets; the live data is untouched."""
+    pipeline = testing.Exec(
+        _pipeline_command(STAGING_DIR),
+        return_code=1,
+        stderr=f"download failed: key {SECRET_KEY} passphrase {PASSPHRASE}\n",
+    )
+    before = _snapshot(synapse_data)
+
+    with live_container(ctx, synapse_data, execs=[PROBE_OK, DF_ROOMY, pipeline]) as container:
+        with pytest.raises(backup.BackupError) as exc_info:
+            _restore(container)
+        _assert_untouched(ctx, container, synapse_data, before)
+
+    message = str(exc_info.value)
+    assert message.startswith("downloading and decrypting the backup failed (exit code 1)")
+    assert SECRET_KEY not in message
+    assert PASSPHRASE not in message
+
+
+# --- run_restore: the steps after the pre-flight --------------------------------------------
+
+
+@pytest.mark.parametrize("keep_previous", [False, True])
+def test_restore_steps(
+    ctx: testing.Context,
+    synapse_data: pathlib.Path,
+    s3_client: mock.MagicMock,
+    keep_previous: bool,
+):
+    """Probe, room check, staged download as root, database fix-up, stop, swap, start.
+
+    Arrange: every command canned to succeed (the moves are canned too: nothing
+        really moves here; tests/workload checks the data).
+    Act: run_restore.
+    Assert: the commands in order; the pipeline extracts into the staging dir as
+        root with the credentials in its environment only; Synapse is running
+        again; work and staging dirs are gone; the result.
+    """
+    logs: list[str] = []
+    service_calls: list[tuple[str, int]] = []  # (stop or start, commands run before it)
+
+    with live_container(ctx, synapse_data, execs=RESTORE_EXECS) as container:
+        real_stop, real_start = container.stop, container.start
+
+        def stop(*names: str) -> None:
+            service_calls.append(("stop", len(_commands(ctx))))
+            real_stop(*names)
+
+        def start(*names: str) -> None:
+            service_calls.append(("start", len(_commands(ctx))))
+            real_start(*names)
+
+        with (
+            mock.patch.object(container, "stop", side_effect=stop),
+            mock.patch.object(container, "start", side_effect=start),
+        ):
+            result = _restore(container, logs, keep_previous=keep_previous)
+        assert container.get_service(synapse.SERVICE_NAME).is_running()
+        assert not container.exists(WORK_DIR)
+        assert not container.exists(STAGING_DIR)
+
+    calls = ctx.exec_history[synapse.CONTAINER_NAME]
+    probe, df, pipeline, post_restore, *moves = calls
+    assert probe.command == _probe_command()
+    assert df.command[0] == "df"
+    assert pipeline.command == _pipeline_command(STAGING_DIR)
+    assert (pipeline.user_id, pipeline.group_id) == (backup.ROOT_USER_ID, backup.ROOT_USER_ID)
+    assert pipeline.environment["AWS_SECRET_ACCESS_KEY"] == SECRET_KEY
+    for value in (SECRET_KEY, PASSPHRASE):
+        assert value not in pipeline.command[2]
+    assert post_restore.command[:2] == ["python3", "-c"]
+    assert post_restore.command[-1] == f"{STAGING_DIR}/data/homeserver.db"
+    assert len(moves) == len(_moves(ctx))
+    # Synapse is stopped only after the download, and started after the last move.
+    assert service_calls == [("stop", 4), ("start", 4 + len(moves))]
+    assert _moves(ctx) == [
+        (path, f"{PREVIOUS_DIR}{path}")
+        for path in SWAP_PATHS
+        if (synapse_data / path.removeprefix("/data/")).exists()
+    ]
+    assert result == backup.RestoreResult(
+        backup_id=BACKUP_ID,
+        file_count=6,
+        size=1234,
+        restored_paths=SWAP_PATHS,
+        previous_dir=PREVIOUS_DIR if keep_previous else None,
+    )
+    assert logs[0] == "checking the passphrase"
+    assert "stopping Synapse and swapping the restored data in" in logs
+    assert ("removing the previous data" in logs) is not keep_previous
+
+
+def test_restore_swaps_staged_paths_in(
+    ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock
+):
+    """Each live path goes aside, then its staged copy (if the backup has it) comes in."""
+    staged = ("homeserver.yaml", "homeserver.db")
+
+    with live_container(ctx, synapse_data, execs=RESTORE_EXECS) as container:
+        with staged_by_pipeline(container, synapse_data, staged):
+            _restore(container)
+        assert not container.exists(STAGING_DIR)
+
+    expected = []
+    for path in SWAP_PATHS:
+        if (synapse_data / path.removeprefix("/data/")).exists():
+            expected.append((path, f"{PREVIOUS_DIR}{path}"))
+        if path.removeprefix("/data/") in staged:
+            expected.append((f"{STAGING_DIR}{path}", path))
+    assert _moves(ctx) == expected
+
+
+def test_restore_swap_failure_is_undone(
+    ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock
+):
+    """A move that fails is undone in reverse order, and Synapse is started again."""
+    failing_move = testing.Exec(
+        _move_command("/data/homeserver.db", f"{PREVIOUS_DIR}/data/homeserver.db"),
+        return_code=1,
+        stderr="mv: cannot move: Device or resource busy\n",
+    )
+
+    with live_container(ctx, synapse_data, execs=[*RESTORE_EXECS, failing_move]) as container:
+        with pytest.raises(backup.BackupError, match=r"cannot move /data/homeserver\.db to "):
+            _restore(container)
+        assert container.get_service(synapse.SERVICE_NAME).is_running()
+        assert not container.exists(STAGING_DIR)
+
+    assert _moves(ctx) == [
+        ("/data/example.com.signing.key", f"{PREVIOUS_DIR}/data/example.com.signing.key"),
+        ("/data/extra.signing.key", f"{PREVIOUS_DIR}/data/extra.signing.key"),
+        ("/data/homeserver.db", f"{PREVIOUS_DIR}/data/homeserver.db"),
+        # The undo, newest first.
+        (f"{PREVIOUS_DIR}/data/extra.signing.key", "/data/extra.signing.key"),
+        (f"{PREVIOUS_DIR}/data/example.com.signing.key", "/data/example.com.signing.key"),
+    ]
+
+
+def test_restore_failed_undo_is_logged_and_the_rest_undone(
+    ctx: testing.Context,
+    synapse_data: pathlib.Path,
+    s3_client: mock.MagicMock,
+    caplog: pytest.LogCaptureFixture,
+):
+    """If an undo fails too, it is logged as critical and the other moves are still undone.
+
+    Arrange: the backup's homeserver.db and homeserver.yaml are staged; moving the
+        staged homeserver.yaml in fails, and so does moving the restored
+        homeserver.db back to staging.
+    Act: run_restore.
+    Assert: the swap's error is raised; the failed undo is logged as critical; the
+        earlier moves are undone all the same; Synapse is running.
+    """
+    staged = ("homeserver.yaml", "homeserver.db")
+    failing = [
+        testing.Exec(
+            _move_command(f"{STAGING_DIR}/data/homeserver.yaml", "/data/homeserver.yaml"),
+            return_code=1,
+            stderr="mv: No space left on device\n",
+        ),
+        testing.Exec(
+            _move_command("/data/homeserver.db", f"{STAGING_DIR}/data/homeserver.db"),
+            return_code=1,
+            stderr="mv: Input/output error\n",
+        ),
+    ]
+    caplog.set_level(logging.CRITICAL, logger="backup")
+
+    with live_container(ctx, synapse_data, execs=[*RESTORE_EXECS, *failing]) as container:
+        with (
+            staged_by_pipeline(container, synapse_data, staged),
+            pytest.raises(backup.BackupError, match="No space left on device"),
+        ):
+            _restore(container)
+        assert container.get_service(synapse.SERVICE_NAME).is_running()
+
+    moves = _moves(ctx)
+    failed_swap = moves.index((f"{STAGING_DIR}/data/homeserver.yaml", "/data/homeserver.yaml"))
+    undone = moves[failed_swap + 1 :]
+    assert undone == [
+        (f"{PREVIOUS_DIR}/data/homeserver.yaml", "/data/homeserver.yaml"),
+        (f"{PREVIOUS_DIR}/data/homeserver.db-wal", "/data/homeserver.db-wal"),
+        ("/data/homeserver.db", f"{STAGING_DIR}/data/homeserver.db"),
+        (f"{PREVIOUS_DIR}/data/homeserver.db", "/data/homeserver.db"),
+        (f"{PREVIOUS_DIR}/data/extra.signing.key", "/data/extra.signing.key"),
+        (f"{PREVIOUS_DIR}/data/example.com.signing.key", "/data/example.com.signing.key"),
+    ]
+    (record,) = [r for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert "could not undo the move of " in record.getMessage()
+    assert f"{STAGING_DIR}/data/homeserver.db" in record.getMessage()
+
+
+def _change_error(message: str) -> ops.pebble.ChangeError:
+    change = ops.pebble.Change.from_dict(
+        {
+            "id": "7",
+            "kind": "service",
+            "summary": message,
+            "status": "Error",
+            "ready": True,
+            "err": message,
+            "spawn-time": "2025-01-01T00:00:00Z",
+            "tasks": [],
+        }
+    )
+    return ops.pebble.ChangeError(message, change)
+
+
+def test_restore_start_failure_is_reported(
+    ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock
+):
+    """If Synapse does not start again after the swap, the restore says so."""
+    error = _change_error("cannot start service: exited quickly")
+
+    with live_container(ctx, synapse_data, execs=RESTORE_EXECS) as container:
+        with (
+            mock.patch.object(container, "start", side_effect=error) as start,
+            pytest.raises(backup.BackupError, match="Synapse did not start again: cannot start"),
+        ):
+            _restore(container)
+        start.assert_called_once_with(synapse.SERVICE_NAME)
+        assert not container.exists(STAGING_DIR)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        pytest.param(_change_error("cannot stop service: timed out"), id="change-error"),
+        pytest.param(
+            ops.pebble.TimeoutError("timed out waiting for change 9 (30 seconds)"), id="timeout"
+        ),
+    ],
+)
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: in _stop_and_swap, container.stop() is outside the try/finally and "
+    "run_restore catches only PathError/APIError/S3Error: a stop that fails (ChangeError, "
+    "or pebble.TimeoutError) escapes as a non-BackupError (restore-backup crashes) and "
+    "Synapse is not started again",
+)
+def test_restore_stop_failure_is_a_backup_error_and_restarts(
+    ctx: testing.Context,
+    synapse_data: pathlib.Path,
+    s3_client: mock.MagicMock,
+    error: Exception,
+):
+    """A Synapse that fails to stop fails the restore cleanly, and is started again."""
+    with live_container(ctx, synapse_data, execs=RESTORE_EXECS) as container:
+        with (
+            mock.patch.object(container, "stop", side_effect=error),
+            mock.patch.object(container, "start", wraps=container.start) as start,
+            pytest.raises(backup.BackupError),
+        ):
+            _restore(container)
+        start.assert_called_once_with(synapse.SERVICE_NAME)
+
+
+# --- verify_backup --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("stdout", "matches"),
+    [
+        pytest.param(f"{SHA256} 1234 6\n", True, id="matches"),
+        pytest.param(f"{SHA256} 1234 9\n", False, id="mismatch"),
+    ],
+)
+def test_verify_backup(
+    ctx: testing.Context,
+    synapse_data: pathlib.Path,
+    s3_client: mock.MagicMock,
+    stdout: str,
+    matches: bool,
+):
+    """Verify lists the archive as the Synapse user and touches no live data."""
+    pipeline = testing.Exec(_pipeline_command(None), stdout=stdout)
+    before = _snapshot(synapse_data)
+    logs: list[str] = []
+
+    with live_container(ctx, synapse_data, execs=[pipeline]) as container:
+        check = backup.verify_backup(container, _params(), BACKUP_ID, PASSPHRASE, log=logs.append)
+        assert not container.exists(WORK_DIR)
+
+    assert check.matches is matches
+    assert check.manifest == _manifest()
+    (call,) = ctx.exec_history[synapse.CONTAINER_NAME]
+    assert call.command == _pipeline_command(None)
+    assert (call.user_id, call.group_id) == (backup.SYNAPSE_USER_ID, backup.SYNAPSE_GROUP_ID)
+    assert _snapshot(synapse_data) == before
+    assert logs == ["downloading and listing 1234 bytes"]
+
+
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        pytest.param(
+            backup.S3Error(f"there is no backup {BACKUP_ID}", option="backup-id"),
+            f"there is no backup {BACKUP_ID}",
+            id="missing",
+        ),
+        pytest.param(
+            backup.BackupError("invalid backup manifest: bad sha256"),
+            "invalid backup manifest",
+            id="bad-manifest",
+        ),
+    ],
+)
+def test_verify_backup_missing(
+    ctx: testing.Context,
+    synapse_data: pathlib.Path,
+    s3_client: mock.MagicMock,
+    error: Exception,
+    message: str,
+):
+    """A missing backup or bad manifest is a BackupError; nothing runs in the container."""
+    s3_client.get_manifest.side_effect = error
+
+    with (
+        live_container(ctx, synapse_data) as container,
+        pytest.raises(backup.BackupError, match=message),
+    ):
+        backup.verify_backup(container, _params(), BACKUP_ID, PASSPHRASE)
+
+    assert _commands(ctx) == []
+
+
+def test_verify_backup_pipeline_fails(
+    ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock
+):
+    """A failing download or decryption is a BackupError without secrets."""
+    pipeline = testing.Exec(
+        _pipeline_command(None), return_code=2, stderr=f"gpg: bad key {PASSPHRASE}\n"
+    )
+
+    with live_container(ctx, synapse_data, execs=[pipeline]) as container:
+        with pytest.raises(backup.BackupError) as exc_info:
+            backup.verify_backup(container, _params(), BACKUP_ID, PASSPHRASE)
+        assert not container.exists(WORK_DIR)
+
+    assert "gpg: bad key ***" in str(exc_info.value)
+    assert PASSPHRASE not in str(exc_info.value)
+
+
+def test_restore_backup_is_a_forced_run_restore(ctx: testing.Context, synapse_data: pathlib.Path):
+    """The seed API's restore_backup is run_restore with force (no server name to check)."""
+    with (
+        live_container(ctx, synapse_data) as container,
+        mock.patch.object(backup, "run_restore", autospec=True) as run_restore,
+    ):
+        backup.restore_backup(container, _params(), BACKUP_ID, PASSPHRASE)
+
+    run_restore.assert_called_once_with(container, _params(), BACKUP_ID, PASSPHRASE, force=True)

@@ -1,0 +1,483 @@
+"""S3Client's backup lifecycle: list, read, get_manifest, exists and delete.
+
+Two stand-ins for S3, without a network: botocore's Stubber, which checks the
+exact calls and their parameters, and FakeS3, a small in-memory bucket with
+pagination that records the calls it gets (list_backups reads manifests in a
+thread pool, in no fixed order). The real client is exercised against SeaweedFS
+in tests/workload.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Iterator
+from typing import Any
+from unittest import mock
+
+import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError
+from botocore.response import StreamingBody
+from botocore.stub import Stubber
+
+import backup
+
+SECRET_KEY = "s3-lifecycle-secret-key-6b0f"
+BUCKET = "synapse-backups"
+PREFIX = "prod"
+SHA256 = "ab" * 32
+
+
+def _params(**changes: str) -> backup.S3Parameters:
+    return backup.S3Parameters.model_validate(
+        {
+            "access-key": "AKIALIFECYCLETEST",
+            "secret-key": SECRET_KEY,
+            "bucket": BUCKET,
+            "endpoint": "https://s3.example.com",
+            "path": PREFIX,
+            **changes,
+        }
+    )
+
+
+def _manifest(backup_id: str, size: int = 100, **changes: Any) -> backup.BackupManifest:
+    values: dict[str, Any] = {
+        "backup_id": backup_id,
+        "created_at": "2025-01-01T00:00:00+00:00",
+        "paths": ("/data/homeserver.yaml",),
+        "file_count": 2,
+        "size": size,
+        "sha256": SHA256,
+        "duration": 0.5,
+        "metadata": {"server-name": "example.com"},
+    }
+    values.update(changes)
+    return backup.BackupManifest(**values)
+
+
+OTHER_ID_MANIFEST = _manifest("20250202T000000Z").to_json().encode()
+
+
+def _client_error(code: str, operation: str, status: int) -> ClientError:
+    return ClientError(
+        {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}},
+        operation,
+    )
+
+
+class FakeS3:
+    """An in-memory bucket answering the boto3 calls S3Client makes.
+
+    Attributes:
+        objects: the bucket's objects by key.
+        page_size: the most keys one list_objects_v2 page holds.
+        calls: (operation, key or prefix) in call order.
+        broken: keys whose get_object fails.
+        undeletable: keys whose delete_object is denied.
+    """
+
+    def __init__(self, objects: dict[str, bytes], page_size: int = 2):
+        """Create the bucket."""
+        self.objects = dict(objects)
+        self.page_size = page_size
+        self.calls: list[tuple[str, str]] = []
+        self.broken: set[str] = set()
+        self.undeletable: set[str] = set()
+        self._lock = threading.Lock()
+
+    def _record(self, operation: str, key: str) -> None:
+        with self._lock:
+            self.calls.append((operation, key))
+
+    def get_paginator(self, operation: str) -> FakeS3:
+        """Return the list_objects_v2 paginator (this object)."""
+        assert operation == "list_objects_v2"
+        return self
+
+    def paginate(self, *, Bucket: str, Prefix: str) -> Iterator[dict[str, Any]]:  # noqa: N803
+        """Yield pages of at most page_size keys, in key order, as S3 does."""
+        assert Bucket == BUCKET
+        keys = sorted(key for key in self.objects if key.startswith(Prefix))
+        for start in range(0, max(len(keys), 1), self.page_size):
+            self._record("list_objects_v2", Prefix)
+            page = keys[start : start + self.page_size]
+            contents = [{"Key": key, "Size": len(self.objects[key])} for key in page]
+            yield {"Contents": contents} if contents else {}
+
+    def get_object(self, *, Bucket: str, Key: str, **extra: Any) -> dict[str, Any]:  # noqa: N803
+        """Return an object's body; a missing or broken key raises a ClientError."""
+        self._record("get_object", Key)
+        if Key not in self.objects or Key in self.broken:
+            raise _client_error("NoSuchKey", "GetObject", 404)
+        return {"Body": io.BytesIO(self.objects[Key])}
+
+    def head_object(self, *, Bucket: str, Key: str) -> dict[str, Any]:  # noqa: N803
+        """Return an object's size; a missing key raises a 404 ClientError."""
+        self._record("head_object", Key)
+        if Key not in self.objects:
+            raise _client_error("404", "HeadObject", 404)
+        return {"ContentLength": len(self.objects[Key])}
+
+    def list_multipart_uploads(self, *, Bucket: str, Prefix: str) -> dict[str, Any]:  # noqa: N803
+        """Return no unfinished uploads."""
+        self._record("list_multipart_uploads", Prefix)
+        return {}
+
+    def delete_object(self, *, Bucket: str, Key: str) -> dict[str, Any]:  # noqa: N803
+        """Delete an object (S3 does not mind a missing one); undeletable ones are denied."""
+        self._record("delete_object", Key)
+        if Key in self.undeletable:
+            raise _client_error("AccessDenied", "DeleteObject", 403)
+        self.objects.pop(Key, None)
+        return {}
+
+
+def _backup_objects(manifest: backup.BackupManifest, archive_size: int | None = None) -> dict:
+    key = f"{PREFIX}/{manifest.backup_id}"
+    return {
+        key: b"x" * (manifest.size if archive_size is None else archive_size),
+        key + backup.MANIFEST_SUFFIX: manifest.to_json().encode(),
+    }
+
+
+def _fake_client(
+    objects: dict[str, bytes], page_size: int = 2, **changes: str
+) -> tuple[backup.S3Client, FakeS3]:
+    """Return an S3Client whose boto3 client is a FakeS3 (no boto3 session is made)."""
+    client = backup.S3Client.__new__(backup.S3Client)
+    client._parameters = _params(**changes)
+    fake = FakeS3(objects, page_size=page_size)
+    client._client = fake
+    return client, fake
+
+
+@pytest.fixture
+def client() -> backup.S3Client:
+    """An S3Client for the test parameters."""
+    return backup.S3Client(_params())
+
+
+@pytest.fixture
+def stubber(client: backup.S3Client) -> Iterator[Stubber]:
+    """A Stubber on the client's boto3 client; every queued response must be used."""
+    with Stubber(client._client) as stub:
+        yield stub
+        stub.assert_no_pending_responses()
+
+
+def _body(data: bytes) -> StreamingBody:
+    return StreamingBody(io.BytesIO(data), len(data))
+
+
+# --- listing --------------------------------------------------------------------------------
+
+
+def test_list_names_follows_pagination(client: backup.S3Client, stubber: Stubber):
+    """Every page is read (real botocore paginator); only objects directly under the path."""
+    pages = [
+        (
+            [("prod/20250101T000000Z", 10), ("prod/20250101T000000Z.manifest.json", 3)],
+            "token-1",
+        ),
+        ([("prod/", 0), ("prod/sub/20250102T000000Z", 4)], "token-2"),
+        ([("prod/20250103T000000Z", 30)], None),
+    ]
+    for index, (items, next_token) in enumerate(pages):
+        response: dict[str, Any] = {
+            "Contents": [{"Key": key, "Size": size} for key, size in items],
+            "IsTruncated": next_token is not None,
+        }
+        if next_token:
+            response["NextContinuationToken"] = next_token
+        expected = {"Bucket": BUCKET, "Prefix": "prod/"}
+        if index:
+            expected["ContinuationToken"] = pages[index - 1][1]
+        stubber.add_response("list_objects_v2", response, expected)
+
+    names = client._list_names()
+
+    assert names == {
+        "20250101T000000Z": 10,
+        "20250101T000000Z.manifest.json": 3,
+        "20250103T000000Z": 30,
+    }
+
+
+def test_list_names_error(client: backup.S3Client, stubber: Stubber):
+    """A bucket that cannot be listed raises S3Error."""
+    stubber.add_client_error("list_objects_v2", "AccessDenied", "no", http_status_code=403)
+
+    with pytest.raises(backup.S3Error, match="cannot list the backups: AccessDenied: no"):
+        client.list_backups()
+
+
+def test_list_backups_over_pages_newest_first():
+    """Complete backups from every page, newest first; incomplete ones are left out.
+
+    Arrange: a bucket listed two keys per page holding three complete backups and
+        every kind of incomplete one.
+    Act: list_backups.
+    Assert: only the complete backups, newest first; every page was listed.
+    """
+    complete = [_manifest(f"2025010{day}T000000Z", size=10 * day) for day in (3, 1, 5)]
+    objects: dict[str, bytes] = {}
+    for manifest in complete:
+        objects.update(_backup_objects(manifest))
+    # An upload that failed before its manifest: no manifest.
+    objects["prod/20250106T000000Z"] = b"partial"
+    # A manifest whose archive is gone.
+    objects.update(
+        {
+            key: value
+            for key, value in _backup_objects(_manifest("20250107T000000Z")).items()
+            if key.endswith(backup.MANIFEST_SUFFIX)
+        }
+    )
+    # A manifest that does not match the size of its archive.
+    objects.update(_backup_objects(_manifest("20250108T000000Z", size=50), archive_size=49))
+    # A manifest that names another backup.
+    other = _backup_objects(_manifest("20250101T000000Z", size=5))
+    objects["prod/20250109T000000Z"] = other["prod/20250101T000000Z"]
+    objects["prod/20250109T000000Z.manifest.json"] = other["prod/20250101T000000Z.manifest.json"]
+    # A manifest that is not valid JSON.
+    objects["prod/20250110T000000Z"] = b"x"
+    objects["prod/20250110T000000Z.manifest.json"] = b"{not json"
+    # A manifest that cannot be read.
+    objects.update(_backup_objects(_manifest("20250111T000000Z")))
+    # Objects whose names are not backup ids, and one in a sub-directory.
+    objects.update(_backup_objects(_manifest("notes")))
+    nested = _backup_objects(_manifest("20250112T000000Z"))
+    objects.update({key.replace("prod/", "prod/old/"): value for key, value in nested.items()})
+    # A neighbouring prefix.
+    neighbour = _backup_objects(_manifest("20250113T000000Z"))
+    objects.update({key.replace("prod/", "prod2/"): value for key, value in neighbour.items()})
+    client, fake = _fake_client(objects, page_size=2)
+    fake.broken.add("prod/20250111T000000Z.manifest.json")
+
+    manifests = client.list_backups()
+
+    assert manifests == sorted(complete, key=lambda m: m.backup_id, reverse=True)
+    assert [m.backup_id for m in manifests] == [
+        "20250105T000000Z",
+        "20250103T000000Z",
+        "20250101T000000Z",
+    ]
+    listed = [key for operation, key in fake.calls if operation == "list_objects_v2"]
+    in_prefix = [key for key in objects if key.startswith("prod/")]
+    assert listed == ["prod/"] * -(-len(in_prefix) // 2)
+    assert len(listed) > 5
+    read = {key for operation, key in fake.calls if operation == "get_object"}
+    assert "prod/notes.manifest.json" not in read
+    assert "prod/20250107T000000Z.manifest.json" not in read
+
+
+@pytest.mark.parametrize("path", ["", "a/b"])
+def test_list_backups_path(path: str):
+    """Backups are found at the top of the bucket or under a nested path."""
+    prefix = f"{path}/" if path else ""
+    manifest = _manifest("20250101T000000Z")
+    objects = {
+        prefix + key.removeprefix(f"{PREFIX}/"): value
+        for key, value in _backup_objects(manifest).items()
+    }
+    client, fake = _fake_client(objects, path=path)
+
+    assert client.list_backups() == [manifest]
+    assert fake.calls[0] == ("list_objects_v2", prefix)
+
+
+def test_list_backups_empty_bucket():
+    """An empty bucket has no backups."""
+    client, _ = _fake_client({})
+
+    assert client.list_backups() == []
+
+
+# --- reading --------------------------------------------------------------------------------
+
+
+def test_read_object(client: backup.S3Client, stubber: Stubber):
+    """read_object reads a whole object, or its first bytes with a Range header."""
+    stubber.add_response(
+        "get_object", {"Body": _body(b"whole")}, {"Bucket": BUCKET, "Key": "prod/a"}
+    )
+    stubber.add_response(
+        "get_object",
+        {"Body": _body(b"head")},
+        {"Bucket": BUCKET, "Key": "prod/b", "Range": "bytes=0-65535"},
+    )
+
+    assert client.read_object("a") == b"whole"
+    assert client.read_object("b", first_bytes=65536) == b"head"
+
+
+def test_read_object_error(client: backup.S3Client, stubber: Stubber):
+    """An object that cannot be read raises S3Error naming it."""
+    stubber.add_client_error("get_object", "NoSuchKey", "gone", http_status_code=404)
+
+    with pytest.raises(backup.S3Error, match="cannot read object a: NoSuchKey: gone"):
+        client.read_object("a")
+
+
+def test_read_object_unreachable(client: backup.S3Client):
+    """A connection error while reading raises S3Error, not a botocore exception."""
+    error = EndpointConnectionError(endpoint_url="https://s3.example.com")
+    with (
+        mock.patch.object(client._client, "get_object", side_effect=error),
+        pytest.raises(backup.S3Error, match="cannot read object a"),
+    ):
+        client.read_object("a")
+
+
+def test_get_manifest():
+    """get_manifest returns the manifest of a complete backup."""
+    manifest = _manifest("20250101T000000Z")
+    client, fake = _fake_client(_backup_objects(manifest))
+
+    assert client.get_manifest("20250101T000000Z") == manifest
+    assert fake.calls == [
+        ("head_object", "prod/20250101T000000Z"),
+        ("head_object", "prod/20250101T000000Z.manifest.json"),
+        ("get_object", "prod/20250101T000000Z.manifest.json"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("objects", "message"),
+    [
+        pytest.param({}, "there is no backup 20250101T000000Z", id="nothing"),
+        pytest.param(
+            {"prod/20250101T000000Z": b"x" * 100},
+            "there is no backup 20250101T000000Z",
+            id="no-manifest",
+        ),
+        pytest.param(
+            {
+                k: v
+                for k, v in _backup_objects(_manifest("20250101T000000Z")).items()
+                if k.endswith(".json")
+            },
+            "there is no backup 20250101T000000Z",
+            id="no-archive",
+        ),
+        pytest.param(
+            _backup_objects(_manifest("20250101T000000Z", size=100), archive_size=99),
+            "backup 20250101T000000Z is incomplete",
+            id="size-mismatch",
+        ),
+        pytest.param(
+            {
+                "prod/20250101T000000Z": b"x" * 100,
+                "prod/20250101T000000Z.manifest.json": OTHER_ID_MANIFEST,
+            },
+            "backup 20250101T000000Z is incomplete",
+            id="other-id",
+        ),
+    ],
+)
+def test_get_manifest_incomplete(objects: dict[str, bytes], message: str):
+    """A missing or incomplete backup raises S3Error with option backup-id."""
+    client, _ = _fake_client(objects)
+
+    with pytest.raises(backup.S3Error, match=message) as exc_info:
+        client.get_manifest("20250101T000000Z")
+
+    assert exc_info.value.option == "backup-id"
+
+
+def test_get_manifest_invalid_manifest():
+    """A manifest that is not valid raises BackupError."""
+    client, _ = _fake_client(
+        {"prod/20250101T000000Z": b"x", "prod/20250101T000000Z.manifest.json": b"{}"}
+    )
+
+    with pytest.raises(backup.BackupError, match="invalid backup manifest"):
+        client.get_manifest("20250101T000000Z")
+
+
+@pytest.mark.parametrize("backup_id", ["../x", "a/b", "x.manifest.json", ""])
+def test_get_manifest_rejects_keys(backup_id: str):
+    """An unsafe id is refused before any S3 call."""
+    client, fake = _fake_client({})
+
+    with pytest.raises(backup.BackupError, match="invalid backup id"):
+        client.get_manifest(backup_id)
+
+    assert fake.calls == []
+
+
+def test_exists_backup():
+    """exists_backup: True for a complete backup, False for missing or incomplete ones."""
+    objects = _backup_objects(_manifest("20250101T000000Z"))
+    objects.update(_backup_objects(_manifest("20250102T000000Z", size=10), archive_size=9))
+    objects["prod/20250103T000000Z"] = b"x"
+    objects["prod/20250103T000000Z.manifest.json"] = b"not json"
+    client, _ = _fake_client(objects)
+
+    assert client.exists_backup("20250101T000000Z") is True
+    assert client.exists_backup("20250102T000000Z") is False
+    assert client.exists_backup("20250103T000000Z") is False
+    assert client.exists_backup("20250104T000000Z") is False
+    assert client.exists_backup("../etc") is False
+
+
+def test_exists_backup_raises_other_errors(client: backup.S3Client, stubber: Stubber):
+    """An S3 error other than a missing backup is raised, not taken for "no backup"."""
+    stubber.add_client_error("head_object", "AccessDenied", "no", http_status_code=403)
+
+    with pytest.raises(backup.S3Error, match="AccessDenied") as exc_info:
+        client.exists_backup("20250101T000000Z")
+
+    assert exc_info.value.option is None
+
+
+# --- deleting -------------------------------------------------------------------------------
+
+
+def test_delete_backup_manifest_first():
+    """The manifest is deleted before the archive, so a half-deleted backup stops counting."""
+    objects = _backup_objects(_manifest("20250101T000000Z"))
+    objects.update(_backup_objects(_manifest("20250102T000000Z")))
+    client, fake = _fake_client(objects)
+
+    client.delete_backup("20250101T000000Z")
+
+    deleted = [key for operation, key in fake.calls if operation == "delete_object"]
+    manifest_key = "prod/20250101T000000Z.manifest.json"
+    archive_key = "prod/20250101T000000Z"
+    assert deleted.index(manifest_key) < deleted.index(archive_key)
+    assert set(fake.objects) == set(_backup_objects(_manifest("20250102T000000Z")))
+
+
+def test_delete_backup_missing(client: backup.S3Client, stubber: Stubber):
+    """A backup without a manifest is not found, and nothing is deleted."""
+    stubber.add_client_error("head_object", "404", http_status_code=404)
+
+    with pytest.raises(backup.S3Error, match="there is no backup 20250101T000000Z") as exc_info:
+        client.delete_backup("20250101T000000Z")
+
+    assert exc_info.value.option == "backup-id"
+
+
+def test_delete_backup_archive_fails_after_manifest():
+    """If the archive cannot be deleted, the error says so; the manifest is already gone."""
+    objects = _backup_objects(_manifest("20250101T000000Z"))
+    client, fake = _fake_client(objects)
+    fake.undeletable.add("prod/20250101T000000Z")
+
+    with pytest.raises(backup.S3Error, match="cannot delete object 20250101T000000Z: "):
+        client.delete_backup("20250101T000000Z")
+
+    assert set(fake.objects) == {"prod/20250101T000000Z"}
+
+
+@pytest.mark.parametrize("backup_id", ["../x", "a/b", "x.manifest.json", "", "$(id)"])
+def test_delete_backup_rejects_keys(backup_id: str):
+    """An unsafe id is refused before any S3 call."""
+    client, fake = _fake_client({})
+
+    with pytest.raises(backup.BackupError, match="invalid backup id"):
+        client.delete_backup(backup_id)
+
+    assert fake.calls == []
