@@ -67,6 +67,11 @@ GNUPG_DIR = "gnupg"
 WORK_DIR_PREFIX = "/tmp/synapse-backup-"  # noqa: S108 - a private 0700 dir in the container
 SNAPSHOT_DIR_PREFIX = ".synapse-backup-snapshot-"
 MANIFEST_SUFFIX = ".manifest.json"
+# GNU tar's listed-incremental state after each backup, encrypted, so that a
+# new unit can continue a chain; the newest one is also kept in the container.
+SNAPSHOT_STATE_SUFFIX = ".snar.gpg"
+STATE_DIR = f"{DATA_DIR}/.synapse-backup-state"
+SNAPSHOT_STATE_FILE = "snapshot.snar"
 MANIFEST_VERSION = 1
 REQUIRED_TOOLS = (
     BASH_COMMAND,
@@ -109,6 +114,11 @@ sink.flush()
 with open(sys.argv[1], "w") as out:
     out.write(f"{digest.hexdigest()} {size}\\n")
 """
+
+# Counts the members in tar's verbose index: one line each (names are
+# escaped, so a newline in a name cannot add one), except the "tar: Deleting"
+# notes of an incremental extraction. Members all start with "data/".
+_COUNT_MEMBERS = "members=$(grep --count --invert-match --regexp='^tar: ' -- "
 
 # Copies a live SQLite database consistently while Synapse writes to it.
 _SNAPSHOT_PROGRAM = """
@@ -251,6 +261,8 @@ class BackupManifest:
         duration: how long the backup took, in seconds.
         metadata: free-form facts from the caller (server name, versions).
         version: the manifest format version.
+        backup_type: "full", or "incremental" (GNU tar listed-incremental).
+        parent: the backup an incremental one builds on ("" for a full one).
     """
 
     backup_id: str
@@ -262,6 +274,8 @@ class BackupManifest:
     duration: float
     metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
     version: int = MANIFEST_VERSION
+    backup_type: str = "full"
+    parent: str = ""
 
     @classmethod
     def from_json(cls, text: str | bytes) -> BackupManifest:
@@ -287,6 +301,8 @@ class BackupManifest:
                 "size",
                 "sha256",
                 "duration",
+                "type",
+                "parent",
             }
             manifest = cls(
                 backup_id=str(document["backup-id"]),
@@ -298,11 +314,17 @@ class BackupManifest:
                 duration=float(document.get("duration", 0)),
                 metadata={k: str(v) for k, v in document.items() if k not in known},
                 version=int(document.get("version", MANIFEST_VERSION)),
+                backup_type=str(document.get("type", "full")),
+                parent=str(document.get("parent", "")),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise BackupError(f"invalid backup manifest: {exc}") from exc
         if not re.fullmatch(r"[0-9a-f]{64}", manifest.sha256):
             raise BackupError("invalid backup manifest: bad sha256")
+        if manifest.backup_type not in ("full", "incremental") or (
+            (manifest.backup_type == "incremental") != bool(manifest.parent)
+        ):
+            raise BackupError("invalid backup manifest: bad type or parent")
         return manifest
 
     def to_json(self) -> str:
@@ -321,6 +343,8 @@ class BackupManifest:
                 "size": self.size,
                 "sha256": self.sha256,
                 "duration": self.duration,
+                "type": self.backup_type,
+                "parent": self.parent,
                 **{key: str(value) for key, value in self.metadata.items()},
             },
             indent=2,
@@ -571,19 +595,61 @@ class S3Client:
             return False
         return True
 
-    def delete_backup(self, backup_id: str) -> None:
-        """Delete a backup: its manifest first (so it stops counting), then its objects.
+    def chain(self, backup_id: str) -> list[BackupManifest]:
+        """Return the backups needed to restore one: its full backup first, itself last.
 
         Args:
             backup_id: the backup.
 
+        Returns:
+            The manifests, oldest first.
+
         Raises:
-            S3Error: if there is no such backup or it cannot be deleted.
+            S3Error: if the backup or one it depends on is missing or incomplete.
+        """
+        chain = [self.get_manifest(backup_id)]
+        while chain[-1].parent:
+            parent = chain[-1].parent
+            if parent in {manifest.backup_id for manifest in chain} or len(chain) > 10_000:
+                raise S3Error(f"backup {backup_id} has a cyclic chain", option="backup-id")
+            try:
+                chain.append(self.get_manifest(parent))
+            except (S3Error, BackupError) as exc:
+                raise S3Error(
+                    f"backup {chain[-1].backup_id} depends on {parent}, which is missing or "
+                    f"incomplete: the chain of {backup_id} is broken",
+                    option="backup-id",
+                ) from exc
+        return chain[::-1]
+
+    def delete_backup(self, backup_id: str, *, chain: bool = False) -> list[str]:
+        """Delete a backup: its manifest first (so it stops counting), then its objects.
+
+        Args:
+            backup_id: the backup.
+            chain: also delete the incremental backups that depend on it.
+
+        Returns:
+            The ids deleted, dependants first.
+
+        Raises:
+            S3Error: if there is no such backup, others depend on it and
+                ``chain`` is false, or it cannot be deleted.
         """
         validate_backup_key(backup_id)
         if self.object_size(backup_id + MANIFEST_SUFFIX) is None:
             raise S3Error(f"there is no backup {backup_id}", option="backup-id")
-        self.delete_objects([backup_id + MANIFEST_SUFFIX, backup_id])
+        dependants = dependants_of(backup_id, self.list_backups())
+        if dependants and not chain:
+            raise S3Error(
+                f"backup {backup_id} is needed by {', '.join(sorted(dependants))}; "
+                "use chain=true to delete it with them",
+                option="backup-id",
+            )
+        doomed = [*sorted(dependants, reverse=True), backup_id]
+        for name in doomed:
+            self.delete_objects([name + MANIFEST_SUFFIX, name, name + SNAPSHOT_STATE_SUFFIX])
+        return doomed
 
     def delete_objects(self, names: Iterable[str]) -> None:
         """Delete objects and abort unfinished multipart uploads of them.
@@ -607,6 +673,30 @@ class S3Client:
                 self._client.delete_object(Bucket=bucket, Key=key)
             except (ClientError, BotoCoreError) as exc:
                 raise S3Error(f"cannot delete object {name}: {_client_error(exc)}") from exc
+
+
+def dependants_of(backup_id: str, manifests: Iterable[BackupManifest]) -> set[str]:
+    """Return the backups whose chain goes through a backup.
+
+    Args:
+        backup_id: the backup.
+        manifests: the backups to look at.
+
+    Returns:
+        The ids of its incremental descendants.
+    """
+    children: dict[str, list[str]] = {}
+    for manifest in manifests:
+        if manifest.parent:
+            children.setdefault(manifest.parent, []).append(manifest.backup_id)
+    found: set[str] = set()
+    todo = list(children.get(backup_id, []))
+    while todo:
+        current = todo.pop()
+        if current not in found:
+            found.add(current)
+            todo.extend(children.get(current, []))
+    return found
 
 
 def _client_error(exc: Exception) -> str:
@@ -639,7 +729,7 @@ def validate_backup_key(backup_key: str) -> str:
     if (
         not _KEY_NAME_PATTERN.fullmatch(backup_key)
         or ".." in backup_key
-        or backup_key.endswith(MANIFEST_SUFFIX)
+        or backup_key.endswith((MANIFEST_SUFFIX, SNAPSHOT_STATE_SUFFIX))
     ):
         raise BackupError(f"invalid backup id {backup_key!r}")
     return backup_key
@@ -985,6 +1075,30 @@ def _script(lines: Sequence[Sequence[str] | str]) -> str:
     )
 
 
+def _sed_literal(text: str) -> str:
+    """Escape a text for a POSIX basic regular expression delimited by commas.
+
+    Args:
+        text: the text.
+
+    Returns:
+        A regex matching exactly the text.
+    """
+    return re.sub(r"([\\.\[\]*^$,])", r"\\\1", text)
+
+
+def _sed_replacement(text: str) -> str:
+    """Escape a text for the replacement of a comma-delimited sed expression.
+
+    Args:
+        text: the text.
+
+    Returns:
+        The replacement producing exactly the text.
+    """
+    return re.sub(r"([\\&,])", r"\\\1", text)
+
+
 def _gpg_command(passphrase_file: str, *operation: str) -> list[str]:
     """Return a gpg command that reads its passphrase from a file.
 
@@ -1044,6 +1158,7 @@ def build_backup_command(
     *,
     database_path: str | None = None,
     work_dir: str | None = None,
+    snapshot_file: str | None = None,
 ) -> list[str]:
     """Build the command to execute the backup.
 
@@ -1062,6 +1177,10 @@ def build_backup_command(
         database_path: the SQLite database to copy consistently into the backup.
         work_dir: the private work directory for temporary files (default:
             the directory of the passphrase file).
+        snapshot_file: GNU tar's listed-incremental state: missing for a
+            full backup, the parent's state (a copy) for an incremental one.
+            Tar updates it; it is then uploaded, encrypted, as
+            ``<backup_key>.snar.gpg``.
 
     Returns:
         The backup command to execute.
@@ -1086,6 +1205,9 @@ def build_backup_command(
         "--quoting-style=escape",
         "--directory=/",
     ]
+    if snapshot_file:
+        tar += [f"--listed-incremental={snapshot_file}", "--no-check-device"]
+        tar += ["--warning=no-new-dir"]
     tar += [f"--add-file={member}" for member in members]
     lines = _script_preamble(work_dir)
     if database_path:
@@ -1093,15 +1215,21 @@ def build_backup_command(
         snapshot_dir = posixpath.join(
             posixpath.dirname(database_path), SNAPSHOT_DIR_PREFIX + backup_key
         )
-        snapshot_file = posixpath.join(snapshot_dir, database_member)
+        database_copy = posixpath.join(snapshot_dir, database_member)
         lines += [
             "SNAPSHOT_DIR=" + shlex.quote(snapshot_dir),
-            ["mkdir", "-p", "--", posixpath.dirname(snapshot_file)],
-            ["python3", "-c", _SNAPSHOT_PROGRAM, database_path, snapshot_file],
-            ["chmod", f"--reference={database_path}", "--", snapshot_file],
-            ["touch", f"--reference={database_path}", "--", snapshot_file],
+            ["mkdir", "-p", "--", posixpath.dirname(database_copy)],
+            ["python3", "-c", _SNAPSHOT_PROGRAM, database_path, database_copy],
+            ["chmod", f"--reference={database_path}", "--", database_copy],
+            ["touch", f"--reference={database_path}", "--", database_copy],
         ]
-        tar += [f"--directory={snapshot_dir}", f"--add-file={database_member}"]
+        # Tar allows one -C with --listed-incremental: the copy is added from /
+        # and renamed to the database's own name in the archive.
+        copy_member = _relative(database_copy)
+        tar += [
+            f"--transform=s,^{_sed_literal(copy_member)}$,{_sed_replacement(database_member)},",
+            f"--add-file={copy_member}",
+        ]
     aws = [
         AWS_COMMAND,
         "s3",
@@ -1133,8 +1261,15 @@ def build_backup_command(
                 _script([aws]),
             ]
         ),
+    ]
+    if snapshot_file:
+        state_url = s3_parameters.object_url(backup_key + SNAPSHOT_STATE_SUFFIX)
+        state_gpg = [*gpg, snapshot_file]  # same options, the state file as input
+        upload = [AWS_COMMAND, "s3", "cp", "--only-show-errors", "--no-progress", "-", state_url]
+        lines.append(_script([state_gpg]) + " | " + _script([upload]))
+    lines += [
         "read -r sha256 size < " + shlex.quote(digest_file),
-        "members=$(wc -l < " + shlex.quote(index_file) + ")",
+        _COUNT_MEMBERS + shlex.quote(index_file) + " || true)",
         'printf "%s %s %s\\n" "$sha256" "$size" "$members"',
     ]
     return [BASH_COMMAND, "-c", _script(lines)]
@@ -1264,12 +1399,132 @@ def _tail(output: str | bytes | None, lines: int = 5) -> str:
     return "; ".join(kept[-lines:]) or "no error output"
 
 
+def _choose_parent(
+    container: ops.Container, client: S3Client, backup_type: str, log: Callable[[str], None]
+) -> tuple[BackupManifest | None, bool]:
+    """Choose the backup an incremental backup builds on.
+
+    Args:
+        container: Synapse Container.
+        client: the S3 client.
+        backup_type: "full", "incremental" or "auto".
+        log: receives progress messages.
+
+    Returns:
+        The parent (None for a full backup) and whether its snapshot state is
+        in the container (else it is read from S3).
+
+    Raises:
+        BackupError: if an incremental backup was asked for and none can be made.
+    """
+    if backup_type == "full":
+        return None, False
+    if backup_type not in ("incremental", "auto"):
+        raise BackupError(f"unknown backup type {backup_type!r}: use full or incremental")
+    try:
+        backups = client.list_backups()
+        newest = backups[0] if backups else None
+        problem = "there is no full backup to build on" if newest is None else ""
+        local = False
+        if newest is not None:
+            client.chain(newest.backup_id)
+            local = container.exists(f"{STATE_DIR}/{newest.backup_id}.snar")
+            remote = client.object_size(newest.backup_id + SNAPSHOT_STATE_SUFFIX) is not None
+            if not local and not remote:
+                problem = f"the newest backup {newest.backup_id} has no snapshot state"
+    except S3Error as exc:
+        problem = str(exc)
+    if problem:
+        if backup_type == "incremental":
+            raise BackupError(f"cannot make an incremental backup: {problem}")
+        log(f"making a full backup: {problem}")
+        return None, False
+    return newest, local
+
+
+def _snapshot_state_commands(
+    s3_parameters: S3Parameters, parent: BackupManifest, local: bool, work_dir: str
+) -> list[str]:
+    """Build the command that puts the parent's tar snapshot state in the work dir.
+
+    Args:
+        s3_parameters: S3 parameters.
+        parent: the parent backup.
+        local: whether the container has the state (else it is downloaded).
+        work_dir: the work directory.
+
+    Returns:
+        The command.
+    """
+    target = posixpath.join(work_dir, SNAPSHOT_STATE_FILE)
+    lines = _script_preamble(work_dir)
+    if local:
+        lines.append(_script([["cp", "--", f"{STATE_DIR}/{parent.backup_id}.snar", target]]))
+    else:
+        key = s3_parameters.object_key(parent.backup_id + SNAPSHOT_STATE_SUFFIX)
+        get = ["env", f"AWS_CONFIG_FILE={posixpath.join(work_dir, AWS_DOWNLOAD_CONFIG_FILE)}"]
+        get += [AWS_COMMAND, "s3api", "get-object", "--bucket", s3_parameters.bucket]
+        get += [f"--key={key}", "/dev/fd/3"]
+        gpg = _gpg_command(posixpath.join(work_dir, PASSPHRASE_FILE), "--decrypt")
+        gpg += ["--output", target]
+        lines.append(_script([get]) + " 3>&1 >/dev/null | " + _script([gpg]))
+    return [BASH_COMMAND, "-c", _script(lines)]
+
+
+def _keep_snapshot_state(container: ops.Container, backup_key: str, work_dir: str) -> None:
+    """Keep the new tar snapshot state in the container, replacing older ones.
+
+    Args:
+        container: Synapse Container.
+        backup_key: the committed backup.
+        work_dir: the work directory holding the state.
+
+    Raises:
+        BackupError: if the state cannot be kept.
+    """
+    target = f"{STATE_DIR}/{backup_key}.snar"
+    command = [BASH_COMMAND, "-c", _script([
+        "set -o errexit -o nounset",
+        ["mkdir", "-p", "-m", "700", "--", STATE_DIR],
+        ["cp", "--", posixpath.join(work_dir, SNAPSHOT_STATE_FILE), target + ".tmp"],
+        ["mv", "--", target + ".tmp", target],
+        "for old in " + shlex.quote(STATE_DIR) + "/*.snar; do",
+        '  [ "$old" = ' + shlex.quote(target) + ' ] || rm -f -- "$old"',
+        "done",
+    ])]  # fmt: skip
+    run_in_container(container, command, {}, what="keeping the snapshot state")
+
+
+def _client_for_new_backup(s3_parameters: S3Parameters, names: Sequence[str]) -> S3Client:
+    """Return an S3 client after checking the bucket and that the names are free.
+
+    Args:
+        s3_parameters: S3 parameters.
+        names: the objects the backup will write.
+
+    Returns:
+        The client.
+
+    Raises:
+        BackupError: if the bucket cannot be used or a backup has the name.
+    """
+    try:
+        client = S3Client(s3_parameters)
+        client.check_bucket()
+        if any(client.object_size(name) is not None for name in names):
+            raise BackupError(f"a backup named {names[0]} exists already")
+    except S3Error as exc:
+        raise BackupError(str(exc)) from exc
+    return client
+
+
 def run_backup(
     container: ops.Container,
     s3_parameters: S3Parameters,
     backup_key: str,
     passphrase: str,
     *,
+    backup_type: str = "auto",
     metadata: Mapping[str, str] | None = None,
     log: Callable[[str], None] = logger.info,
 ) -> BackupManifest:
@@ -1280,6 +1535,9 @@ def run_backup(
         s3_parameters: S3 parameters for the backup.
         backup_key: Name of the object in the backup.
         passphrase: Passphrase used to encrypt the backup.
+        backup_type: "full", "incremental" (on the newest backup), or "auto":
+            incremental when the newest backup has an intact chain and its
+            snapshot state exists, full otherwise.
         metadata: facts recorded in the manifest (server name, versions).
         log: receives progress messages.
 
@@ -1294,22 +1552,28 @@ def run_backup(
         raise BackupError("the backup passphrase is empty")
     started = time.monotonic()
     created_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    names = (backup_key, backup_key + MANIFEST_SUFFIX)
-    try:
-        client = S3Client(s3_parameters)
-        client.check_bucket()
-        if any(client.object_size(name) is not None for name in names):
-            raise BackupError(f"a backup named {backup_key} exists already")
-    except S3Error as exc:
-        raise BackupError(str(exc)) from exc
+    names = (backup_key, backup_key + MANIFEST_SUFFIX, backup_key + SNAPSHOT_STATE_SUFFIX)
+    client = _client_for_new_backup(s3_parameters, names)
     check_tools(container)
+    parent, local_state = _choose_parent(container, client, backup_type, log)
     paths = list(get_paths_to_backup(container))
     database_path = get_database_path(container)
     size = calculate_size(container, [*paths, *([database_path] if database_path else [])])
-    log(f"backing up {len(paths) + bool(database_path)} paths, about {size} bytes")
+    kind = f"incremental on {parent.backup_id}" if parent else "full"
+    log(f"{kind} backup of {len(paths) + bool(database_path)} paths, about {size} bytes")
     committed = False
     try:
         with prepared_container(container, s3_parameters, passphrase) as work_dir:
+            environment = get_environment(s3_parameters, work_dir=work_dir)
+            hidden = (s3_parameters.secret_key, passphrase)
+            if parent:
+                run_in_container(
+                    container,
+                    _snapshot_state_commands(s3_parameters, parent, local_state, work_dir),
+                    environment,
+                    secrets_to_hide=hidden,
+                    what=f"reading the snapshot state of {parent.backup_id}",
+                )
             command = build_backup_command(
                 s3_parameters,
                 backup_key,
@@ -1318,34 +1582,37 @@ def run_backup(
                 expected_size=_expected_size(size),
                 database_path=database_path,
                 work_dir=work_dir,
+                snapshot_file=posixpath.join(work_dir, SNAPSHOT_STATE_FILE),
             )
             log("streaming tar | gpg | aws to " + s3_parameters.object_url(backup_key))
             stdout = run_in_container(
-                container,
-                command,
-                get_environment(s3_parameters, work_dir=work_dir),
-                secrets_to_hide=(s3_parameters.secret_key, passphrase),
-                what="the backup pipeline",
+                container, command, environment, secrets_to_hide=hidden, what="the backup pipeline"
             )
-        sha256, archive_size, file_count = _parse_digest(stdout)
-        uploaded = client.object_size(backup_key)
-        if uploaded != archive_size:
-            raise BackupError(
-                f"the uploaded object has {uploaded} bytes, the pipeline wrote {archive_size}"
+            sha256, archive_size, file_count = _parse_digest(stdout)
+            uploaded = client.object_size(backup_key)
+            if uploaded != archive_size:
+                raise BackupError(
+                    f"the uploaded object has {uploaded} bytes, the pipeline wrote {archive_size}"
+                )
+            manifest = BackupManifest(
+                backup_id=backup_key,
+                created_at=created_at,
+                paths=(*paths, *([database_path] if database_path else [])),
+                file_count=file_count,
+                size=archive_size,
+                sha256=sha256,
+                duration=round(time.monotonic() - started, 3),
+                metadata={**(metadata or {}), "database-path": database_path or ""},
+                backup_type="incremental" if parent else "full",
+                parent=parent.backup_id if parent else "",
             )
-        manifest = BackupManifest(
-            backup_id=backup_key,
-            created_at=created_at,
-            paths=(*paths, *([database_path] if database_path else [])),
-            file_count=file_count,
-            size=archive_size,
-            sha256=sha256,
-            duration=round(time.monotonic() - started, 3),
-            metadata=dict(metadata or {}),
-        )
-        log("writing the manifest")
-        client.put_text(backup_key + MANIFEST_SUFFIX, manifest.to_json())
-        committed = True
+            log("writing the manifest")
+            client.put_text(backup_key + MANIFEST_SUFFIX, manifest.to_json())
+            committed = True
+            try:
+                _keep_snapshot_state(container, backup_key, work_dir)
+            except BackupError as exc:  # the backup is committed; S3 has the state
+                logger.warning("%s", exc)
         return manifest
     except S3Error as exc:
         raise BackupError(str(exc)) from exc
@@ -1525,7 +1792,8 @@ def build_restore_command(
     # One streaming GET: `aws s3 cp s3://... -` buffers up to ~250 MB of parts
     # waiting for a slower reader; get-object writes the body to fd 3 (the
     # pipe) as it arrives, and its JSON summary goes to /dev/null.
-    aws = [f"AWS_CONFIG_FILE={posixpath.join(work_dir, AWS_DOWNLOAD_CONFIG_FILE)}", AWS_COMMAND]
+    aws = ["env", f"AWS_CONFIG_FILE={posixpath.join(work_dir, AWS_DOWNLOAD_CONFIG_FILE)}"]
+    aws += [AWS_COMMAND]
     aws += ["s3api", "get-object", "--bucket", s3_parameters.bucket]
     aws += [f"--key={s3_parameters.object_key(backup_key)}", "/dev/fd/3"]
     gpg = _gpg_command(passphrase_file, "--decrypt", "--output", "-")
@@ -1535,7 +1803,10 @@ def build_restore_command(
         tar.append("--list")
     else:
         _relative(staging_dir)
+        # --listed-incremental=/dev/null: extract incremental archives as such,
+        # deleting what was deleted between backups (harmless on a full one).
         tar += ["--extract", f"--directory={staging_dir}", "--same-owner", "--same-permissions"]
+        tar += ["--listed-incremental=/dev/null"]
         tar += ["--delay-directory-restore"]
     digest = ["python3", "-c", _DIGEST_PROGRAM, digest_file]
     lines = _script_preamble(work_dir)
@@ -1547,7 +1818,7 @@ def build_restore_command(
             ]
         ),
         "read -r sha256 size < " + shlex.quote(digest_file),
-        "members=$(wc -l < " + shlex.quote(index_file) + ")",
+        _COUNT_MEMBERS + shlex.quote(index_file) + " || true)",
         'printf "%s %s %s\\n" "$sha256" "$size" "$members"',
     ]
     return [BASH_COMMAND, "-c", _script(lines)]
@@ -1606,7 +1877,12 @@ def _available_bytes(container: ops.Container, path: str) -> int:
             ["df", "--output=avail", "--block-size=1", "--", path], timeout=60
         ).wait_output()
         return int(stdout.split()[-1])
-    except (ops.pebble.ExecError, ops.pebble.APIError, ops.pebble.ChangeError) as exc:
+    except (
+        ops.pebble.ExecError,
+        ops.pebble.APIError,
+        ops.pebble.ChangeError,
+        ops.pebble.TimeoutError,
+    ) as exc:
         raise BackupError(f"cannot measure the free space of {path}: {exc}") from exc
     except (ValueError, IndexError) as exc:
         raise BackupError(f"cannot measure the free space of {path}") from exc
@@ -1729,6 +2005,21 @@ def _allowed_restore_path(path: str) -> bool:
     )
 
 
+def _manifest_databases(manifest: BackupManifest) -> list[str]:
+    """Return the SQLite database a backup holds, as a one-item list (or empty).
+
+    Args:
+        manifest: the backup's manifest.
+
+    Returns:
+        The database's path.
+    """
+    recorded = manifest.metadata.get("database-path")
+    if recorded:
+        return [recorded] if recorded in manifest.paths else []
+    return [path for path in manifest.paths if path.endswith(".db")]
+
+
 def _swap_paths(container: ops.Container, manifest: BackupManifest) -> list[str]:
     """Return the live paths a restore replaces.
 
@@ -1751,7 +2042,7 @@ def _swap_paths(container: ops.Container, manifest: BackupManifest) -> list[str]
         raise BackupError(f"the manifest names paths outside {DATA_DIR}: {bad[0]!r}")
     paths.update(get_paths_to_backup(container))
     database = get_database_path(container)
-    for name in (database, *[p for p in manifest.paths if p.endswith(".db")]):
+    for name in (database, *_manifest_databases(manifest)):
         if name:
             paths.update({name, f"{name}-wal", f"{name}-shm", f"{name}-journal"})
     return sorted(path for path in paths if _allowed_restore_path(path))
@@ -1873,14 +2164,15 @@ def run_restore(
     """
     try:
         client = S3Client(s3_parameters)
-        manifest = client.get_manifest(backup_key)
+        chain = client.chain(backup_key)
     except S3Error as exc:
         raise BackupError(str(exc)) from exc
+    manifest = chain[-1]
     backed_up_name = manifest.metadata.get("server-name", "")
-    if not force and server_name is not None and backed_up_name != server_name:
+    if not force and backed_up_name != server_name:
         raise BackupError(
-            f"backup {backup_key} is of server {backed_up_name!r}, not {server_name!r}; "
-            "use force=true to restore it anyway"
+            f"backup {backup_key} is of server {backed_up_name!r}, "
+            f"not {server_name or 'this unknown server'!r}; use force=true to restore it anyway"
         )
     check_tools(container)
     paths = _swap_paths(container, manifest)
@@ -1890,8 +2182,8 @@ def run_restore(
     try:
         with prepared_container(container, s3_parameters, passphrase) as work_dir:
             log("checking the passphrase")
-            _check_passphrase(container, client, backup_key, work_dir)
-            needed = manifest.size + STAGING_HEADROOM
+            _check_passphrase(container, client, chain[0].backup_id, work_dir)
+            needed = sum(link.size for link in chain) + STAGING_HEADROOM
             available = _available_bytes(container, DATA_DIR)
             if available < needed:
                 raise BackupError(
@@ -1899,15 +2191,19 @@ def run_restore(
                     f"{needed} bytes needed, {available} available"
                 )
             container.make_dir(staging_dir, permissions=0o700)
-            log(f"downloading, decrypting and extracting {manifest.size} bytes into staging")
-            check = _read_archive(
-                container, s3_parameters, manifest, passphrase, work_dir, staging_dir=staging_dir
-            )
-        if not check.matches:
-            raise BackupError(f"backup {backup_key} does not match its manifest: "
-                              + check.mismatch())  # fmt: skip
-        staged_paths = [path for path in manifest.paths if path.endswith(".db")]
-        for database in staged_paths:
+            checks = []
+            for link in chain:  # the full backup, then each incremental one in order
+                log(f"downloading, decrypting and extracting {link.backup_type} backup "
+                    f"{link.backup_id} ({link.size} bytes) into staging")  # fmt: skip
+                check = _read_archive(
+                    container, s3_parameters, link, passphrase, work_dir, staging_dir=staging_dir
+                )
+                if not check.matches:
+                    raise BackupError(
+                        f"backup {link.backup_id} does not match its manifest: {check.mismatch()}"
+                    )
+                checks.append(check)
+        for database in _manifest_databases(manifest):
             run_in_container(
                 container,
                 ["python3", "-c", _POST_RESTORE_PROGRAM, staging_dir + database],
@@ -1928,8 +2224,8 @@ def run_restore(
         _remove_quietly(container, previous_dir)
     return RestoreResult(
         backup_id=backup_key,
-        file_count=check.file_count,
-        size=check.size,
+        file_count=sum(check.file_count for check in checks),
+        size=sum(check.size for check in checks),
         restored_paths=tuple(paths),
         previous_dir=previous_dir if keep_previous else None,
     )
@@ -1955,14 +2251,18 @@ def _stop_and_swap(
         BackupError: if the swap failed (the data was put back) or Synapse
             could not be started again.
     """
+    pebble_errors = (ops.pebble.ChangeError, ops.pebble.APIError, ops.pebble.TimeoutError)
     has_service = service in container.get_plan().services
-    if has_service:
-        container.stop(service)
     try:
+        if has_service:
+            try:
+                container.stop(service)
+            except pebble_errors as exc:
+                raise BackupError(f"Synapse could not be stopped: {exc}") from exc
         _swap_in(container, paths, staging_dir, previous_dir)
     finally:
         if has_service:
             try:
                 container.start(service)
-            except (ops.pebble.ChangeError, ops.pebble.APIError) as exc:
+            except pebble_errors as exc:
                 raise BackupError(f"Synapse did not start again: {exc}") from exc

@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from collections.abc import Collection
 
 import ops
 
 import backup
+import retention
 import synapse
 from charm_state import BackupConfig, CharmConfig, InvalidConfigError, load_backup_config
 
@@ -45,6 +47,37 @@ class BackupIdParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class CreateParams:
+    """Parameters of create-backup.
+
+    Attributes:
+        type: "full", "incremental", or "auto" when not given.
+    """
+
+    type: str = "auto"
+
+    def __post_init__(self) -> None:
+        """Check the type.
+
+        Raises:
+            ValueError: if it is not full or incremental.
+        """
+        if self.type not in ("auto", "full", "incremental"):
+            raise ValueError("type must be full or incremental")
+
+
+@dataclasses.dataclass(frozen=True)
+class DeleteParams(BackupIdParams):
+    """Parameters of delete-backup.
+
+    Attributes:
+        chain: also delete the backups that depend on this one.
+    """
+
+    chain: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class RestoreParams(BackupIdParams):
     """Parameters of restore-backup.
 
@@ -57,16 +90,17 @@ class RestoreParams(BackupIdParams):
     keep_previous: bool = False
 
 
-def format_backups(manifests: list[backup.BackupManifest]) -> str:
+def format_backups(manifests: list[backup.BackupManifest], expiring: Collection[str] = ()) -> str:
     """Render backups as a table.
 
     Args:
         manifests: the backups, newest first.
+        expiring: the backups retention removes after the next full backup.
 
     Returns:
         The table.
     """
-    rows = [("backup-id", "created-at", "size", "files", "server-name")]
+    rows = [("backup-id", "created-at", "size", "files", "server-name", "type", "parent", "")]
     rows += [
         (
             manifest.backup_id,
@@ -74,6 +108,9 @@ def format_backups(manifests: list[backup.BackupManifest]) -> str:
             str(manifest.size),
             str(manifest.file_count),
             manifest.metadata.get("server-name", ""),
+            manifest.backup_type,
+            manifest.parent or "-",
+            "expires after the next full backup" if manifest.backup_id in expiring else "",
         )
         for manifest in manifests
     ]
@@ -175,11 +212,12 @@ class BackupObserver(ops.Object):
         return container
 
     def _on_create_backup(self, event: ops.ActionEvent) -> None:
-        """Create an encrypted backup in S3.
+        """Create an encrypted backup in S3, then apply retention.
 
         Args:
             event: the action event.
         """
+        params = event.load_params(CreateParams, errors="fail")
         config = self._ready_config(event, "back up")
         if config is None:
             return
@@ -194,6 +232,7 @@ class BackupObserver(ops.Object):
                 config.s3,
                 backup_id,
                 config.passphrase,
+                backup_type=params.type,
                 metadata={
                     "server-name": self._config.server_name or "",
                     "synapse-version": synapse.version(container),
@@ -206,14 +245,48 @@ class BackupObserver(ops.Object):
             event.fail(f"backup {backup_id} failed: {exc}")
             return
         event.log(f"backup {backup_id} committed")
-        event.set_results(
-            {
-                "backup-id": manifest.backup_id,
-                "size": manifest.size,
-                "duration": manifest.duration,
-                "file-count": manifest.file_count,
-            }
-        )
+        results: dict[str, object] = {
+            "backup-id": manifest.backup_id,
+            "type": manifest.backup_type,
+            "parent": manifest.parent or "none",
+            "size": manifest.size,
+            "duration": manifest.duration,
+            "file-count": manifest.file_count,
+        }
+        results.update(self._apply_retention(config, event))
+        event.set_results(results)
+
+    def _apply_retention(self, config: BackupConfig, event: ops.ActionEvent) -> dict[str, str]:
+        """Delete the chains that backup-retention-count no longer keeps.
+
+        A failure here does not undo the backup: it is reported in the results.
+
+        Args:
+            config: the backup configuration.
+            event: the action event, for progress messages.
+
+        Returns:
+            Results to add: what retention removed, or why it could not.
+        """
+        keep = self._config.backup_retention_count
+        if not keep:
+            return {}
+        client = backup.S3Client(config.s3)
+        try:
+            doomed = retention.expired(client.list_backups(), keep)
+            for backup_id in doomed:
+                event.log(f"retention: deleting {backup_id}")
+                client.delete_objects(
+                    [
+                        backup_id + backup.MANIFEST_SUFFIX,
+                        backup_id,
+                        backup_id + backup.SNAPSHOT_STATE_SUFFIX,
+                    ]
+                )
+        except backup.S3Error as exc:
+            logger.error("retention failed: %s", exc)
+            return {"retention-error": str(exc)}
+        return {"retention-removed": " ".join(doomed) or "none"}
 
     def _on_list_backups(self, event: ops.ActionEvent) -> None:
         """List the complete backups, newest first.
@@ -230,9 +303,14 @@ class BackupObserver(ops.Object):
         except backup.S3Error as exc:
             event.fail(f"cannot list backups: {exc}")
             return
+        expiring = set(
+            retention.expire_after_next_full(
+                manifests, self._config.backup_retention_count, "99999999T999999Z"
+            )
+        )
         event.set_results(
             {
-                "formatted": format_backups(manifests),
+                "formatted": format_backups(manifests, expiring),
                 "count": len(manifests),
                 "backups": {
                     str(index): {
@@ -240,6 +318,9 @@ class BackupObserver(ops.Object):
                         "created-at": manifest.created_at,
                         "size": manifest.size,
                         "server-name": manifest.metadata.get("server-name", ""),
+                        "type": manifest.backup_type,
+                        "parent": manifest.parent or "none",
+                        "expires-after-next-full": manifest.backup_id in expiring,
                     }
                     for index, manifest in enumerate(manifests, start=1)
                 },
@@ -252,16 +333,18 @@ class BackupObserver(ops.Object):
         Args:
             event: the action event.
         """
-        params = event.load_params(BackupIdParams, errors="fail")
+        params = event.load_params(DeleteParams, errors="fail")
         config = self._ready_config(event, "delete the backup")
         if config is None:
             return
         try:
-            backup.S3Client(config.s3).delete_backup(params.backup_id)
+            deleted = backup.S3Client(config.s3).delete_backup(
+                params.backup_id, chain=params.chain
+            )
         except backup.S3Error as exc:
             event.fail(f"cannot delete backup {params.backup_id}: {exc}")
             return
-        event.set_results({"deleted": params.backup_id})
+        event.set_results({"deleted": " ".join(deleted)})
 
     def _on_verify_backup(self, event: ops.ActionEvent) -> None:
         """Download, check, decrypt and list a backup without touching live data.
@@ -305,12 +388,17 @@ class BackupObserver(ops.Object):
             return
         event.log(f"restoring backup {params.backup_id}")
         try:
+            server_name = self._config.server_name or synapse.configured_server_name(container)
+        except synapse.SynapseError as exc:
+            event.fail(f"cannot restore: {exc}")
+            return
+        try:
             result = backup.run_restore(
                 container,
                 config.s3,
                 params.backup_id,
                 config.passphrase,
-                server_name=self._config.server_name,
+                server_name=server_name,
                 force=params.force,
                 keep_previous=params.keep_previous,
                 service=synapse.SERVICE_NAME,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import ops
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from backup import S3Parameters
 
@@ -65,6 +65,7 @@ class CharmConfig(BaseModel):
         s3_path: the prefix of the backups in the bucket.
         s3_uri_style: path or host addressing.
         backup_passphrase: the secret with the backup passphrase.
+        backup_retention_count: how many complete backup chains to keep (0: all).
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
@@ -77,6 +78,7 @@ class CharmConfig(BaseModel):
     s3_path: str = ""
     s3_uri_style: str = "path"
     backup_passphrase: ops.Secret | None = None
+    backup_retention_count: int = Field(default=0, ge=0)
 
     def backups_requested(self) -> bool:
         """Tell whether any backup option is set.

@@ -117,6 +117,7 @@ def test_round_trip_is_byte_identical(
     assert set(objects) == {
         "synapse/prod/20261126T120000Z",
         "synapse/prod/20261126T120000Z.manifest.json",
+        "synapse/prod/20261126T120000Z.snar.gpg",
     }
     encrypted = _download(s3_server, bucket, "synapse/prod/20261126T120000Z")
     assert encrypted[257:262] != b"ustar"
@@ -166,6 +167,7 @@ def test_empty_path_puts_the_backup_at_the_top(
     assert set(_objects(s3_server, bucket)) == {
         "20261126T120001Z",
         "20261126T120001Z.manifest.json",
+        "20261126T120001Z.snar.gpg",
     }
 
 

@@ -18,7 +18,13 @@ from tests.helpers.seaweed import SeaweedServer
 from tests.helpers.synapse_data import tree_snapshot
 from tests.workload.test_charm_action import configure
 
-EXCLUDED = ("media_store/remote_content", "media_store/url_cache", "homeserver.pid")
+# Caches, runtime files and the charm's own snapshot state are not backed up.
+EXCLUDED = (
+    "media_store/remote_content",
+    "media_store/url_cache",
+    "homeserver.pid",
+    ".synapse-backup-state",
+)
 
 
 def backed_up_view(data: Path) -> dict[str, object]:
@@ -88,7 +94,7 @@ def test_backup_break_restore_round_trip(
     restored.close()
     assert ("stop_services", ("synapse",)) in service_calls
     assert service_calls[-1] == ("start_services", ("synapse",))
-    assert not list(data.glob(".synapse-*"))
+    assert not list(data.glob(".synapse-restore-*")) + list(data.glob(".synapse-previous-*"))
     assert not list((root / "tmp").iterdir())
 
     listed = harness.run_action("list-backups").results

@@ -1,0 +1,86 @@
+"""Retention of backup chains: which backups to delete to keep the newest N chains."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from backup import BackupManifest
+
+
+def chain_roots(manifests: Iterable[BackupManifest]) -> dict[str, str | None]:
+    """Map each backup to the full backup its chain starts from.
+
+    Args:
+        manifests: the complete backups.
+
+    Returns:
+        Each backup id and its chain's full backup, or None when a backup it
+        depends on is missing (a broken chain).
+    """
+    by_id = {manifest.backup_id: manifest for manifest in manifests}
+    roots: dict[str, str | None] = {}
+    for backup_id, manifest in by_id.items():
+        current: BackupManifest | None = manifest
+        seen: set[str] = set()
+        while current is not None and current.parent and current.backup_id not in seen:
+            seen.add(current.backup_id)
+            current = by_id.get(current.parent)
+        complete = current is not None and not current.parent
+        roots[backup_id] = current.backup_id if complete and current is not None else None
+    return roots
+
+
+def expired(manifests: Iterable[BackupManifest], keep_chains: int) -> list[str]:
+    """Return the backups retention deletes to keep the newest complete chains.
+
+    Chains are counted by their full backup, newest first. Only complete
+    chains count and only chains older than the ``keep_chains``-th complete
+    one are deleted, whole: a kept backup never loses what it depends on,
+    and the newest complete chain always stays. Broken chains (a parent
+    missing) are left for the operator to look at.
+
+    Args:
+        manifests: the complete backups.
+        keep_chains: how many complete chains to keep; 0 keeps everything.
+
+    Returns:
+        The ids to delete, newest first.
+    """
+    if keep_chains <= 0:
+        return []
+    roots = chain_roots(manifests)
+    complete_roots = sorted({root for root in roots.values() if root}, reverse=True)
+    if len(complete_roots) <= keep_chains:
+        return []
+    doomed_roots = set(complete_roots[keep_chains:])
+    return sorted((backup_id for backup_id, root in roots.items() if root in doomed_roots),
+                  reverse=True)  # fmt: skip
+
+
+def expire_after_next_full(
+    manifests: Iterable[BackupManifest], keep_chains: int, next_id: str
+) -> list[str]:
+    """Return what retention would delete once the next full backup is made.
+
+    Args:
+        manifests: the complete backups.
+        keep_chains: how many complete chains to keep.
+        next_id: an id newer than every backup, standing for the next full one.
+
+    Returns:
+        The ids that the next full backup's retention would delete.
+    """
+    manifests = list(manifests)
+    if not manifests:
+        return []
+    template = manifests[0]
+    future = BackupManifest(
+        backup_id=next_id,
+        created_at="",
+        paths=(),
+        file_count=0,
+        size=0,
+        sha256=template.sha256,
+        duration=0,
+    )
+    return expired([*manifests, future], keep_chains)

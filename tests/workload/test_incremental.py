@@ -1,0 +1,172 @@
+"""Incremental backups, chains and retention through the charm's actions, for real.
+
+Every command runs in the bubblewrap stand-in container against SeaweedFS;
+only Juju and Pebble are Harness's (see conftest.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from ops import testing
+
+from charm import SynapseCharm
+from tests.helpers.seaweed import SeaweedServer
+from tests.helpers.synapse_data import SYNAPSE_GID, SYNAPSE_UID, tree_snapshot
+from tests.workload.test_charm_action import configure
+from tests.workload.test_restore_action import backed_up_view
+
+
+def _backup(harness: testing.Harness[SynapseCharm], **params: str) -> dict[str, str]:
+    """Run create-backup; ids are per second, so never two in one second."""
+    time.sleep(1.05)
+    return harness.run_action("create-backup", params).results
+
+
+def _write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write a file as the Synapse user would."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    path.chmod(mode)
+    os.chown(path, SYNAPSE_UID, SYNAPSE_GID)
+
+
+def _media(data: Path) -> list[Path]:
+    """The local media files, in a stable order."""
+    return sorted(p for p in (data / "media_store/local_content").rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def configured(
+    harness: testing.Harness[SynapseCharm], s3_server: SeaweedServer, bucket: str
+) -> testing.Harness[SynapseCharm]:
+    """The charm configured for backups, Synapse's layer planned."""
+    configure(harness, s3_server, bucket)
+    harness.container_pebble_ready("synapse")
+    return harness
+
+
+def test_incremental_chain_restores_every_point(
+    configured: testing.Harness[SynapseCharm], s3_server: SeaweedServer, bucket: str
+) -> None:
+    """Full, then changes, incremental, changes, incremental; each point restores exactly."""
+    harness = configured
+    data = harness.get_filesystem_root("synapse") / "data"
+    points: dict[str, dict[str, object]] = {}
+
+    full = _backup(harness)
+    assert full["type"] == "full"
+    points[full["backup-id"]] = backed_up_view(data)
+
+    media = _media(data)
+    _write(data / "media_store/local_content/new/added", os.urandom(5000))  # add
+    _write(media[0], b"modified content")  # modify
+    media[1].unlink()  # delete
+    media[2].rename(media[2].with_name("renamed"))  # rename
+    media[3].chmod(0o640)  # change mode
+    first = _backup(harness)
+    assert (first["type"], first["parent"]) == ("incremental", full["backup-id"])
+    assert int(first["size"]) < int(full["size"]) / 3
+    points[first["backup-id"]] = backed_up_view(data)
+
+    shutil.rmtree(data / "media_store/local_content/new")
+    _write(data / "media_store/local_thumbnails/x/y/thumb", b"thumb")
+    _write(data / "homeserver.yaml", b"server_name: demo.example\nchanged: true\n", 0o640)
+    second = _backup(harness)
+    assert (second["type"], second["parent"]) == ("incremental", first["backup-id"])
+    points[second["backup-id"]] = backed_up_view(data)
+
+    listed = harness.run_action("list-backups").results["backups"]
+    assert [listed[str(n)]["type"] for n in (1, 2, 3)] == ["incremental", "incremental", "full"]
+    assert listed["1"]["parent"] == first["backup-id"]
+
+    for backup_id, expected in points.items():
+        harness.run_action("restore-backup", {"backup-id": backup_id})
+        assert backed_up_view(data) == expected, backup_id
+
+
+def test_broken_chain_fails_clearly_and_touches_nothing(
+    configured: testing.Harness[SynapseCharm], s3_server: SeaweedServer, bucket: str
+) -> None:
+    """An incremental whose parent was deleted behind the charm's back cannot be restored."""
+    harness = configured
+    data = harness.get_filesystem_root("synapse") / "data"
+    full = _backup(harness, type="full")
+    _write(data / "media_store/local_content/n/file", b"new")
+    incremental = _backup(harness, type="incremental")
+    s3_server.client().delete_object(
+        Bucket=bucket, Key=f"homeserver/backups/{full['backup-id']}.manifest.json"
+    )
+
+    before = tree_snapshot(data)
+    with pytest.raises(testing.ActionFailed, match=r"chain .* is broken"):
+        harness.run_action("restore-backup", {"backup-id": incremental["backup-id"]})
+    assert tree_snapshot(data) == before
+    # With its parent gone, the next backup cannot build on it: auto makes a full one.
+    assert _backup(harness)["type"] == "full"
+
+
+def test_new_unit_continues_the_chain_from_s3(
+    configured: testing.Harness[SynapseCharm],
+) -> None:
+    """Without the local snapshot state, the encrypted copy in S3 continues the chain."""
+    harness = configured
+    data = harness.get_filesystem_root("synapse") / "data"
+    full = _backup(harness)
+    shutil.rmtree(data / ".synapse-backup-state")
+    _write(data / "media_store/local_content/n/file", b"new")
+    incremental = _backup(harness)
+    assert (incremental["type"], incremental["parent"]) == ("incremental", full["backup-id"])
+    assert (data / f".synapse-backup-state/{incremental['backup-id']}.snar").exists()
+
+
+def test_delete_refuses_a_needed_backup_unless_chain(
+    configured: testing.Harness[SynapseCharm],
+) -> None:
+    """Deleting a parent fails; chain=true deletes it with its dependants."""
+    harness = configured
+    full = _backup(harness)
+    incremental = _backup(harness)
+    with pytest.raises(testing.ActionFailed, match=incremental["backup-id"]):
+        harness.run_action("delete-backup", {"backup-id": full["backup-id"]})
+    assert harness.run_action("list-backups").results["count"] == 2
+    deleted = harness.run_action("delete-backup", {"backup-id": full["backup-id"], "chain": True})
+    assert deleted.results["deleted"] == f"{incremental['backup-id']} {full['backup-id']}"
+    assert harness.run_action("list-backups").results["count"] == 0
+
+
+def test_incremental_without_a_full_backup_fails(
+    configured: testing.Harness[SynapseCharm],
+) -> None:
+    """type=incremental with nothing to build on fails saying so."""
+    with pytest.raises(testing.ActionFailed, match="no full backup"):
+        configured.run_action("create-backup", {"type": "incremental"})
+
+
+def test_retention_keeps_the_newest_chains(
+    configured: testing.Harness[SynapseCharm], s3_server: SeaweedServer, bucket: str
+) -> None:
+    """With backup-retention-count=2, a third full chain removes the oldest whole chain."""
+    harness = configured
+    harness.update_config({"backup-retention-count": 2})
+    chain1 = [_backup(harness, type="full")["backup-id"], _backup(harness)["backup-id"]]
+    chain2 = [_backup(harness, type="full")["backup-id"], _backup(harness)["backup-id"]]
+    listed = harness.run_action("list-backups").results
+    expiring = {
+        entry["id"] for entry in listed["backups"].values() if entry["expires-after-next-full"]
+    }
+    assert expiring == set(chain1)
+    assert "expires after the next full backup" in listed["formatted"]
+    third = _backup(harness, type="full")
+    assert set(third["retention-removed"].split()) == set(chain1)
+    remaining = harness.run_action("list-backups").results["backups"]
+    assert {entry["id"] for entry in remaining.values()} == {*chain2, third["backup-id"]}
+    keys = {
+        item["Key"]
+        for item in s3_server.client().list_objects_v2(Bucket=bucket).get("Contents", [])
+    }
+    assert not [key for key in keys if any(old in key for old in chain1)]
