@@ -258,100 +258,135 @@ class Bench:
         return self.run(["bash", "-c", script], **kwargs)  # type: ignore[arg-type]
 
 
-def variants(bench: Bench, data_bytes: int) -> dict[str, Callable[[], tuple[float, int, int]]]:
-    """Build the variants to measure.
+class Variants:
+    """The variants to measure; each method runs one once.
 
-    Args:
-        bench: the fixtures.
-        data_bytes: the size of the data set.
-
-    Returns:
-        Each variant's name and a function running it once, returning
-        seconds, peak RSS and bytes transferred.
+    Each returns wall seconds, peak RSS and the bytes sent to or read from S3.
     """
-    paths = ["/data/homeserver.yaml", f"/data/{SERVER_NAME}.signing.key",
-             "/data/media_store/local_content"]  # fmt: skip
-    passphrase_file = f"{bench.work_dir}/{backup.PASSPHRASE_FILE}"
-    expected = backup._expected_size(data_bytes)
-    client = bench.server.client()
-    state: dict[str, int] = {}
 
-    def ours() -> tuple[float, int, int]:
-        command = backup.build_backup_command(
-            bench.s3, "ours", paths, passphrase_file, expected_size=expected,
-            database_path="/data/homeserver.db", work_dir=bench.work_dir,
+    def __init__(self, bench: Bench, data_bytes: int):
+        """Prepare the variants.
+
+        Args:
+            bench: the fixtures.
+            data_bytes: the size of the data set.
+        """
+        self.bench = bench
+        self.paths = ["/data/homeserver.yaml", f"/data/{SERVER_NAME}.signing.key",
+                      "/data/media_store/local_content"]  # fmt: skip
+        self.passphrase_file = f"{bench.work_dir}/{backup.PASSPHRASE_FILE}"
+        self.expected = backup._expected_size(data_bytes)
+        self.client = bench.server.client()
+        self.host_work = bench.root / bench.work_dir.lstrip("/")
+        self.archive_size = 0
+        self.plain_size = 0
+        self.rounds = 0
+
+    def all(self) -> dict[str, Callable[[], tuple[float, int, int]]]:
+        """Return the variants by name, in the order they run in a round.
+
+        Returns:
+            The variants.
+        """
+        return {
+            "create-backup": self.ours,
+            "upload-limit": self.limit,
+            "baseline": self.baseline,
+            "restore": self.restore,
+            "restore-limit": self.restore_limit,
+            "incremental": self.incremental,
+        }
+
+    def _size(self, key: str) -> int:
+        return int(self.client.head_object(Bucket=BUCKET, Key=f"bench/{key}")["ContentLength"])
+
+    def _backup_command(self, key: str, snar: str) -> list[str]:
+        return backup.build_backup_command(
+            self.bench.s3, key, self.paths, self.passphrase_file, expected_size=self.expected,
+            database_path="/data/homeserver.db", work_dir=self.bench.work_dir,
+            snapshot_file=f"{self.bench.work_dir}/{snar}",
         )  # fmt: skip
-        seconds, rss = bench.run(command)
-        size = client.head_object(Bucket=BUCKET, Key="bench/ours")["ContentLength"]
-        state["archive"] = size
-        return seconds, rss, size
 
-    def limit() -> tuple[float, int, int]:
-        size = state["archive"]
-        ready = bench.root / "tmp/ready.bin"
-        if not ready.exists() or ready.stat().st_size != size:
+    def ours(self) -> tuple[float, int, int]:
+        """Our create-backup pipeline, a full backup."""
+        self.rounds += 1
+        (self.host_work / "full.snar").unlink(missing_ok=True)
+        seconds, rss = self.bench.run(self._backup_command("ours", "full.snar"))
+        shutil.copy2(self.host_work / "full.snar", self.host_work / "base.snar")
+        self.archive_size = self._size("ours")
+        return seconds, rss, self.archive_size
+
+    def incremental(self) -> tuple[float, int, int]:
+        """An incremental backup after 1% of the media changed since this round's full one."""
+        media = sorted((self.bench.root / "data/media_store/local_content").rglob("*"))
+        files = [path for path in media if path.is_file()]
+        rng = random.Random(self.rounds)  # noqa: S311 - picks files, not secrets
+        for path in rng.sample(files, max(1, len(files) // 100)):
+            path.write_bytes(os.urandom(path.stat().st_size))
+        shutil.copy2(self.host_work / "base.snar", self.host_work / "incremental.snar")
+        os.chown(self.host_work / "incremental.snar", SYNAPSE_UID, SYNAPSE_GID)
+        seconds, rss = self.bench.run(self._backup_command("incremental", "incremental.snar"))
+        return seconds, rss, self._size("incremental")
+
+    def limit(self) -> tuple[float, int, int]:
+        """The upload limit: aws s3 cp of a ready file as large as our archive."""
+        ready = self.bench.root / "tmp/ready.bin"
+        if not ready.exists() or ready.stat().st_size != self.archive_size:
             with ready.open("wb") as file:
-                for offset in range(0, size, 8 * MIB):
-                    file.write(os.urandom(min(8 * MIB, size - offset)))
+                for offset in range(0, self.archive_size, 8 * MIB):
+                    file.write(os.urandom(min(8 * MIB, self.archive_size - offset)))
             os.chown(ready, SYNAPSE_UID, SYNAPSE_GID)
-        url = bench.s3.object_url("limit")
+        url = self.bench.s3.object_url("limit")
         command = f"aws s3 cp --only-show-errors --no-progress /tmp/ready.bin {url}"
-        seconds, rss = bench.shell(command)
-        return seconds, rss, size
+        seconds, rss = self.bench.shell(command)
+        return seconds, rss, self.archive_size
 
-    def baseline() -> tuple[float, int, int]:
-        members = " ".join(path.lstrip("/") for path in paths)
+    def baseline(self) -> tuple[float, int, int]:
+        """The baseline: tar | gpg (defaults) | aws with one request at a time."""
+        members = " ".join(path.lstrip("/") for path in self.paths)
         script = (
             f"set -o pipefail; tar -c -C / {members} data/homeserver.db"
             f" | gpg --batch --no-symkey-cache --pinentry-mode loopback"
-            f" --passphrase-file {passphrase_file} --symmetric"
-            f" | aws s3 cp --only-show-errors - {bench.s3.object_url('baseline')}"
+            f" --passphrase-file {self.passphrase_file} --symmetric"
+            f" | aws s3 cp --only-show-errors - {self.bench.s3.object_url('baseline')}"
         )
-        env = {"AWS_CONFIG_FILE": f"{bench.work_dir}/aws-config-baseline"}
-        seconds, rss = bench.shell(script, env=env)
-        return (
-            seconds,
-            rss,
-            client.head_object(Bucket=BUCKET, Key="bench/baseline")["ContentLength"],
-        )
+        env = {"AWS_CONFIG_FILE": f"{self.bench.work_dir}/aws-config-baseline"}
+        seconds, rss = self.bench.shell(script, env=env)
+        return seconds, rss, self._size("baseline")
 
-    def restore() -> tuple[float, int, int]:
-        staging = "/data/.bench-staging"
-        shutil.rmtree(bench.root / staging.lstrip("/"), ignore_errors=True)
-        (bench.root / staging.lstrip("/")).mkdir()
-        command = backup.build_restore_command(
-            bench.s3, "ours", passphrase_file, staging_dir=staging, work_dir=bench.work_dir
-        )
-        seconds, rss = bench.run(command, root=True)
-        shutil.rmtree(bench.root / staging.lstrip("/"))
-        return seconds, rss, state["archive"]
-
-    def restore_limit() -> tuple[float, int, int]:
-        if "plain" not in state:
-            members = " ".join(path.lstrip("/") for path in paths)
-            url = bench.s3.object_url("plain")
-            bench.shell(
-                f"set -o pipefail; tar -c -C / {members}"
-                f" | aws s3 cp --only-show-errors --expected-size {expected} - {url}"
-            )
-            state["plain"] = client.head_object(Bucket=BUCKET, Key="bench/plain")["ContentLength"]
-        staging = bench.root / "data/.bench-plain"
+    def restore(self) -> tuple[float, int, int]:
+        """Our restore pipeline into a staging directory."""
+        staging = self.bench.root / "data/.bench-staging"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        script = (f"set -o pipefail; aws s3 cp --only-show-errors {bench.s3.object_url('plain')} -"
-                  " | tar -x -C /data/.bench-plain")  # fmt: skip
-        download_config = f"{bench.work_dir}/{backup.AWS_DOWNLOAD_CONFIG_FILE}"
-        seconds, rss = bench.shell(script, root=True, env={"AWS_CONFIG_FILE": download_config})
+        command = backup.build_restore_command(
+            self.bench.s3, "ours", self.passphrase_file,
+            staging_dir="/data/.bench-staging", work_dir=self.bench.work_dir,
+        )  # fmt: skip
+        seconds, rss = self.bench.run(command, root=True)
         shutil.rmtree(staging)
-        return seconds, rss, state["plain"]
+        return seconds, rss, self.archive_size
 
-    return {
-        "create-backup": ours,
-        "upload-limit": limit,
-        "baseline": baseline,
-        "restore": restore,
-        "restore-limit": restore_limit,
-    }
+    def restore_limit(self) -> tuple[float, int, int]:
+        """The restore limit: aws s3 cp s3://... - | tar -x of a plain tar, same settings."""
+        url = self.bench.s3.object_url("plain")
+        if not self.plain_size:
+            members = " ".join(path.lstrip("/") for path in self.paths)
+            self.bench.shell(
+                f"set -o pipefail; tar -c -C / {members}"
+                f" | aws s3 cp --only-show-errors --expected-size {self.expected} - {url}"
+            )
+            self.plain_size = self._size("plain")
+        staging = self.bench.root / "data/.bench-plain"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        script = (
+            f"set -o pipefail; aws s3 cp --only-show-errors {url} - | tar -x -C /data/.bench-plain"
+        )
+        config = f"{self.bench.work_dir}/{backup.AWS_DOWNLOAD_CONFIG_FILE}"
+        seconds, rss = self.bench.shell(script, root=True, env={"AWS_CONFIG_FILE": config})
+        shutil.rmtree(staging)
+        return seconds, rss, self.plain_size
 
 
 def run_size(workdir: Path, size: int, rounds: int, results: Results, only: set[str]) -> None:
@@ -369,7 +404,7 @@ def run_size(workdir: Path, size: int, rounds: int, results: Results, only: set[
         bench = Bench(workdir, server)
         print(f"generating {size // MIB} MiB of media ...", flush=True)
         data_bytes = make_data(bench.root, size)
-        todo = variants(bench, data_bytes)
+        todo = Variants(bench, data_bytes).all()
         names = [name for name in todo if not only or name in only or name == "create-backup"]
         for round_number in range(rounds):
             for name in names:
@@ -398,6 +433,9 @@ def summarise(results: Results) -> None:
                 "seconds": round(seconds, 2),
                 "mib-per-s": round(data_bytes / MIB / seconds, 1),
                 "peak-rss-mib": round(max(run.peak_rss for run in runs) / MIB, 1),
+                "transferred-mib": round(
+                    statistics.median(run.transferred for run in runs) / MIB, 1
+                ),
                 "rounds": len(runs),
             }
         )
@@ -424,6 +462,17 @@ def summarise(results: Results) -> None:
                 "met": value is not None and value >= target,
             }
         )
+    full = by.get(("create-backup", smallest))
+    incremental = by.get(("incremental", smallest))
+    if full and incremental:
+        bytes_ratio = float(incremental["transferred-mib"]) / float(full["transferred-mib"])
+        time_ratio = float(incremental["seconds"]) / float(full["seconds"])
+        results.targets += [
+            {"target": "incremental (1% changed) bytes / full bytes < 0.03",
+             "value": round(bytes_ratio, 3), "met": bytes_ratio < 0.03},
+            {"target": "incremental (1% changed) time / full time < 0.15",
+             "value": round(time_ratio, 3), "met": time_ratio < 0.15},
+        ]  # fmt: skip
     for variant in ("create-backup", "restore"):
         peaks = [
             float(row["peak-rss-mib"]) for row in results.summary if row["variant"] == variant
@@ -444,10 +493,12 @@ def print_table(results: Results) -> None:
     Args:
         results: the summarised results.
     """
-    print(f"\n{'variant':<14} {'data MiB':>9} {'seconds':>8} {'MiB/s':>8} {'peak MiB':>9} rounds")
+    print(f"\n{'variant':<14} {'data MiB':>9} {'seconds':>8} {'MiB/s':>8} {'peak MiB':>9}"
+          f" {'S3 MiB':>8} rounds")  # fmt: skip
     for row in results.summary:
         print(f"{row['variant']:<14} {row['data-mib']:>9} {row['seconds']:>8} "
-              f"{row['mib-per-s']:>8} {row['peak-rss-mib']:>9} {row['rounds']:>6}")  # fmt: skip
+              f"{row['mib-per-s']:>8} {row['peak-rss-mib']:>9} {row['transferred-mib']:>8}"
+              f" {row['rounds']:>6}")  # fmt: skip
     print()
     for target in results.targets:
         print(

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-VARIANTS = ("create-backup", "upload-limit", "baseline", "restore", "restore-limit")
+VARIANTS = ("create-backup", "upload-limit", "baseline", "restore", "restore-limit", "incremental")
 
 
 def test_benchmark_produces_its_table_json_and_plot(tmp_path: Path) -> None:
