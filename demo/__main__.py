@@ -28,6 +28,7 @@ from pathlib import Path
 from ops import testing
 
 from charm import SynapseCharm
+from tests.helpers.operator import configure_backups
 from tests.helpers.sandbox import Sandbox, honor_pebble_ownership
 from tests.helpers.seaweed import SeaweedServer
 from tests.helpers.synapse_data import make_synapse_data
@@ -109,22 +110,8 @@ def configure(harness: testing.Harness[SynapseCharm], server: SeaweedServer) -> 
         server: the S3 server.
     """
     say("juju add-secret / grant-secret / config (S3 credentials and passphrase)")
-    credentials = harness.add_user_secret(
-        {"access-key": server.access_key, "secret-key": server.secret_key}
-    )
-    harness.grant_secret(credentials, "synapse")
-    passphrase = harness.add_user_secret({"passphrase": PASSPHRASE})
-    harness.grant_secret(passphrase, "synapse")
-    harness.update_config(
-        {
-            "server-name": SERVER_NAME,
-            "s3-credentials": credentials,
-            "backup-passphrase": passphrase,
-            "s3-bucket": BUCKET,
-            "s3-endpoint": server.endpoint,
-            "s3-region": "us-east-1",
-            "s3-path": "demo",
-        }
+    configure_backups(
+        harness, server, BUCKET, passphrase=PASSPHRASE, server_name=SERVER_NAME, path="demo"
     )
     harness.evaluate_status()
     print(f"unit status: {harness.model.unit.status}")

@@ -15,6 +15,7 @@ from ops import testing
 
 import backup
 from charm import SynapseCharm
+from tests.helpers.operator import configure_backups
 from tests.helpers.sandbox import Sandbox
 from tests.helpers.seaweed import SeaweedServer
 from tests.workload.conftest import PASSPHRASE, SERVER_NAME, decrypt_and_extract
@@ -35,22 +36,14 @@ def configure(
         bucket: the bucket.
         secret_key: the secret key to store (default: the right one).
     """
-    credentials = harness.add_user_secret(
-        {"access-key": server.access_key, "secret-key": secret_key or server.secret_key}
-    )
-    harness.grant_secret(credentials, "synapse")
-    passphrase = harness.add_user_secret({"passphrase": PASSPHRASE})
-    harness.grant_secret(passphrase, "synapse")
-    harness.update_config(
-        {
-            "server-name": SERVER_NAME,
-            "s3-credentials": credentials,
-            "backup-passphrase": passphrase,
-            "s3-bucket": bucket,
-            "s3-endpoint": server.endpoint,
-            "s3-region": "us-east-1",
-            "s3-path": "/homeserver//backups/",
-        }
+    configure_backups(
+        harness,
+        server,
+        bucket,
+        passphrase=PASSPHRASE,
+        server_name=SERVER_NAME,
+        path="/homeserver//backups/",
+        secret_key=secret_key,
     )
 
 
