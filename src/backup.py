@@ -73,6 +73,7 @@ SNAPSHOT_STATE_SUFFIX = ".snar.gpg"
 STATE_DIR = f"{DATA_DIR}/.synapse-backup-state"
 SNAPSHOT_STATE_FILE = "snapshot.snar"
 MANIFEST_VERSION = 1
+# Every command the backup and restore scripts run in the workload.
 REQUIRED_TOOLS = (
     BASH_COMMAND,
     "tar",
@@ -80,10 +81,14 @@ REQUIRED_TOOLS = (
     "gpgconf",
     "python3",
     AWS_COMMAND,
+    "env",
+    "grep",
     "du",
-    "tee",
+    "df",
     "chmod",
     "touch",
+    "cp",
+    "mv",
     "rm",
     "mkdir",
 )
