@@ -1406,7 +1406,7 @@ def _tail(output: str | bytes | None, lines: int = 5) -> str:
 
 def _choose_parent(
     container: ops.Container, client: S3Client, backup_type: str, log: Callable[[str], None]
-) -> tuple[BackupManifest | None, bool]:
+) -> tuple[list[BackupManifest], bool]:
     """Choose the backup an incremental backup builds on.
 
     Args:
@@ -1416,23 +1416,24 @@ def _choose_parent(
         log: receives progress messages.
 
     Returns:
-        The parent (None for a full backup) and whether its snapshot state is
-        in the container (else it is read from S3).
+        The parent's chain, oldest first (empty for a full backup), and whether
+        the parent's snapshot state is in the container (else it is in S3).
 
     Raises:
         BackupError: if an incremental backup was asked for and none can be made.
     """
     if backup_type == "full":
-        return None, False
+        return [], False
     if backup_type not in ("incremental", "auto"):
         raise BackupError(f"unknown backup type {backup_type!r}: use full or incremental")
+    chain: list[BackupManifest] = []
     try:
         backups = client.list_backups()
         newest = backups[0] if backups else None
         problem = "there is no full backup to build on" if newest is None else ""
         local = False
         if newest is not None:
-            client.chain(newest.backup_id)
+            chain = client.chain(newest.backup_id)
             local = container.exists(f"{STATE_DIR}/{newest.backup_id}.snar")
             remote = client.object_size(newest.backup_id + SNAPSHOT_STATE_SUFFIX) is not None
             if not local and not remote:
@@ -1443,8 +1444,62 @@ def _choose_parent(
         if backup_type == "incremental":
             raise BackupError(f"cannot make an incremental backup: {problem}")
         log(f"making a full backup: {problem}")
-        return None, False
-    return newest, local
+        return [], False
+    return chain, local
+
+
+def _parent_state(
+    container: ops.Container,
+    client: S3Client,
+    s3_parameters: S3Parameters,
+    chain: list[BackupManifest],
+    *,
+    local: bool,
+    work_dir: str,
+    incremental_required: bool,
+    log: Callable[[str], None],
+) -> BackupManifest | None:
+    """Put the parent's snapshot state in the work dir, if the chain can go on.
+
+    The chain can go on only if the configured passphrase decrypts its full
+    backup: after a passphrase change a restore (which uses one passphrase
+    for the whole chain) could not read the new backups otherwise.
+
+    Args:
+        container: Synapse Container.
+        client: the S3 client.
+        s3_parameters: S3 parameters.
+        chain: the parent's chain, oldest first (empty: full backup).
+        local: whether the parent's state is in the container.
+        work_dir: the prepared work directory.
+        incremental_required: fail instead of falling back to a full backup.
+        log: receives progress messages.
+
+    Returns:
+        The parent, or None for a full backup.
+
+    Raises:
+        BackupError: if an incremental backup is required and cannot be made.
+    """
+    if not chain:
+        return None
+    parent = chain[-1]
+    try:
+        _check_passphrase(container, client, chain[0].backup_id, work_dir)
+        run_in_container(
+            container,
+            _snapshot_state_commands(s3_parameters, parent, local, work_dir),
+            get_environment(s3_parameters, work_dir=work_dir),
+            secrets_to_hide=(s3_parameters.secret_key,),
+            what=f"reading the snapshot state of {parent.backup_id}",
+        )
+    except (BackupError, S3Error) as exc:
+        _remove_quietly(container, posixpath.join(work_dir, SNAPSHOT_STATE_FILE))
+        if incremental_required:
+            raise BackupError(f"cannot make an incremental backup: {exc}") from exc
+        log(f"making a full backup: {exc}")
+        return None
+    return parent
 
 
 def _snapshot_state_commands(
@@ -1560,25 +1615,21 @@ def run_backup(
     names = (backup_key, backup_key + MANIFEST_SUFFIX, backup_key + SNAPSHOT_STATE_SUFFIX)
     client = _client_for_new_backup(s3_parameters, names)
     check_tools(container)
-    parent, local_state = _choose_parent(container, client, backup_type, log)
+    chain, local_state = _choose_parent(container, client, backup_type, log)
     paths = list(get_paths_to_backup(container))
     database_path = get_database_path(container)
     size = calculate_size(container, [*paths, *([database_path] if database_path else [])])
-    kind = f"incremental on {parent.backup_id}" if parent else "full"
-    log(f"{kind} backup of {len(paths) + bool(database_path)} paths, about {size} bytes")
     committed = False
     try:
         with prepared_container(container, s3_parameters, passphrase) as work_dir:
             environment = get_environment(s3_parameters, work_dir=work_dir)
             hidden = (s3_parameters.secret_key, passphrase)
-            if parent:
-                run_in_container(
-                    container,
-                    _snapshot_state_commands(s3_parameters, parent, local_state, work_dir),
-                    environment,
-                    secrets_to_hide=hidden,
-                    what=f"reading the snapshot state of {parent.backup_id}",
-                )
+            parent = _parent_state(
+                container, client, s3_parameters, chain, local=local_state, work_dir=work_dir,
+                incremental_required=backup_type == "incremental", log=log,
+            )  # fmt: skip
+            kind = f"incremental on {parent.backup_id}" if parent else "full"
+            log(f"{kind} backup of {len(paths) + bool(database_path)} paths, about {size} bytes")
             command = build_backup_command(
                 s3_parameters,
                 backup_key,
@@ -1845,7 +1896,9 @@ def _check_passphrase(
     """
     probe = posixpath.join(work_dir, "probe.gpg")
     head = client.read_object(backup_key, first_bytes=PASSPHRASE_PROBE_BYTES)
-    container.push(probe, head, permissions=0o600)
+    container.push(
+        probe, head, permissions=0o600, user_id=SYNAPSE_USER_ID, group_id=SYNAPSE_GROUP_ID
+    )
     gpg = _gpg_command(posixpath.join(work_dir, PASSPHRASE_FILE), "--decrypt")
     command = _script([*_script_preamble(work_dir), [*gpg, "--output", "/dev/null", probe]])
     try:
@@ -1853,6 +1906,8 @@ def _check_passphrase(
             [BASH_COMMAND, "-c", command],
             environment={"GNUPGHOME": posixpath.join(work_dir, GNUPG_DIR), "HOME": work_dir},
             timeout=120,
+            user_id=SYNAPSE_USER_ID,
+            group_id=SYNAPSE_GROUP_ID,
         ).wait_output()
     except ops.pebble.ExecError as exc:
         # A cut-off stream fails too, later; only a bad key means a wrong passphrase.

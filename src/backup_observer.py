@@ -7,7 +7,6 @@ configuration problems become a Blocked status.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 from collections.abc import Collection
 
@@ -139,9 +138,12 @@ class BackupObserver(ops.Object):
         framework.observe(charm.on.verify_backup_action, self._on_verify_backup)
         framework.observe(charm.on.collect_unit_status, self._on_collect_unit_status)
 
-    @functools.cached_property
+    @property
     def _config(self) -> CharmConfig:
-        """The charm configuration, loaded once per event."""
+        """The charm configuration as it is now.
+
+        Not cached: a charm object can outlive a configuration change.
+        """
         return self._charm.load_config(CharmConfig)
 
     def _backup_config(self) -> BackupConfig | None:

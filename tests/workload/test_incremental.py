@@ -170,3 +170,22 @@ def test_retention_keeps_the_newest_chains(
         for item in s3_server.client().list_objects_v2(Bucket=bucket).get("Contents", [])
     }
     assert not [key for key in keys if any(old in key for old in chain1)]
+
+
+def test_passphrase_change_starts_a_new_chain(
+    configured: testing.Harness[SynapseCharm],
+) -> None:
+    """Backups after a passphrase change must restore with it: a new full chain starts."""
+    harness = configured
+    full = _backup(harness)
+    new_secret = harness.add_user_secret({"passphrase": "a brand new passphrase"})
+    harness.grant_secret(new_secret, "synapse")
+    harness.update_config({"backup-passphrase": new_secret})
+    with pytest.raises(testing.ActionFailed, match="does not decrypt"):
+        harness.run_action("create-backup", {"type": "incremental"})
+    after = _backup(harness)
+    assert (after["type"], after["parent"]) == ("full", "none")
+    # Both restore: the old one with the old passphrase would, the new one does with the new.
+    harness.run_action("restore-backup", {"backup-id": after["backup-id"]})
+    with pytest.raises(testing.ActionFailed, match="does not decrypt"):
+        harness.run_action("restore-backup", {"backup-id": full["backup-id"]})
