@@ -1116,6 +1116,7 @@ def _gpg_command(passphrase_file: str, *operation: str) -> list[str]:
     """
     return [
         "gpg",
+        "--no-permission-warning",  # restore runs as root in the Synapse user's work dir
         "--batch",
         "--no-tty",
         "--quiet",
@@ -1388,12 +1389,15 @@ def redact(text: str, hidden: Iterable[str]) -> str:
     return text
 
 
-def _tail(output: str | bytes | None, lines: int = 5) -> str:
-    """Return the last lines of a command's output, on one line.
+def _tail(output: str | bytes | None, lines: int = 8) -> str:
+    """Summarise a pipeline's error output on one line.
+
+    The first lines usually name the stage that failed (an S3 error, say),
+    the last ones what that did to the next stages; both are kept.
 
     Args:
         output: the output.
-        lines: how many lines to keep.
+        lines: how many lines to keep at most.
 
     Returns:
         The lines joined with "; ".
@@ -1401,7 +1405,9 @@ def _tail(output: str | bytes | None, lines: int = 5) -> str:
     if isinstance(output, bytes):
         output = output.decode(errors="replace")
     kept = [line.strip() for line in (output or "").splitlines() if line.strip()]
-    return "; ".join(kept[-lines:]) or "no error output"
+    if len(kept) > lines:
+        kept = [*kept[: lines // 2], "...", *kept[-(lines - lines // 2) :]]
+    return "; ".join(kept) or "no error output"
 
 
 def _choose_parent(
@@ -1753,6 +1759,9 @@ def create_backup(
 
 RESTORE_STAGING_PREFIX = ".synapse-restore-"
 PREVIOUS_DATA_PREFIX = ".synapse-previous-"
+# Written before a swap and removed after it: a later hook rolls back what
+# a dying charm left half swapped.
+RESTORE_JOURNAL = f"{DATA_DIR}/.synapse-restore-journal.json"
 PASSPHRASE_PROBE_BYTES = 64 * 1024
 # Room the staging area needs beyond the archive's size.
 STAGING_HEADROOM = 64 * 1024 * 1024
@@ -2134,7 +2143,10 @@ def _move(container: ops.Container, source: str, target: str) -> None:
 def _swap_in(
     container: ops.Container, paths: Sequence[str], staging_dir: str, previous_dir: str
 ) -> None:
-    """Move the live paths aside and the staged ones in; undo everything on failure.
+    """Move the live paths aside and the staged ones in; roll back on failure.
+
+    A journal written first lets a later hook roll back a swap that a dying
+    charm left half done (recover_interrupted_restore).
 
     Args:
         container: Synapse Container.
@@ -2143,24 +2155,96 @@ def _swap_in(
         previous_dir: where the live data goes.
 
     Raises:
-        BackupError: if a move fails (after the previous data was put back).
+        BackupError: if a move fails; the message says whether the previous
+            data is back or where it is.
     """
-    done: list[tuple[str, str]] = []
+    staged = [path for path in paths if container.exists(staging_dir + path)]
+    journal = {"staging": staging_dir, "previous": previous_dir, "paths": list(paths),
+               "staged": staged}  # fmt: skip
+    container.push(RESTORE_JOURNAL, json.dumps(journal), permissions=0o600, make_dirs=True)
     try:
         for path in paths:
             if container.exists(path):
                 _move(container, path, previous_dir + path)
-                done.append((path, previous_dir + path))
-            if container.exists(staging_dir + path):
+            if path in staged:
                 _move(container, staging_dir + path, path)
-                done.append((staging_dir + path, path))
-    except BackupError:
-        for source, target in reversed(done):
-            try:
-                _move(container, target, source)
-            except BackupError as undo_error:
-                logger.critical("could not undo the move of %s: %s", source, undo_error)
-        raise
+    except (BackupError, ops.pebble.Error) as exc:
+        problems = _roll_back(container, journal)
+        if problems:
+            raise IncompleteRollbackError(
+                f"the swap failed ({exc}) and could not be undone: {'; '.join(problems)}; "
+                f"the previous data is in {previous_dir}, the restored data in {staging_dir}"
+            ) from exc
+        raise BackupError(f"the swap failed and was undone, nothing changed: {exc}") from exc
+    _remove_quietly(container, RESTORE_JOURNAL)
+
+
+class IncompleteRollbackError(BackupError):
+    """A failed swap could not be undone: Synapse must not start on the data."""
+
+
+def _roll_back(container: ops.Container, journal: Mapping[str, Any]) -> list[str]:
+    """Put the previous data back after a partial swap, whatever stage it reached.
+
+    For each path, newest first: if the previous version was moved aside,
+    whatever is live now is restored data (back to staging) and the previous
+    version returns; if nothing was moved aside but the path was staged and
+    is live while staging no longer has it, it was moved in: back it goes.
+
+    Args:
+        container: Synapse Container.
+        journal: the swap's journal (staging, previous, paths, staged).
+
+    Returns:
+        What could not be undone (empty when all is back); the journal is
+        removed only when all is back.
+    """
+    staging, previous = str(journal["staging"]), str(journal["previous"])
+    staged = set(journal["staged"])
+    problems = []
+    for path in reversed(list(journal["paths"])):
+        try:
+            if container.exists(previous + path):
+                if container.exists(path):
+                    _move(container, path, staging + path)
+                _move(container, previous + path, path)
+            elif (
+                path in staged and container.exists(path) and not container.exists(staging + path)
+            ):
+                _move(container, path, staging + path)
+        except (BackupError, ops.pebble.Error) as exc:
+            logger.critical("could not undo the restore of %s: %s", path, exc)
+            problems.append(str(exc))
+    if not problems:
+        _remove_quietly(container, RESTORE_JOURNAL)
+    return problems
+
+
+def recover_interrupted_restore(container: ops.Container) -> str | None:
+    """Roll back a restore whose swap was interrupted (the charm or pod died).
+
+    Args:
+        container: Synapse Container.
+
+    Returns:
+        None when there was nothing to do or the previous data is back, else
+        a message saying what needs the operator.
+    """
+    try:
+        if not container.exists(RESTORE_JOURNAL):
+            return None
+        journal = json.loads(container.pull(RESTORE_JOURNAL).read())
+    except (ops.pebble.Error, ValueError) as exc:
+        return f"cannot read the journal of an interrupted restore: {exc}"
+    logger.warning("rolling back an interrupted restore: %s", journal)
+    problems = _roll_back(container, journal)
+    if problems:
+        return (
+            "an interrupted restore could not be rolled back; the previous data is in "
+            f"{journal['previous']}: {problems[0]}"
+        )
+    _remove_quietly(container, str(journal["staging"]))
+    return None
 
 
 def restore_backup(
@@ -2235,53 +2319,32 @@ def run_restore(
             f"not {server_name or 'this unknown server'!r}; use force=true to restore it anyway"
         )
     check_tools(container)
-    paths = _swap_paths(container, manifest)
+    _swap_paths(container, manifest)  # refuses a manifest naming paths outside /data
     token = secrets.token_hex(4)
     staging_dir = f"{DATA_DIR}/{RESTORE_STAGING_PREFIX}{backup_key}-{token}"
     previous_dir = f"{DATA_DIR}/{PREVIOUS_DATA_PREFIX}{backup_key}-{token}"
+    incomplete = False
+    swapped = False
     try:
-        with prepared_container(container, s3_parameters, passphrase) as work_dir:
-            log("checking the passphrase")
-            _check_passphrase(container, client, chain[0].backup_id, work_dir)
-            needed = sum(link.size for link in chain) + STAGING_HEADROOM
-            available = _available_bytes(container, DATA_DIR)
-            if available < needed:
-                raise BackupError(
-                    f"not enough room in {DATA_DIR} to stage the restore: "
-                    f"{needed} bytes needed, {available} available"
-                )
-            container.make_dir(staging_dir, permissions=0o700)
-            checks = []
-            for link in chain:  # the full backup, then each incremental one in order
-                log(f"downloading, decrypting and extracting {link.backup_type} backup "
-                    f"{link.backup_id} ({link.size} bytes) into staging")  # fmt: skip
-                check = _read_archive(
-                    container, s3_parameters, link, passphrase, work_dir, staging_dir=staging_dir
-                )
-                if not check.matches:
-                    raise BackupError(
-                        f"backup {link.backup_id} does not match its manifest: {check.mismatch()}"
-                    )
-                checks.append(check)
-        for database in _manifest_databases(manifest):
-            run_in_container(
-                container,
-                ["python3", "-c", _POST_RESTORE_PROGRAM, staging_dir + database],
-                {},
-                what="clearing the restored database's one-time keys",
-                user_id=ROOT_USER_ID,
-            )
+        checks = _stage_chain(container, client, s3_parameters, chain, passphrase,
+                              staging_dir=staging_dir, log=log)  # fmt: skip
         log("stopping Synapse and swapping the restored data in")
-        _stop_and_swap(container, service, paths, staging_dir, previous_dir)
+        paths = _stop_and_swap(container, service, manifest, staging_dir, previous_dir)
+        swapped = True
     except S3Error as exc:
         raise BackupError(str(exc)) from exc
     except (ops.pebble.PathError, ops.pebble.APIError) as exc:
         raise BackupError(f"restore failed: {exc}") from exc
+    except IncompleteRollbackError:
+        incomplete = True  # staging and previous hold data the operator needs
+        raise
     finally:
-        _remove_quietly(container, staging_dir)
+        if not incomplete:
+            _remove_quietly(container, staging_dir)
+            if not (swapped and keep_previous):  # after an undone swap: empty dirs only
+                _remove_quietly(container, previous_dir)
     if not keep_previous:
-        log("removing the previous data")
-        _remove_quietly(container, previous_dir)
+        log("removed the previous data")
     return RestoreResult(
         backup_id=backup_key,
         file_count=sum(check.file_count for check in checks),
@@ -2291,21 +2354,90 @@ def run_restore(
     )
 
 
+def _stage_chain(
+    container: ops.Container,
+    client: S3Client,
+    s3_parameters: S3Parameters,
+    chain: Sequence[BackupManifest],
+    passphrase: str,
+    *,
+    staging_dir: str,
+    log: Callable[[str], None],
+) -> list[ArchiveCheck]:
+    """Check the passphrase and the room, then extract a chain into staging and check it.
+
+    Nothing live is touched. The restored database forgets its one-time keys.
+
+    Args:
+        container: Synapse Container.
+        client: the S3 client.
+        s3_parameters: S3 parameters.
+        chain: the backups to extract, full first.
+        passphrase: the passphrase.
+        staging_dir: where to extract (created here).
+        log: receives progress messages.
+
+    Returns:
+        What was read of each archive.
+
+    Raises:
+        BackupError: if a check fails or an archive cannot be read.
+    """
+    with prepared_container(container, s3_parameters, passphrase) as work_dir:
+        log("checking the passphrase")
+        _check_passphrase(container, client, chain[0].backup_id, work_dir)
+        needed = sum(link.size for link in chain) + STAGING_HEADROOM
+        available = _available_bytes(container, DATA_DIR)
+        if available < needed:
+            raise BackupError(
+                f"not enough room in {DATA_DIR} to stage the restore: "
+                f"{needed} bytes needed, {available} available"
+            )
+        container.make_dir(staging_dir, permissions=0o700)
+        checks = []
+        for link in chain:  # the full backup, then each incremental one in order
+            log(f"downloading, decrypting and extracting {link.backup_type} backup "
+                f"{link.backup_id} ({link.size} bytes) into staging")  # fmt: skip
+            check = _read_archive(
+                container, s3_parameters, link, passphrase, work_dir, staging_dir=staging_dir
+            )
+            if not check.matches:
+                raise BackupError(
+                    f"backup {link.backup_id} does not match its manifest: {check.mismatch()}"
+                )
+            checks.append(check)
+    for database in _manifest_databases(chain[-1]):
+        run_in_container(
+            container,
+            ["python3", "-c", _POST_RESTORE_PROGRAM, staging_dir + database],
+            {},
+            what="clearing the restored database's one-time keys",
+            user_id=ROOT_USER_ID,
+        )
+    return checks
+
+
 def _stop_and_swap(
     container: ops.Container,
     service: str,
-    paths: Sequence[str],
+    manifest: BackupManifest,
     staging_dir: str,
     previous_dir: str,
-) -> None:
-    """Stop Synapse, swap the data, and start Synapse again whatever happened.
+) -> list[str]:
+    """Stop Synapse, swap the data, and start Synapse again unless that would harm it.
+
+    The live paths to replace are listed once Synapse is stopped, so that
+    nothing it created meanwhile escapes the swap.
 
     Args:
         container: Synapse Container.
         service: the Pebble service.
-        paths: the live paths to replace.
+        manifest: the restored backup's manifest.
         staging_dir: the extracted backup.
         previous_dir: where the live data goes.
+
+    Returns:
+        The live paths replaced.
 
     Raises:
         BackupError: if the swap failed (the data was put back) or Synapse
@@ -2313,16 +2445,22 @@ def _stop_and_swap(
     """
     pebble_errors = (ops.pebble.ChangeError, ops.pebble.APIError, ops.pebble.TimeoutError)
     has_service = service in container.get_plan().services
+    start = has_service
     try:
         if has_service:
             try:
                 container.stop(service)
             except pebble_errors as exc:
                 raise BackupError(f"Synapse could not be stopped: {exc}") from exc
+        paths = _swap_paths(container, manifest)
         _swap_in(container, paths, staging_dir, previous_dir)
+    except IncompleteRollbackError:
+        start = False  # never start Synapse on half-restored data
+        raise
     finally:
-        if has_service:
+        if start:
             try:
                 container.start(service)
             except pebble_errors as exc:
                 raise BackupError(f"Synapse did not start again: {exc}") from exc
+    return paths

@@ -208,6 +208,10 @@ class BackupObserver(ops.Object):
         if not container.can_connect():
             event.fail(f"cannot {what}: the synapse container is not reachable yet")
             return None
+        problem = backup.recover_interrupted_restore(container)
+        if problem:
+            event.fail(f"cannot {what}: {problem}")
+            return None
         if not container.exists(backup.SYNAPSE_CONFIG_PATH):
             event.fail(f"cannot {what}: Synapse has not been configured yet (set server-name)")
             return None

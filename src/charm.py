@@ -8,6 +8,7 @@ import re
 
 import ops
 
+import backup
 import synapse
 from backup_observer import BackupObserver
 
@@ -32,6 +33,7 @@ class SynapseCharm(ops.CharmBase):
         framework.observe(self.on.synapse_pebble_ready, self._reconcile)
         framework.observe(self.on.config_changed, self._reconcile)
         framework.observe(self.on.upgrade_charm, self._reconcile)
+        framework.observe(self.on.update_status, self._reconcile)
         framework.observe(self.on.collect_unit_status, self._on_collect_unit_status)
 
     def _server_name_problem(self) -> str | None:
@@ -55,8 +57,15 @@ class SynapseCharm(ops.CharmBase):
         return None
 
     def _reconcile(self, _: ops.EventBase) -> None:
-        """Generate Synapse's configuration once and keep its service running."""
-        if self._server_name_problem() or not self.container.can_connect():
+        """Generate Synapse's configuration once and keep its service running.
+
+        A restore that a dying charm left half swapped is rolled back first;
+        if that fails nothing else happens (the unit is Blocked): generating
+        a configuration or starting Synapse on half-restored data would harm it.
+        """
+        if not self.container.can_connect():
+            return
+        if backup.recover_interrupted_restore(self.container) or self._server_name_problem():
             return
         if synapse.configured_server_name(self.container) is None:
             logger.info("generating the Synapse configuration")
@@ -71,6 +80,13 @@ class SynapseCharm(ops.CharmBase):
             event: the collect-status event.
         """
         problem = self._server_name_problem()
+        if self.container.can_connect() and self.container.exists(backup.RESTORE_JOURNAL):
+            event.add_status(
+                ops.BlockedStatus(
+                    "an interrupted restore could not be rolled back: "
+                    f"see {backup.RESTORE_JOURNAL}"
+                )
+            )
         if problem:
             event.add_status(ops.BlockedStatus(problem))
         elif not self.container.can_connect():

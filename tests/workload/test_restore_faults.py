@@ -560,12 +560,6 @@ def test_s3_killed_mid_download_leaves_live_data(
     assert_nothing_changed(scene, before, failure)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the message keeps only the last 5 stderr lines (_tail), which are gpg's and "
-    "tar's complaints ('tar: Unexpected EOF in archive'); the aws error that says the S3 "
-    "connection broke ('Connection broken: IncompleteRead ...') is cut off",
-)
 def test_s3_killed_mid_download_says_s3_failed(
     harness: testing.Harness[SynapseCharm], service_calls: ServiceCalls, tmp_path: Path
 ) -> None:
@@ -618,12 +612,6 @@ def test_swap_failure_puts_the_previous_data_back(scene: Scene, n: int) -> None:
     assert_nothing_changed(scene, before, failure, stopped=True, empty_leftovers_ok=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: after a swap failure that was undone, run_restore leaves the empty "
-    "/data/.synapse-previous-<id>-<token>/data/... directories that _move's mkdir -p "
-    "created (previous_dir is removed only on success)",
-)
 def test_swap_failure_leaves_no_previous_dir(scene: Scene) -> None:
     """The 3rd rename fails after the first path was swapped: no previous-data dir stays."""
     _, handle = _fail_nth_mv(scene.root, {3})
@@ -664,15 +652,15 @@ def test_failed_undo_keeps_the_previous_data(scene: Scene) -> None:
         scene.data.glob(f"{backup.PREVIOUS_DATA_PREFIX}*/data/media_store/local_thumbnails")
     )
     assert len(kept) == 1
-    assert scene.service_calls[-1] == START
-    assert not list(scene.data.glob(f"{backup.RESTORE_STAGING_PREFIX}*"))
+    # Synapse must not start on half-restored data: it stays stopped, the
+    # restored data stays in staging and the journal blocks the unit.
+    assert scene.service_calls[-1] != START
+    assert list(scene.data.glob(f"{backup.RESTORE_STAGING_PREFIX}*"))
+    assert (scene.root / backup.RESTORE_JOURNAL.lstrip("/")).exists()
+    scene.harness.evaluate_status()
+    assert "interrupted restore" in scene.harness.model.unit.status.message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: when undoing a failed swap fails too, the action's message does not say "
-    "that data was left in /data/.synapse-previous-<id>-<token> (only a log line does)",
-)
 def test_failed_undo_says_where_the_previous_data_is(scene: Scene) -> None:
     """The operator must learn from the action where the data that is not back is."""
     _, handle = _fail_nth_mv(scene.root, {14, 15})
