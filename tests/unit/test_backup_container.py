@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import pathlib
+import subprocess
 from collections.abc import Iterator
 from typing import Any
 from unittest import mock
@@ -26,6 +27,10 @@ SECRET_KEY = "container-secret-key-77c1"
 PASSPHRASE = "container-passphrase-e04d"
 SHA256 = "ab" * 32
 BACKUP_ID = "20250101T000000Z"
+PARENT_ID = "20241231T000000Z"
+WORK_TOKEN = "0123456789abcdef"
+WORK_DIR = f"{backup.WORK_DIR_PREFIX}{WORK_TOKEN}"
+BACKUP_NAMES = (BACKUP_ID, f"{BACKUP_ID}.manifest.json", f"{BACKUP_ID}.snar.gpg")
 EXPECTED_PATHS = [
     "/data/appservices/bridge.yaml",
     "/data/example.com.log.config",
@@ -351,6 +356,126 @@ def test_run_in_container_redacts_secrets(ctx: testing.Context, data_dir: pathli
     assert PASSPHRASE not in message
 
 
+def _change_error(message: str) -> ops.pebble.ChangeError:
+    change = ops.pebble.Change.from_dict(
+        {
+            "id": "7",
+            "kind": "exec",
+            "summary": message,
+            "status": "Error",
+            "ready": True,
+            "err": message,
+            "spawn-time": "2025-01-01T00:00:00Z",
+            "tasks": [],
+        }
+    )
+    return ops.pebble.ChangeError(message, change)
+
+
+PEBBLE_ERRORS = [
+    pytest.param(ops.pebble.APIError({}, 500, "Internal Server Error", "boom"), id="api-error"),
+    pytest.param(_change_error("boom"), id="change-error"),
+    pytest.param(ops.pebble.TimeoutError("boom: timed out"), id="timeout"),
+]
+
+
+@pytest.mark.parametrize("error", PEBBLE_ERRORS)
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        pytest.param(
+            lambda container: backup.calculate_size(container, ["/data/a"]),
+            "cannot measure the backup size: ",
+            id="calculate-size",
+        ),
+        pytest.param(
+            lambda container: backup._move(container, "/data/a", "/data/b"),
+            "cannot move /data/a to /data/b: ",
+            id="move",
+        ),
+        pytest.param(
+            lambda container: backup.run_in_container(
+                container, ["bash", "-c", "true"], {}, what="the test"
+            ),
+            "the test ",
+            id="run-in-container",
+        ),
+    ],
+)
+def test_pebble_errors_become_backup_errors(
+    ctx: testing.Context, data_dir: pathlib.Path, error: Exception, call: Any, message: str
+):
+    """Pebble failing to run a command (API, change or timeout) is a BackupError, not a crash."""
+    with (
+        live_container(ctx, data_dir) as container,
+        mock.patch.object(container, "exec", side_effect=error),
+        pytest.raises(backup.BackupError) as exc_info,
+    ):
+        call(container)
+
+    assert str(exc_info.value).startswith(message)
+    assert exc_info.value.__cause__ is error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        pytest.param(_change_error("boom"), id="change-error"),
+        pytest.param(ops.pebble.TimeoutError("boom: timed out"), id="timeout"),
+    ],
+)
+def test_check_tools_pebble_errors(ctx: testing.Context, data_dir: pathlib.Path, error: Exception):
+    """A tool check that Pebble cannot finish is a BackupError."""
+    with (
+        live_container(ctx, data_dir) as container,
+        mock.patch.object(container, "exec", side_effect=error),
+        pytest.raises(backup.BackupError, match=r"^cannot check the workload's tools: boom"),
+    ):
+        backup.check_tools(container)
+
+
+def test_run_in_container_redacts_pebble_errors(ctx: testing.Context, data_dir: pathlib.Path):
+    """A Pebble error naming a secret is shown with the secret replaced."""
+    error = ops.pebble.APIError({}, 400, "Bad Request", f"bad environment {SECRET_KEY}")
+    with (
+        live_container(ctx, data_dir) as container,
+        mock.patch.object(container, "exec", side_effect=error),
+        pytest.raises(backup.BackupError) as exc_info,
+    ):
+        backup.run_in_container(
+            container, ["true"], {}, secrets_to_hide=(SECRET_KEY,), what="the test"
+        )
+
+    assert str(exc_info.value) == "the test could not run: bad environment ***"
+
+
+def test_prepare_container_pebble_error(ctx: testing.Context, data_dir: pathlib.Path):
+    """A work dir Pebble cannot make is a BackupError."""
+    error = ops.pebble.APIError({}, 500, "Internal Server Error", "disk full")
+    with (
+        live_container(ctx, data_dir) as container,
+        mock.patch.object(container, "make_dir", side_effect=error),
+        pytest.raises(
+            backup.BackupError, match=r"^cannot prepare the backup work directory: disk full"
+        ),
+    ):
+        backup.prepare_container(container, _params(), PASSPHRASE, work_dir="/tmp/w")
+
+
+def test_remove_quietly_logs(
+    ctx: testing.Context, data_dir: pathlib.Path, caplog: pytest.LogCaptureFixture
+):
+    """A path that cannot be removed is logged, not raised: it is clean-up."""
+    error = ops.pebble.PathError("generic-file-error", "permission denied")
+    with (
+        live_container(ctx, data_dir) as container,
+        mock.patch.object(container, "remove_path", side_effect=error),
+    ):
+        backup._remove_quietly(container, "/tmp/w")
+
+    assert "could not remove /tmp/w from the container: " in caplog.text
+
+
 # --- the private work directory -------------------------------------------------------------
 
 
@@ -405,11 +530,23 @@ def test_prepared_container_removed_on_error(ctx: testing.Context, data_dir: pat
 
 @pytest.fixture
 def s3_client() -> Iterator[mock.MagicMock]:
-    """Replace S3Client by a mock; by default no backup exists and uploads are 1234 bytes."""
+    """Replace S3Client by a mock: no backup exists yet, and uploads are 1234 bytes.
+
+    object_size answers, in order: the archive, manifest and snapshot-state names
+    are free, then the uploaded archive has 1234 bytes.
+    """
     client = mock.create_autospec(backup.S3Client, instance=True)
-    client.object_size.side_effect = [None, None, 1234]
+    client.list_backups.return_value = []
+    client.object_size.side_effect = [None, None, None, 1234]
     with mock.patch.object(backup, "S3Client", return_value=client):
         yield client
+
+
+@pytest.fixture
+def fixed_work_dir() -> Iterator[str]:
+    """Make the random work directory predictable, so commands can be canned exactly."""
+    with mock.patch.object(backup.secrets, "token_hex", return_value=WORK_TOKEN):
+        yield WORK_DIR
 
 
 @pytest.fixture
@@ -423,15 +560,54 @@ DU = testing.Exec(["du"], stdout="4096\ttotal\n")
 PIPELINE_OK = testing.Exec(["bash", "-c"], stdout=f"{SHA256} 1234 6\n")
 
 
-@pytest.mark.usefixtures("tools_present")
-def test_run_backup(ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock):
-    """A backup streams the pipeline, checks the upload and then commits the manifest.
+def _parent(backup_id: str = PARENT_ID, **changes: Any) -> backup.BackupManifest:
+    """A committed full backup that an incremental one can build on."""
+    values: dict[str, Any] = {
+        "backup_id": backup_id,
+        "created_at": "2024-12-31T00:00:00+00:00",
+        "paths": (*EXPECTED_PATHS, "/data/homeserver.db"),
+        "file_count": 9,
+        "size": 999,
+        "sha256": "cd" * 32,
+        "duration": 1.0,
+    }
+    values.update(changes)
+    return backup.BackupManifest(**values)
 
-    Arrange: Synapse's /data; S3 (mocked) has no such backup and then 1234 bytes.
-    Act: run_backup.
-    Assert: the manifest; the pipeline ran as the Synapse user with the credentials
-        in its environment only; the manifest was written; nothing was deleted; the
-        work dir is gone; progress was logged.
+
+def _keep_state_command(backup_id: str = BACKUP_ID) -> list[str]:
+    """The command _keep_snapshot_state runs, captured from a stand-in container."""
+    container = mock.MagicMock(spec=ops.Container)
+    container.exec.return_value.wait_output.return_value = ("", "")
+    backup._keep_snapshot_state(container, backup_id, WORK_DIR)
+    (command,), _ = container.exec.call_args
+    return command
+
+
+def _put_manifest(s3_client: mock.MagicMock) -> dict[str, Any]:
+    """The manifest run_backup wrote, as a JSON document."""
+    (name, text), _ = s3_client.put_text.call_args
+    assert name == f"{BACKUP_ID}.manifest.json"
+    return json.loads(text)
+
+
+@pytest.mark.usefixtures("tools_present")
+def test_run_backup(
+    ctx: testing.Context,
+    synapse_data: pathlib.Path,
+    s3_client: mock.MagicMock,
+    fixed_work_dir: str,
+):
+    """A full backup streams the pipeline, checks the upload, commits, then keeps its state.
+
+    Arrange: Synapse's /data; S3 (mocked) has no backup yet, then 1234 bytes.
+    Act: run_backup (type auto: with nothing to build on, a full backup).
+    Assert: the manifest (type full, no parent, the database recorded); the
+        pipeline ran as the Synapse user with the credentials in its environment
+        only, starting a listed-incremental state and uploading it encrypted; the
+        state was kept in the container by a separate command without
+        credentials; the manifest was written; nothing was deleted; the work dir
+        is gone; progress was logged.
     """
     logs: list[str] = []
     with live_container(ctx, synapse_data, execs=[DU, PIPELINE_OK]) as container:
@@ -443,31 +619,513 @@ def test_run_backup(ctx: testing.Context, synapse_data: pathlib.Path, s3_client:
             metadata={"server-name": "example.com"},
             log=logs.append,
         )
-        du, pipeline = ctx.exec_history["synapse"]
-        work_dir = pipeline.environment["HOME"]
-        assert not container.exists(work_dir)
+        du, pipeline, keep_state = ctx.exec_history["synapse"]
+        assert not container.exists(WORK_DIR)
 
     assert manifest.backup_id == BACKUP_ID
+    assert (manifest.backup_type, manifest.parent) == ("full", "")
     assert (manifest.size, manifest.sha256, manifest.file_count) == (1234, SHA256, 6)
     assert manifest.paths == (*EXPECTED_PATHS, "/data/homeserver.db")
-    assert manifest.metadata == {"server-name": "example.com"}
+    assert manifest.metadata == {
+        "server-name": "example.com",
+        "database-path": "/data/homeserver.db",
+    }
     assert du.command[-len(manifest.paths) :] == list(manifest.paths)
     assert pipeline.command[:2] == ["bash", "-c"]
     assert (pipeline.user_id, pipeline.group_id) == (991, 991)
     assert pipeline.environment["AWS_SECRET_ACCESS_KEY"] == SECRET_KEY
-    assert work_dir.startswith(backup.WORK_DIR_PREFIX)
+    assert pipeline.environment["HOME"] == WORK_DIR
+    script = pipeline.command[2]
     for value in (SECRET_KEY, PASSPHRASE):
-        assert value not in pipeline.command[2]
-    assert "--add-file=data/homeserver.yaml" in pipeline.command[2]
-    s3_client.object_size.assert_has_calls(
-        [mock.call(BACKUP_ID), mock.call(f"{BACKUP_ID}.manifest.json"), mock.call(BACKUP_ID)]
-    )
-    (name, text), _ = s3_client.put_text.call_args
-    assert name == f"{BACKUP_ID}.manifest.json"
-    assert json.loads(text)["sha256"] == SHA256
+        assert value not in script
+    assert "--add-file=data/homeserver.yaml" in script
+    assert f"--listed-incremental={WORK_DIR}/{backup.SNAPSHOT_STATE_FILE}" in script
+    assert f" - s3://synapse-backups/{BACKUP_ID}.snar.gpg\n" in script
+    assert keep_state.command == _keep_state_command()
+    assert keep_state.environment == {}
+    assert (keep_state.user_id, keep_state.group_id) == (991, 991)
+    s3_client.list_backups.assert_called_once_with()
+    s3_client.chain.assert_not_called()
+    assert s3_client.object_size.call_args_list == [
+        mock.call(name) for name in (*BACKUP_NAMES, BACKUP_ID)
+    ]
+    document = _put_manifest(s3_client)
+    assert document["sha256"] == SHA256
+    assert (document["type"], document["parent"]) == ("full", "")
+    assert document["database-path"] == "/data/homeserver.db"
     s3_client.delete_objects.assert_not_called()
-    assert logs[0] == "backing up 7 paths, about 4096 bytes"
+    assert logs[:2] == [
+        "making a full backup: there is no full backup to build on",
+        "full backup of 7 paths, about 4096 bytes",
+    ]
     assert logs[-1] == "writing the manifest"
+
+
+def test_keep_state_command():
+    """The new state replaces the kept one atomically, in a private directory.
+
+    It is copied beside its final name and renamed, and every other kept state
+    is removed; the script is valid bash and names no S3 or gpg secret.
+    """
+    command = _keep_state_command()
+
+    assert command[:2] == ["bash", "-c"]
+    lines = command[2].splitlines()
+    state_dir = backup.STATE_DIR
+    target = f"{state_dir}/{BACKUP_ID}.snar"
+    assert lines[0] == "set -o errexit -o nounset"
+    assert lines[1] == f"mkdir -p -m 700 -- {state_dir}"
+    assert lines[2] == f"cp -- {WORK_DIR}/{backup.SNAPSHOT_STATE_FILE} {target}.tmp"
+    assert lines[3] == f"mv -- {target}.tmp {target}"
+    assert lines[4:] == [
+        f"for old in {state_dir}/*.snar; do",
+        f'  [ "$old" = {target} ] || rm -f -- "$old"',
+        "done",
+    ]
+    assert subprocess.run(["bash", "-n", "-c", command[2]], check=False).returncode == 0
+
+
+@pytest.mark.usefixtures("tools_present")
+def test_run_backup_state_not_kept_is_only_logged(
+    ctx: testing.Context,
+    synapse_data: pathlib.Path,
+    s3_client: mock.MagicMock,
+    fixed_work_dir: str,
+    caplog: pytest.LogCaptureFixture,
+):
+    """A committed backup stays committed when its state cannot be kept in the container.
+
+    S3 has the encrypted state, from which the next backup continues the chain.
+    """
+    failing = testing.Exec(
+        _keep_state_command(), return_code=1, stderr="cp: No space left on device\n"
+    )
+
+    with live_container(ctx, synapse_data, execs=[DU, PIPELINE_OK, failing]) as container:
+        manifest = backup.run_backup(container, _params(), BACKUP_ID, PASSPHRASE)
+        assert not container.exists(WORK_DIR)
+
+    assert manifest.backup_id == BACKUP_ID
+    assert ctx.exec_history["synapse"][-1].command == _keep_state_command()
+    s3_client.put_text.assert_called_once()
+    s3_client.delete_objects.assert_not_called()
+    assert (
+        "keeping the snapshot state failed (exit code 1): cp: No space left on device"
+        in caplog.text
+    )
+
+
+ROOT_ID = "20241230T000000Z"
+
+
+def _chain() -> list[backup.BackupManifest]:
+    """The newest backup's chain, oldest first: a full backup and PARENT_ID on it."""
+    return [_parent(ROOT_ID), _parent(backup_type="incremental", parent=ROOT_ID)]
+
+
+def _probe_command() -> list[str]:
+    """The passphrase probe on the chain's full backup (its first bytes, in the work dir)."""
+    gpg = backup._gpg_command(f"{WORK_DIR}/{backup.PASSPHRASE_FILE}", "--decrypt")
+    script = backup._script(
+        [
+            *backup._script_preamble(WORK_DIR),
+            [*gpg, "--output", "/dev/null", f"{WORK_DIR}/probe.gpg"],
+        ]
+    )
+    return ["bash", "-c", script]
+
+
+def _incremental_s3(s3_client: mock.MagicMock, *, remote_state: bool = True) -> None:
+    """S3 (mocked) with an intact newest chain whose full backup's first bytes read fine."""
+    chain = _chain()
+    s3_client.list_backups.return_value = list(reversed(chain))
+    s3_client.chain.return_value = chain
+    s3_client.read_object.return_value = b"\x8c\x0d encrypted head"
+    # The names are free, the parent's state is in S3 (or not), the upload has 1234 bytes.
+    s3_client.object_size.side_effect = [None, None, None, 321 if remote_state else None, 1234]
+
+
+def _keep_local_state(data_dir: pathlib.Path) -> None:
+    state_dir = data_dir / backup.STATE_DIR.removeprefix("/data/")
+    state_dir.mkdir()
+    (state_dir / f"{PARENT_ID}.snar").write_bytes(b"GNU tar-1.34-2\n")
+
+
+@pytest.mark.usefixtures("tools_present")
+@pytest.mark.parametrize("backup_type", ["auto", "incremental"])
+@pytest.mark.parametrize("local", [True, False], ids=["local-state", "state-from-s3"])
+def test_run_backup_incremental(
+    ctx: testing.Context,
+    synapse_data: pathlib.Path,
+    s3_client: mock.MagicMock,
+    fixed_work_dir: str,
+    *,
+    backup_type: str,
+    local: bool,
+):
+    """An incremental backup builds on the newest backup and its tar snapshot state.
+
+    Arrange: S3 (mocked) lists the newest backup (an incremental one) and its
+        full backup, an intact chain; the newest one's state is in the container,
+        or only in S3.
+    Act: run_backup.
+    Assert: the passphrase is probed on the chain's full backup, as the Synapse
+        user; the parent's state is put in the work dir (copied, or downloaded and
+        decrypted with the credentials in the environment only); the pipeline
+        continues it; the new state is kept; the manifest is an incremental one
+        on the newest backup.
+    """
+    _incremental_s3(s3_client)
+    if local:
+        _keep_local_state(synapse_data)
+    parent = _chain()[-1]
+    state_command = backup._snapshot_state_commands(_params(), parent, local, WORK_DIR)
+    execs = [DU, testing.Exec(_probe_command()), testing.Exec(state_command), PIPELINE_OK]
+    logs: list[str] = []
+
+    with live_container(ctx, synapse_data, execs=execs) as container:
+        manifest = backup.run_backup(
+            container, _params(), BACKUP_ID, PASSPHRASE, backup_type=backup_type, log=logs.append
+        )
+
+    _, probe, state, pipeline, keep_state = ctx.exec_history["synapse"]
+    assert probe.command == _probe_command()
+    assert (probe.user_id, probe.group_id) == (991, 991)
+    s3_client.read_object.assert_called_once_with(
+        ROOT_ID, first_bytes=backup.PASSPHRASE_PROBE_BYTES
+    )
+    assert state.command == state_command
+    script = state.command[2]
+    target = f"{WORK_DIR}/{backup.SNAPSHOT_STATE_FILE}"
+    if local:
+        assert f"cp -- {backup.STATE_DIR}/{PARENT_ID}.snar {target}" in script.splitlines()
+        assert "aws" not in script.split()
+    else:
+        assert (
+            f"env AWS_CONFIG_FILE={WORK_DIR}/aws-config-download aws s3api get-object "
+            f"--bucket synapse-backups --key={PARENT_ID}.snar.gpg /dev/fd/3 3>&1 >/dev/null"
+            " | gpg "
+        ) in script
+        assert script.endswith(f" --decrypt --output {target}")
+    for value in (SECRET_KEY, PASSPHRASE):
+        assert value not in script
+    assert state.environment == pipeline.environment
+    assert (state.user_id, state.group_id) == (991, 991)
+    assert f"--listed-incremental={target}" in pipeline.command[2]
+    assert keep_state.command == _keep_state_command()
+    assert (manifest.backup_type, manifest.parent) == ("incremental", PARENT_ID)
+    document = _put_manifest(s3_client)
+    assert (document["type"], document["parent"]) == ("incremental", PARENT_ID)
+    s3_client.chain.assert_called_once_with(PARENT_ID)
+    assert s3_client.object_size.call_args_list == [
+        *(mock.call(name) for name in BACKUP_NAMES),
+        mock.call(f"{PARENT_ID}.snar.gpg"),
+        mock.call(BACKUP_ID),
+    ]
+    assert logs[0] == f"incremental on {PARENT_ID} backup of 7 paths, about 4096 bytes"
+    s3_client.delete_objects.assert_not_called()
+
+
+WRONG_PASSPHRASE = testing.Exec(
+    _probe_command(), return_code=2, stderr="gpg: decryption failed: Bad session key\n"
+)
+
+
+def _state_unreadable() -> testing.Exec:
+    """The download of the parent's state failing (the state is in S3 only)."""
+    command = backup._snapshot_state_commands(_params(), _chain()[-1], False, WORK_DIR)
+    return testing.Exec(
+        command, return_code=2, stderr=f"An error occurred (AccessDenied) for {SECRET_KEY}\n"
+    )
+
+
+PARENT_UNUSABLE = [
+    pytest.param(
+        [WRONG_PASSPHRASE],
+        f"the backup passphrase does not decrypt backup {ROOT_ID}",
+        id="passphrase-changed",
+    ),
+    pytest.param(
+        [testing.Exec(_probe_command()), _state_unreadable()],
+        f"reading the snapshot state of {PARENT_ID} failed (exit code 2): "
+        "An error occurred (AccessDenied) for ***",
+        id="state-unreadable",
+    ),
+]
+
+
+@pytest.mark.usefixtures("tools_present")
+@pytest.mark.parametrize(("execs", "problem"), PARENT_UNUSABLE)
+def test_run_backup_auto_full_when_the_parent_cannot_be_used(
+    ctx: testing.Context,
+    synapse_data: pathlib.Path,
+    s3_client: mock.MagicMock,
+    fixed_work_dir: str,
+    *,
+    execs: list[testing.Exec],
+    problem: str,
+):
+    """Type auto makes a full backup when the chain cannot go on, saying why.
+
+    After a passphrase change, a chain restored with the new passphrase could not
+    be read: a new chain starts. A parent state that cannot be read does the same.
+    """
+    _incremental_s3(s3_client)
+    logs: list[str] = []
+
+    with live_container(ctx, synapse_data, execs=[DU, *execs, PIPELINE_OK]) as container:
+        manifest = backup.run_backup(container, _params(), BACKUP_ID, PASSPHRASE, log=logs.append)
+
+    assert (manifest.backup_type, manifest.parent) == ("full", "")
+    assert logs[:2] == [
+        f"making a full backup: {problem}",
+        "full backup of 7 paths, about 4096 bytes",
+    ]
+    commands = [call.command for call in ctx.exec_history["synapse"]]
+    assert commands[1 : 1 + len(execs)] == [list(exec_.command_prefix) for exec_ in execs]
+    assert commands[-1] == _keep_state_command()
+    for line in logs:
+        assert SECRET_KEY not in line
+    s3_client.delete_objects.assert_not_called()
+
+
+@pytest.mark.usefixtures("tools_present")
+def test_run_backup_full_fallback_starts_from_no_state(
+    ctx: testing.Context,
+    synapse_data: pathlib.Path,
+    s3_client: mock.MagicMock,
+    fixed_work_dir: str,
+):
+    """A state download that failed half way is removed: the full backup starts from nothing.
+
+    Otherwise tar would read the partial state and make an incremental archive
+    recorded as a full backup.
+    """
+    _incremental_s3(s3_client)
+    failing = _state_unreadable()
+    target = f"{WORK_DIR}/{backup.SNAPSHOT_STATE_FILE}"
+    state_at_pipeline: list[bool] = []
+
+    with live_container(
+        ctx, synapse_data, execs=[DU, testing.Exec(_probe_command()), failing, PIPELINE_OK]
+    ) as container:
+        real_exec = container.exec
+
+        def exec_(command: list[str], **kwargs: Any) -> Any:
+            if command == list(failing.command_prefix):
+                container.push(target, "GNU tar-1.34-2\npartial", make_dirs=True)
+            elif "tar --create" in command[-1]:
+                state_at_pipeline.append(container.exists(target))
+            return real_exec(command, **kwargs)
+
+        with mock.patch.object(container, "exec", side_effect=exec_):
+            manifest = backup.run_backup(container, _params(), BACKUP_ID, PASSPHRASE)
+
+    assert manifest.backup_type == "full"
+    assert state_at_pipeline == [False]
+
+
+@pytest.mark.usefixtures("tools_present")
+@pytest.mark.parametrize(("execs", "problem"), PARENT_UNUSABLE)
+def test_run_backup_incremental_fails_when_the_parent_cannot_be_used(
+    ctx: testing.Context,
+    synapse_data: pathlib.Path,
+    s3_client: mock.MagicMock,
+    fixed_work_dir: str,
+    *,
+    execs: list[testing.Exec],
+    problem: str,
+):
+    """type=incremental fails saying why the chain cannot go on; nothing is uploaded.
+
+    The pipeline never runs, the names the backup would have written are
+    cleared, and the work dir is removed.
+    """
+    _incremental_s3(s3_client)
+
+    with live_container(ctx, synapse_data, execs=[DU, *execs, PIPELINE_OK]) as container:
+        with pytest.raises(backup.BackupError) as exc_info:
+            backup.run_backup(
+                container, _params(), BACKUP_ID, PASSPHRASE, backup_type="incremental"
+            )
+        assert not container.exists(WORK_DIR)
+
+    assert str(exc_info.value) == f"cannot make an incremental backup: {problem}"
+    commands = [call.command for call in ctx.exec_history["synapse"]]
+    assert commands[1:] == [list(exec_.command_prefix) for exec_ in execs]
+    s3_client.put_text.assert_not_called()
+    s3_client.delete_objects.assert_called_once_with(BACKUP_NAMES)
+
+
+@pytest.mark.usefixtures("tools_present")
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: _parent_state runs the snapshot-state command with "
+    "secrets_to_hide=(secret_key,) only, where every other pipeline hides the passphrase "
+    "too: error output naming the passphrase reaches the action's log (auto) or its "
+    "failure message (type=incremental) unredacted",
+)
+def test_run_backup_parent_state_error_hides_the_passphrase(
+    ctx: testing.Context,
+    synapse_data: pathlib.Path,
+    s3_client: mock.MagicMock,
+    fixed_work_dir: str,
+):
+    """The state download's error output is shown with every secret replaced by ***."""
+    _incremental_s3(s3_client)
+    command = backup._snapshot_state_commands(_params(), _chain()[-1], False, WORK_DIR)
+    failing = testing.Exec(
+        command, return_code=2, stderr=f"gpg: bad passphrase file: {PASSPHRASE}\n"
+    )
+
+    with (
+        live_container(
+            ctx, synapse_data, execs=[DU, testing.Exec(_probe_command()), failing]
+        ) as container,
+        pytest.raises(backup.BackupError) as exc_info,
+    ):
+        backup.run_backup(container, _params(), BACKUP_ID, PASSPHRASE, backup_type="incremental")
+
+    assert "gpg: bad passphrase file: ***" in str(exc_info.value)
+    assert PASSPHRASE not in str(exc_info.value)
+
+
+BROKEN_CHAIN = (
+    f"backup {PARENT_ID} depends on 20241201T000000Z, which is missing or incomplete: "
+    f"the chain of {PARENT_ID} is broken"
+)
+NO_PARENT = [
+    pytest.param({}, None, "there is no full backup to build on", id="no-backup"),
+    pytest.param(
+        {"list_backups": [_parent()]},
+        backup.S3Error(BROKEN_CHAIN, option="backup-id"),
+        BROKEN_CHAIN,
+        id="broken-chain",
+    ),
+    pytest.param(
+        {"list_backups": [_parent()]},
+        [_parent()],
+        f"the newest backup {PARENT_ID} has no snapshot state",
+        id="no-snapshot-state",
+    ),
+    pytest.param(
+        {"list_backups": backup.S3Error("cannot list the backups: AccessDenied")},
+        None,
+        "cannot list the backups: AccessDenied",
+        id="cannot-list",
+    ),
+]
+
+
+def _no_parent_s3(s3_client: mock.MagicMock, listing: dict[str, Any], chain: Any) -> None:
+    """Set up S3 (mocked) for a backup that has nothing to build on."""
+    backups = listing.get("list_backups", [])
+    if isinstance(backups, Exception):
+        s3_client.list_backups.side_effect = backups
+    else:
+        s3_client.list_backups.return_value = backups
+    if isinstance(chain, Exception):
+        s3_client.chain.side_effect = chain
+    else:
+        s3_client.chain.return_value = chain
+    # The names are free; no snapshot state in S3 (if asked); the upload has 1234 bytes.
+    sizes: list[int | None] = [None, None, None]
+    if chain and not isinstance(chain, Exception):
+        sizes.append(None)
+    s3_client.object_size.side_effect = [*sizes, 1234]
+
+
+@pytest.mark.usefixtures("tools_present")
+@pytest.mark.parametrize(("listing", "chain", "problem"), NO_PARENT)
+def test_run_backup_auto_falls_back_to_full(
+    ctx: testing.Context,
+    synapse_data: pathlib.Path,
+    s3_client: mock.MagicMock,
+    *,
+    listing: dict[str, Any],
+    chain: Any,
+    problem: str,
+):
+    """Without an intact newest chain and its state, type auto makes a full backup, saying why."""
+    _no_parent_s3(s3_client, listing, chain)
+    logs: list[str] = []
+
+    with live_container(ctx, synapse_data, execs=[DU, PIPELINE_OK]) as container:
+        manifest = backup.run_backup(
+            container, _params(), BACKUP_ID, PASSPHRASE, backup_type="auto", log=logs.append
+        )
+
+    assert (manifest.backup_type, manifest.parent) == ("full", "")
+    assert logs[:2] == [
+        f"making a full backup: {problem}",
+        "full backup of 7 paths, about 4096 bytes",
+    ]
+    # du, the pipeline and keeping the state: no parent state was fetched.
+    assert len(ctx.exec_history["synapse"]) == 3
+    document = _put_manifest(s3_client)
+    assert (document["type"], document["parent"]) == ("full", "")
+
+
+@pytest.mark.usefixtures("tools_present")
+@pytest.mark.parametrize(("listing", "chain", "problem"), NO_PARENT)
+def test_run_backup_incremental_impossible(
+    ctx: testing.Context,
+    synapse_data: pathlib.Path,
+    s3_client: mock.MagicMock,
+    *,
+    listing: dict[str, Any],
+    chain: Any,
+    problem: str,
+):
+    """An incremental backup asked for without anything to build on fails before anything runs."""
+    _no_parent_s3(s3_client, listing, chain)
+
+    with (
+        live_container(ctx, synapse_data, execs=[DU, PIPELINE_OK]) as container,
+        pytest.raises(backup.BackupError) as exc_info,
+    ):
+        backup.run_backup(container, _params(), BACKUP_ID, PASSPHRASE, backup_type="incremental")
+
+    assert str(exc_info.value) == f"cannot make an incremental backup: {problem}"
+    assert ctx.exec_history == {}
+    s3_client.put_text.assert_not_called()
+    s3_client.delete_objects.assert_not_called()
+
+
+@pytest.mark.usefixtures("tools_present")
+def test_run_backup_full_on_request(
+    ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock
+):
+    """type=full ignores the existing backups: no parent is looked for."""
+    s3_client.list_backups.return_value = [_parent()]
+
+    with live_container(ctx, synapse_data, execs=[DU, PIPELINE_OK]) as container:
+        manifest = backup.run_backup(
+            container, _params(), BACKUP_ID, PASSPHRASE, backup_type="full"
+        )
+
+    assert (manifest.backup_type, manifest.parent) == ("full", "")
+    s3_client.list_backups.assert_not_called()
+    s3_client.chain.assert_not_called()
+    assert len(ctx.exec_history["synapse"]) == 3
+
+
+@pytest.mark.usefixtures("tools_present")
+def test_run_backup_unknown_type(
+    ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock
+):
+    """An unknown backup type is refused before anything runs or is written."""
+    with (
+        live_container(ctx, synapse_data, execs=[DU, PIPELINE_OK]) as container,
+        pytest.raises(
+            backup.BackupError,
+            match="unknown backup type 'differential': use full or incremental",
+        ),
+    ):
+        backup.run_backup(container, _params(), BACKUP_ID, PASSPHRASE, backup_type="differential")
+
+    assert ctx.exec_history == {}
+    s3_client.put_text.assert_not_called()
 
 
 @pytest.mark.usefixtures("tools_present")
@@ -476,35 +1134,35 @@ def test_run_backup(ctx: testing.Context, synapse_data: pathlib.Path, s3_client:
     [
         pytest.param(
             testing.Exec(["bash", "-c"], return_code=1, stderr=f"aws: denied for {SECRET_KEY}\n"),
-            [None, None],
+            [None, None, None],
             None,
             "the backup pipeline failed (exit code 1): aws: denied for ***",
             id="pipeline-fails",
         ),
         pytest.param(
             testing.Exec(["bash", "-c"], stdout="no digest\n"),
-            [None, None],
+            [None, None, None],
             None,
             "did not report the archive's digest",
             id="no-digest",
         ),
         pytest.param(
             PIPELINE_OK,
-            [None, None, 999],
+            [None, None, None, 999],
             None,
             "the uploaded object has 999 bytes, the pipeline wrote 1234",
             id="size-mismatch",
         ),
         pytest.param(
             PIPELINE_OK,
-            [None, None, None],
+            [None, None, None, None],
             None,
             "the uploaded object has None bytes",
             id="nothing-uploaded",
         ),
         pytest.param(
             PIPELINE_OK,
-            [None, None, 1234],
+            [None, None, None, 1234],
             backup.S3Error("cannot write object x: AccessDenied"),
             "cannot write object x: AccessDenied",
             id="manifest-not-written",
@@ -525,8 +1183,9 @@ def test_run_backup_failure_discards(
 
     Arrange: S3 (mocked) and a pipeline that fail in one way.
     Act: run_backup.
-    Assert: BackupError with the reason and no secret; the archive and manifest
-        names are deleted; the work dir is gone.
+    Assert: BackupError with the reason and no secret; the archive, manifest and
+        snapshot-state names are deleted; the state is not kept in the container;
+        the work dir is gone.
     """
     s3_client.object_size.side_effect = sizes
     s3_client.put_text.side_effect = put_error
@@ -539,7 +1198,9 @@ def test_run_backup_failure_discards(
 
     assert message in str(exc_info.value)
     assert SECRET_KEY not in str(exc_info.value)
-    s3_client.delete_objects.assert_called_once_with((BACKUP_ID, f"{BACKUP_ID}.manifest.json"))
+    s3_client.delete_objects.assert_called_once_with(BACKUP_NAMES)
+    # du and the pipeline; the state of a failed backup is not kept.
+    assert len(ctx.exec_history["synapse"]) == 2
 
 
 @pytest.mark.usefixtures("tools_present")
@@ -556,6 +1217,8 @@ def test_run_backup_discard_failure_keeps_the_error(
     ):
         backup.run_backup(container, _params(), BACKUP_ID, PASSPHRASE)
 
+    s3_client.delete_objects.assert_called_once_with(BACKUP_NAMES)
+
 
 @pytest.mark.usefixtures("tools_present")
 @pytest.mark.parametrize(
@@ -565,6 +1228,7 @@ def test_run_backup_discard_failure_keeps_the_error(
             None, [10], f"a backup named {BACKUP_ID} exists already", id="archive-exists"
         ),
         pytest.param(None, [None, 2], "exists already", id="manifest-exists"),
+        pytest.param(None, [None, None, 3], "exists already", id="snapshot-state-exists"),
         pytest.param(
             None, [backup.S3Error("cannot read object")], "cannot read object", id="s3-error"
         ),
@@ -596,6 +1260,7 @@ def test_run_backup_never_touches_an_existing_backup(
         backup.run_backup(container, _params(), BACKUP_ID, PASSPHRASE)
 
     assert ctx.exec_history == {}
+    s3_client.list_backups.assert_not_called()
     s3_client.delete_objects.assert_not_called()
     s3_client.put_text.assert_not_called()
 

@@ -25,7 +25,13 @@ from ops import testing
 
 import backup
 import synapse
-from backup_observer import NOT_CONFIGURED, BackupIdParams, RestoreParams, format_backups
+from backup_observer import (
+    NOT_CONFIGURED,
+    BackupIdParams,
+    DeleteParams,
+    RestoreParams,
+    format_backups,
+)
 from tests.unit.builders import (
     PASSPHRASE,
     SECRET_KEY,
@@ -73,11 +79,16 @@ def patched() -> Iterator[Patched]:
         mock.patch.object(backup, "verify_backup", autospec=True) as verify_backup,
     ):
         list_backups.return_value = []
+        delete_backup.return_value = [BACKUP_ID]
         yield Patched(list_backups, delete_backup, run_restore, verify_backup)
 
 
 def _manifest(
-    backup_id: str = BACKUP_ID, *, size: int = 1234, server_name: str | None = SERVER_NAME
+    backup_id: str = BACKUP_ID,
+    *,
+    size: int = 1234,
+    server_name: str | None = SERVER_NAME,
+    parent: str = "",
 ) -> backup.BackupManifest:
     return backup.BackupManifest(
         backup_id=backup_id,
@@ -88,6 +99,8 @@ def _manifest(
         sha256=SHA256,
         duration=1.25,
         metadata={"server-name": server_name} if server_name is not None else {},
+        backup_type="incremental" if parent else "full",
+        parent=parent,
     )
 
 
@@ -174,7 +187,7 @@ def test_bad_backup_id_checked_before_config(
     patched.for_action(action).assert_not_called()
 
 
-@pytest.mark.parametrize("params_class", [BackupIdParams, RestoreParams])
+@pytest.mark.parametrize("params_class", [BackupIdParams, RestoreParams, DeleteParams])
 @pytest.mark.parametrize("backup_id", ["20250102T030405Z", "19991231T235959Z", "00000000T000000Z"])
 def test_params_accept_backup_ids(params_class: type[BackupIdParams], backup_id: str):
     """The params classes accept ids in the backup id format, as new_backup_id makes them."""
@@ -186,6 +199,14 @@ def test_restore_params_defaults():
     params = RestoreParams(backup_id=BACKUP_ID)
 
     assert (params.force, params.keep_previous) == (False, False)
+
+
+def test_delete_params():
+    """The chain param defaults to false; the backup id is checked as for every id action."""
+    assert DeleteParams(backup_id=BACKUP_ID).chain is False
+    assert DeleteParams(backup_id=BACKUP_ID, chain=True).chain is True
+    with pytest.raises(ValueError, match="backup-id must be a backup id"):
+        DeleteParams(backup_id="../x", chain=True)
 
 
 # --- configuration and container preconditions ---------------------------------------------
@@ -314,13 +335,14 @@ def test_list_and_delete_need_no_container(
 def test_list_backups(ctx: testing.Context, data_dir: pathlib.Path, patched: Patched):
     """The backups come back as a table and numbered entries, newest first.
 
-    Arrange: S3Client.list_backups (patched) returns two backups, newest first; the
-        older one has no server name.
+    Arrange: S3Client.list_backups (patched) returns two backups, newest first: an
+        incremental one on the older, full one, which has no server name; no retention.
     Act: run list-backups.
     Assert: formatted is format_backups' table; count; backups numbered from 1 with
-        hyphenated keys; the listed location is logged.
+        hyphenated keys, their type and parent ("none" for a full one), nothing
+        expiring; the listed location is logged.
     """
-    newer = _manifest("20250301T000000Z", size=2048)
+    newer = _manifest("20250301T000000Z", size=2048, parent="20250201T000000Z")
     older = _manifest("20250201T000000Z", size=1024, server_name=None)
     patched.list_backups.return_value = [newer, older]
     state = make_state(data_dir, {**CONFIG, "s3-path": "synapse/prod"})
@@ -336,18 +358,73 @@ def test_list_backups(ctx: testing.Context, data_dir: pathlib.Path, patched: Pat
                 "created-at": "2025-03-01T00:00:00+00:00",
                 "size": 2048,
                 "server-name": SERVER_NAME,
+                "type": "incremental",
+                "parent": "20250201T000000Z",
+                "expires-after-next-full": False,
             },
             "2": {
                 "id": "20250201T000000Z",
                 "created-at": "2025-02-01T00:00:00+00:00",
                 "size": 1024,
                 "server-name": "",
+                "type": "full",
+                "parent": "none",
+                "expires-after-next-full": False,
             },
         },
     }
     assert ctx.action_logs == ["listing s3://synapse-backups/synapse/prod/"]
     (client,) = patched.list_backups.call_args.args
     assert client._parameters.secret_key == SECRET_KEY
+
+
+@pytest.mark.parametrize(
+    ("keep", "expiring"),
+    [
+        pytest.param(0, set(), id="no-retention"),
+        pytest.param(1, {"20250301T000000Z", "20250201T000000Z", "20250101T000000Z"}, id="keep-1"),
+        pytest.param(2, {"20250201T000000Z", "20250101T000000Z"}, id="keep-2"),
+        pytest.param(3, {"20250101T000000Z"}, id="keep-3"),
+        pytest.param(4, set(), id="keep-4"),
+    ],
+)
+def test_list_backups_expiring(
+    ctx: testing.Context,
+    data_dir: pathlib.Path,
+    patched: Patched,
+    keep: int,
+    expiring: set[str],
+):
+    """Each backup says whether retention removes it once the next full backup is made.
+
+    Arrange: three chains (a full one, a full and an incremental, a full one) and
+        backup-retention-count.
+    Act: run list-backups.
+    Assert: the flags and the table's notes mark the chains beyond the newest
+        keep - 1, whole.
+    """
+    manifests = [
+        _manifest("20250301T000000Z"),
+        _manifest("20250202T000000Z", parent="20250201T000000Z"),
+        _manifest("20250201T000000Z"),
+        _manifest("20250101T000000Z"),
+    ]
+    if "20250201T000000Z" in expiring:
+        expiring = {*expiring, "20250202T000000Z"}
+    patched.list_backups.return_value = manifests
+    state = make_state(data_dir, {**CONFIG, "backup-retention-count": keep})
+
+    ctx.run(ctx.on.action("list-backups"), state)
+
+    results = ctx.action_results
+    assert results is not None
+    flagged = {
+        entry["id"] for entry in results["backups"].values() if entry["expires-after-next-full"]
+    }
+    assert flagged == expiring
+    assert results["formatted"] == format_backups(manifests, expiring)
+    assert results["formatted"].count("expires after the next full backup") == len(expiring)
+    patched.delete_backup.assert_not_called()
 
 
 def test_list_backups_empty(ctx: testing.Context, data_dir: pathlib.Path, patched: Patched):
@@ -387,15 +464,31 @@ def test_list_backups_endpoint_boto_rejects(
 
 
 def test_delete_backup(ctx: testing.Context, data_dir: pathlib.Path, patched: Patched):
-    """The backup is deleted by id and the result names it."""
+    """The backup is deleted by id, without its chain by default, and the result names it."""
     state = make_state(data_dir, CONFIG)
 
     ctx.run(ctx.on.action("delete-backup", params=_params("delete-backup")), state)
 
     assert ctx.action_results == {"deleted": BACKUP_ID}
-    (client, backup_id), _ = patched.delete_backup.call_args
+    (client, backup_id), kwargs = patched.delete_backup.call_args
     assert backup_id == BACKUP_ID
+    assert kwargs == {"chain": False}
     assert client._parameters.bucket == "synapse-backups"
+
+
+@pytest.mark.parametrize("chain", [True, False])
+def test_delete_backup_chain(
+    ctx: testing.Context, data_dir: pathlib.Path, patched: Patched, chain: bool
+):
+    """The chain param passes through; the result lists every backup deleted, dependants first."""
+    deleted = ["20250104T000000Z", "20250103T000000Z", BACKUP_ID] if chain else [BACKUP_ID]
+    patched.delete_backup.return_value = deleted
+    state = make_state(data_dir, CONFIG)
+
+    ctx.run(ctx.on.action("delete-backup", params={"backup-id": BACKUP_ID, "chain": chain}), state)
+
+    assert ctx.action_results == {"deleted": " ".join(deleted)}
+    assert patched.delete_backup.call_args.kwargs == {"chain": chain}
 
 
 @pytest.mark.parametrize(
@@ -405,12 +498,20 @@ def test_delete_backup(ctx: testing.Context, data_dir: pathlib.Path, patched: Pa
             backup.S3Error(f"there is no backup {BACKUP_ID}", option="backup-id"), id="missing"
         ),
         pytest.param(backup.S3Error("cannot delete object x: AccessDenied: no"), id="denied"),
+        pytest.param(
+            backup.S3Error(
+                f"backup {BACKUP_ID} is needed by 20250103T000000Z; "
+                "use chain=true to delete it with them",
+                option="backup-id",
+            ),
+            id="needed",
+        ),
     ],
 )
 def test_delete_backup_s3_error(
     ctx: testing.Context, data_dir: pathlib.Path, patched: Patched, error: backup.S3Error
 ):
-    """An S3 error (no such backup, access denied) fails the action with its message."""
+    """An S3 error (no such backup, denied, needed by others) fails the action with its message."""
     patched.delete_backup.side_effect = error
     state = make_state(data_dir, CONFIG)
 
@@ -637,29 +738,68 @@ def test_restore_backup_error(
     assert ctx.action_results is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: with server-name unset, restore-backup passes server_name=None and "
-    "run_restore skips the server-name check, so another server's backup is restored "
-    "without force=true",
-)
 def test_restore_without_server_name_config_keeps_the_server_check(
     ctx: testing.Context, configured_data_dir: pathlib.Path, patched: Patched
 ):
     """The server-name guard holds even when the server-name option is unset.
 
-    homeserver.yaml says the server is example.com; the action describes the
-    check as "of this unit's server-name (unless force=true)".
+    homeserver.yaml says the server is example.com: that is the name the backup's
+    must match (the action checks it "of this unit's server-name, unless force=true").
     """
     patched.run_restore.return_value = _result()
     config = {key: value for key, value in CONFIG.items() if key != "server-name"}
     state = make_state(configured_data_dir, config)
 
-    try:
-        ctx.run(ctx.on.action("restore-backup", params=_params("restore-backup")), state)
-    except testing.ActionFailed:
-        return  # refusing is also acceptable
-    assert patched.run_restore.call_args.kwargs["server_name"] == SERVER_NAME
+    ctx.run(ctx.on.action("restore-backup", params=_params("restore-backup")), state)
+
+    kwargs = patched.run_restore.call_args.kwargs
+    assert (kwargs["server_name"], kwargs["force"]) == (SERVER_NAME, False)
+
+
+def test_restore_without_any_server_name_passes_none(
+    ctx: testing.Context, data_dir: pathlib.Path, patched: Patched
+):
+    """No option and no server_name in homeserver.yaml: run_restore gets None (and refuses)."""
+    (data_dir / "homeserver.yaml").write_text("pid_file: /data/homeserver.pid\n")
+    patched.run_restore.return_value = _result()
+    config = {key: value for key, value in CONFIG.items() if key != "server-name"}
+
+    ctx.run(
+        ctx.on.action("restore-backup", params=_params("restore-backup")),
+        make_state(data_dir, config),
+    )
+
+    assert patched.run_restore.call_args.kwargs["server_name"] is None
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        pytest.param(
+            "server_name: [unclosed\n",
+            "cannot restore: cannot read /data/homeserver.yaml: ",
+            id="invalid-yaml",
+        ),
+        pytest.param(
+            "- a list\n", "cannot restore: /data/homeserver.yaml is not a mapping", id="a-list"
+        ),
+    ],
+)
+def test_restore_unreadable_homeserver_yaml(
+    ctx: testing.Context, data_dir: pathlib.Path, patched: Patched, content: str, message: str
+):
+    """With server-name unset and homeserver.yaml unreadable, the restore fails before anything."""
+    (data_dir / "homeserver.yaml").write_text(content)
+    config = {key: value for key, value in CONFIG.items() if key != "server-name"}
+
+    with pytest.raises(testing.ActionFailed) as exc_info:
+        ctx.run(
+            ctx.on.action("restore-backup", params=_params("restore-backup")),
+            make_state(data_dir, config),
+        )
+
+    assert exc_info.value.message.startswith(message)
+    patched.run_restore.assert_not_called()
 
 
 # --- actions.yaml ---------------------------------------------------------------------------
@@ -704,7 +844,7 @@ def test_backup_id_param_schema(action: str):
 @pytest.mark.parametrize(
     ("action", "params_class"),
     [
-        pytest.param("delete-backup", BackupIdParams, id="delete"),
+        pytest.param("delete-backup", DeleteParams, id="delete"),
         pytest.param("verify-backup", BackupIdParams, id="verify"),
         pytest.param("restore-backup", RestoreParams, id="restore"),
     ],

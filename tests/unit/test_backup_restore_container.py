@@ -11,6 +11,7 @@ data before the pre-flight has passed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import pathlib
 import shlex
@@ -117,8 +118,9 @@ def live_container(
 
 @pytest.fixture
 def s3_client() -> Iterator[mock.MagicMock]:
-    """Replace S3Client by a mock holding the backup; its first bytes read fine."""
+    """Replace S3Client by a mock holding the backup (a full one); its first bytes read fine."""
     client = mock.create_autospec(backup.S3Client, instance=True)
+    client.chain.return_value = [_manifest()]
     client.get_manifest.return_value = _manifest()
     client.read_object.return_value = b"\x8c\x0d encrypted head"
     with mock.patch.object(backup, "S3Client", return_value=client):
@@ -150,10 +152,10 @@ def _probe_command() -> list[str]:
     return ["bash", "-c", script]
 
 
-def _pipeline_command(staging_dir: str | None) -> list[str]:
+def _pipeline_command(staging_dir: str | None, backup_id: str = BACKUP_ID) -> list[str]:
     return backup.build_restore_command(
         _params(),
-        BACKUP_ID,
+        backup_id,
         f"{WORK_DIR}/{backup.PASSPHRASE_FILE}",
         staging_dir=staging_dir,
         work_dir=WORK_DIR,
@@ -271,7 +273,7 @@ def test_restore_missing_backup(
     tools_present: mock.MagicMock,
 ):
     """A backup that does not exist fails before anything runs in the container."""
-    s3_client.get_manifest.side_effect = backup.S3Error(
+    s3_client.chain.side_effect = backup.S3Error(
         f"there is no backup {BACKUP_ID}", option="backup-id"
     )
     before = _snapshot(synapse_data)
@@ -291,7 +293,7 @@ def test_restore_invalid_manifest(
     ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock
 ):
     """A manifest that does not parse fails the restore with a BackupError."""
-    s3_client.get_manifest.side_effect = backup.BackupError("invalid backup manifest: bad sha256")
+    s3_client.chain.side_effect = backup.BackupError("invalid backup manifest: bad sha256")
 
     with (
         live_container(ctx, synapse_data, execs=RESTORE_EXECS) as container,
@@ -311,6 +313,11 @@ def test_restore_invalid_manifest(
             id="other-server",
         ),
         pytest.param({}, "is of server '', not 'example.com'", id="no-server-name"),
+        pytest.param(
+            {"server-name": "other.org"},
+            "is of server 'other.org', not 'this unknown server'; use force=true",
+            id="this-server-unknown",
+        ),
     ],
 )
 def test_restore_refuses_another_server(
@@ -321,15 +328,20 @@ def test_restore_refuses_another_server(
     metadata: dict[str, str],
     message: str,
 ):
-    """A backup of another server name is refused without force, before anything runs."""
-    s3_client.get_manifest.return_value = _manifest(metadata=metadata)
+    """A backup of another server name is refused without force, before anything runs.
+
+    With no server name to compare with (None), the check is not skipped: the
+    backup's name cannot be shown to be this server's.
+    """
+    s3_client.chain.return_value = [_manifest(metadata=metadata)]
     before = _snapshot(synapse_data)
+    server_name = None if "unknown server" in message else SERVER_NAME
 
     with (
         live_container(ctx, synapse_data, execs=RESTORE_EXECS) as container,
         pytest.raises(backup.BackupError, match=message),
     ):
-        _restore(container)
+        _restore(container, server_name=server_name)
 
     assert _commands(ctx) == []
     tools_present.assert_not_called()
@@ -340,14 +352,14 @@ def test_restore_refuses_another_server(
     "kwargs",
     [
         pytest.param({"force": True}, id="force"),
-        pytest.param({"server_name": None}, id="no-server-name-given"),
+        pytest.param({"force": True, "server_name": None}, id="force-no-server-name-given"),
     ],
 )
 def test_restore_server_check_skipped(
     ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock, kwargs: dict
 ):
-    """With force, or no server name to compare, another server's backup goes through."""
-    s3_client.get_manifest.return_value = _manifest(metadata={"server-name": "other.org"})
+    """With force, another server's backup goes through, whatever this server's name."""
+    s3_client.chain.return_value = [_manifest(metadata={"server-name": "other.org"})]
 
     with live_container(ctx, synapse_data, execs=RESTORE_EXECS) as container:
         result = _restore(container, **kwargs)
@@ -359,7 +371,7 @@ def test_restore_refuses_paths_outside_data(
     ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock
 ):
     """A manifest naming /etc/passwd fails the restore before any work dir is made."""
-    s3_client.get_manifest.return_value = _manifest(paths=(*MANIFEST_PATHS, "/etc/passwd"))
+    s3_client.chain.return_value = [_manifest(paths=(*MANIFEST_PATHS, "/etc/passwd"))]
 
     with live_container(ctx, synapse_data, execs=RESTORE_EXECS) as container:
         with pytest.raises(backup.BackupError, match="names paths outside /data: '/etc/passwd'"):
@@ -483,16 +495,12 @@ def test_restore_room_check(
     assert len(commands) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: _available_bytes does not catch ops.pebble.TimeoutError (a df that hangs "
-    "on a stuck filesystem), so run_restore raises it instead of a BackupError and the "
-    "restore-backup action crashes instead of failing",
-)
 def test_restore_df_timeout_is_a_backup_error(
     ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock
 ):
-    """A df that does not finish fails the restore with a BackupError."""
+    """A df that does not finish (a stuck filesystem) fails the restore with a BackupError."""
+    before = _snapshot(synapse_data)
+
     with live_container(ctx, synapse_data, execs=RESTORE_EXECS) as container:
         real_exec = container.exec
 
@@ -503,9 +511,15 @@ def test_restore_df_timeout_is_a_backup_error(
 
         with (
             mock.patch.object(container, "exec", side_effect=exec_with_hanging_df),
-            pytest.raises(backup.BackupError),
+            pytest.raises(
+                backup.BackupError,
+                match=r"^cannot measure the free space of /data: timed out waiting for change 7",
+            ),
         ):
             _restore(container)
+        _assert_untouched(ctx, container, synapse_data, before)
+
+    assert _commands(ctx) == [_probe_command()]
 
 
 @pytest.mark.parametrize(
@@ -771,28 +785,241 @@ def test_restore_start_failure_is_reported(
         ),
     ],
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: in _stop_and_swap, container.stop() is outside the try/finally and "
-    "run_restore catches only PathError/APIError/S3Error: a stop that fails (ChangeError, "
-    "or pebble.TimeoutError) escapes as a non-BackupError (restore-backup crashes) and "
-    "Synapse is not started again",
-)
 def test_restore_stop_failure_is_a_backup_error_and_restarts(
     ctx: testing.Context,
     synapse_data: pathlib.Path,
     s3_client: mock.MagicMock,
     error: Exception,
 ):
-    """A Synapse that fails to stop fails the restore cleanly, and is started again."""
+    """A Synapse that fails to stop fails the restore cleanly, and is started again.
+
+    Nothing is moved: the live data is as it was, and the staging dir is removed.
+    """
+    before = _snapshot(synapse_data)
+
     with live_container(ctx, synapse_data, execs=RESTORE_EXECS) as container:
         with (
             mock.patch.object(container, "stop", side_effect=error),
             mock.patch.object(container, "start", wraps=container.start) as start,
-            pytest.raises(backup.BackupError),
+            pytest.raises(
+                backup.BackupError, match=r"^Synapse could not be stopped: "
+            ) as exc_info,
         ):
             _restore(container)
         start.assert_called_once_with(synapse.SERVICE_NAME)
+        assert not container.exists(STAGING_DIR)
+
+    assert str(error) in str(exc_info.value)
+    assert _moves(ctx) == []
+    assert _snapshot(synapse_data) == before
+
+
+def test_restore_stop_and_start_failures_report_the_start(
+    ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock
+):
+    """If Synapse can be neither stopped nor started, the restore says it is not running."""
+    with (
+        live_container(ctx, synapse_data, execs=RESTORE_EXECS) as container,
+        mock.patch.object(container, "stop", side_effect=_change_error("cannot stop")),
+        mock.patch.object(container, "start", side_effect=_change_error("cannot start")),
+        pytest.raises(backup.BackupError, match=r"^Synapse did not start again: cannot start"),
+    ):
+        _restore(container)
+
+    assert _moves(ctx) == []
+
+
+def test_restore_without_the_service_planned_swaps_without_stopping(
+    ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock
+):
+    """Before the charm planned Synapse's service, there is nothing to stop or start."""
+    with (
+        live_container(ctx, synapse_data, execs=RESTORE_EXECS, planned=False) as container,
+        mock.patch.object(container, "stop") as stop,
+        mock.patch.object(container, "start") as start,
+    ):
+        result = _restore(container)
+
+    stop.assert_not_called()
+    start.assert_not_called()
+    assert result.restored_paths == SWAP_PATHS
+    assert _moves(ctx)
+
+
+# --- run_restore: a chain of backups ---------------------------------------------------------
+
+FULL_ID = "20250101T000000Z"
+MIDDLE_ID = "20250101T120000Z"
+
+
+def _chain() -> list[backup.BackupManifest]:
+    """A full backup, an incremental on it, and BACKUP_ID, an incremental on that."""
+    return [
+        _manifest(backup_id=FULL_ID, size=1000, file_count=10, sha256="01" * 32),
+        _manifest(
+            backup_id=MIDDLE_ID,
+            size=200,
+            file_count=3,
+            sha256="02" * 32,
+            backup_type="incremental",
+            parent=FULL_ID,
+        ),
+        _manifest(
+            backup_type="incremental",
+            parent=MIDDLE_ID,
+            metadata={"server-name": SERVER_NAME, "database-path": "/data/homeserver.db"},
+        ),
+    ]
+
+
+def _chain_execs(**stdouts: str) -> list[testing.Exec]:
+    """Canned commands for a chain restore; each archive's pipeline reports its manifest's."""
+    pipelines = [
+        testing.Exec(
+            _pipeline_command(STAGING_DIR, link.backup_id),
+            stdout=stdouts.get(link.backup_id, f"{link.sha256} {link.size} {link.file_count}\n"),
+        )
+        for link in _chain()
+    ]
+    return [PROBE_OK, DF_ROOMY, *pipelines, POST_RESTORE, MOVE]
+
+
+def test_restore_chain(
+    ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock
+):
+    """An incremental backup is restored with its chain: the full one, then each in order.
+
+    Arrange: S3 (mocked) gives the chain of BACKUP_ID: full, middle, BACKUP_ID.
+    Act: run_restore of BACKUP_ID.
+    Assert: the passphrase is probed on the full backup; every archive is
+        extracted, oldest first, into the one staging dir (as an incremental
+        archive: deletions replay); the database recorded in the newest manifest
+        is fixed up; then the swap; the result adds up the archives.
+    """
+    s3_client.chain.return_value = _chain()
+    logs: list[str] = []
+
+    with live_container(ctx, synapse_data, execs=_chain_execs()) as container:
+        result = _restore(container, logs)
+        assert container.get_service(synapse.SERVICE_NAME).is_running()
+        assert not container.exists(STAGING_DIR)
+
+    s3_client.chain.assert_called_once_with(BACKUP_ID)
+    s3_client.get_manifest.assert_not_called()
+    s3_client.read_object.assert_called_once_with(
+        FULL_ID, first_bytes=backup.PASSPHRASE_PROBE_BYTES
+    )
+    commands = _commands(ctx)
+    assert commands[:6] == [
+        _probe_command(),
+        ["df", "--output=avail", "--block-size=1", "--", "/data"],
+        _pipeline_command(STAGING_DIR, FULL_ID),
+        _pipeline_command(STAGING_DIR, MIDDLE_ID),
+        _pipeline_command(STAGING_DIR, BACKUP_ID),
+        commands[5],
+    ]
+    for pipeline in commands[2:5]:
+        assert "--listed-incremental=/dev/null" in shlex.split(pipeline[2])
+    assert commands[5][:2] == ["python3", "-c"]
+    assert commands[5][-1] == f"{STAGING_DIR}/data/homeserver.db"
+    assert _moves(ctx)
+    assert (result.backup_id, result.file_count, result.size) == (BACKUP_ID, 19, 2434)
+    assert result.restored_paths == SWAP_PATHS
+    assert [line for line in logs if line.startswith("downloading")] == [
+        f"downloading, decrypting and extracting full backup {FULL_ID} (1000 bytes) into staging",
+        f"downloading, decrypting and extracting incremental backup {MIDDLE_ID} (200 bytes) "
+        "into staging",
+        f"downloading, decrypting and extracting incremental backup {BACKUP_ID} (1234 bytes) "
+        "into staging",
+    ]
+
+
+def test_restore_chain_needs_room_for_every_archive(
+    ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock
+):
+    """The staging area must hold the whole chain: nothing is downloaded otherwise."""
+    s3_client.chain.return_value = _chain()
+    needed = 1000 + 200 + 1234 + backup.STAGING_HEADROOM
+    df = testing.Exec(["df"], stdout=f"Avail\n{needed - 1}\n")
+    before = _snapshot(synapse_data)
+
+    with live_container(ctx, synapse_data, execs=[PROBE_OK, df]) as container:
+        with pytest.raises(
+            backup.BackupError, match=f"{needed} bytes needed, {needed - 1} available"
+        ):
+            _restore(container)
+        _assert_untouched(ctx, container, synapse_data, before)
+
+    assert len(_commands(ctx)) == 2
+
+
+def test_restore_chain_stops_at_an_archive_that_does_not_match(
+    ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock
+):
+    """A link that does not match its manifest fails the restore, naming it; nothing is swapped.
+
+    The archives after it are not downloaded, Synapse is never stopped and the
+    staging dir (holding the archives before it) is removed.
+    """
+    s3_client.chain.return_value = _chain()
+    execs = _chain_execs(**{MIDDLE_ID: f"{'02' * 32} 200 4\n"})
+    before = _snapshot(synapse_data)
+
+    with live_container(ctx, synapse_data, execs=execs) as container:
+        with pytest.raises(
+            backup.BackupError,
+            match=f"^backup {MIDDLE_ID} does not match its manifest: 4 files instead of 3$",
+        ):
+            _restore(container)
+        _assert_untouched(ctx, container, synapse_data, before)
+
+    assert _commands(ctx)[2:] == [
+        _pipeline_command(STAGING_DIR, FULL_ID),
+        _pipeline_command(STAGING_DIR, MIDDLE_ID),
+    ]
+
+
+def test_restore_broken_chain_touches_nothing(
+    ctx: testing.Context,
+    synapse_data: pathlib.Path,
+    s3_client: mock.MagicMock,
+    tools_present: mock.MagicMock,
+):
+    """A chain with a missing link fails before anything runs, saying which link is missing."""
+    message = (
+        f"backup {MIDDLE_ID} depends on {FULL_ID}, which is missing or incomplete: "
+        f"the chain of {BACKUP_ID} is broken"
+    )
+    s3_client.chain.side_effect = backup.S3Error(message, option="backup-id")
+    before = _snapshot(synapse_data)
+
+    with (
+        live_container(ctx, synapse_data, execs=_chain_execs()) as container,
+        pytest.raises(backup.BackupError) as exc_info,
+    ):
+        _restore(container)
+
+    assert str(exc_info.value) == message
+    assert _commands(ctx) == []
+    tools_present.assert_not_called()
+    assert _snapshot(synapse_data) == before
+
+
+def test_restore_chain_checks_the_newest_server_name(
+    ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock
+):
+    """The server-name check reads the backup asked for, the newest link of its chain."""
+    chain = _chain()
+    chain[-1] = dataclasses.replace(chain[-1], metadata={"server-name": "other.org"})
+    s3_client.chain.return_value = chain
+
+    with (
+        live_container(ctx, synapse_data, execs=_chain_execs()) as container,
+        pytest.raises(backup.BackupError, match=r"is of server 'other\.org'"),
+    ):
+        _restore(container)
+
+    assert _commands(ctx) == []
 
 
 # --- verify_backup --------------------------------------------------------------------------

@@ -182,7 +182,10 @@ def test_archive_check(check: backup.ArchiveCheck, mismatch: str):
 
 
 def test_format_backups():
-    """A header and one aligned row per backup, in the given order, no trailing blanks."""
+    """A header and one aligned row per backup, in the given order, no trailing blanks.
+
+    A full backup's parent shows as "-"; with nothing expiring, no note is added.
+    """
     manifests = [
         _manifest(backup_id="20250301T000000Z", size=123456789, file_count=1200),
         _manifest(
@@ -198,16 +201,49 @@ def test_format_backups():
 
     lines = table.splitlines()
     assert [line.split() for line in lines] == [
-        ["backup-id", "created-at", "size", "files", "server-name"],
-        ["20250301T000000Z", "2025-01-02T03:04:05+00:00", "123456789", "1200", "example.com"],
-        ["20250201T000000Z", "2025-02-01T00:00:00+00:00", "5", "3"],
+        ["backup-id", "created-at", "size", "files", "server-name", "type", "parent"],
+        [
+            "20250301T000000Z",
+            "2025-01-02T03:04:05+00:00",
+            "123456789",
+            "1200",
+            "example.com",
+            "full",
+            "-",
+        ],
+        ["20250201T000000Z", "2025-02-01T00:00:00+00:00", "5", "3", "full", "-"],
     ]
-    starts = [lines[0].index(column) for column in ("created-at", "size", "files")]
+    starts = [
+        lines[0].index(column) for column in ("created-at", "size", "files", "type", "parent")
+    ]
     for line in lines[1:]:
         for start in starts:
             assert line[start - 2 : start] == "  "
             assert line[start] != " "
     assert all(line == line.rstrip() for line in lines)
+
+
+def test_format_backups_chain_and_expiring():
+    """Incremental backups show their parent; those retention removes next say so."""
+    manifests = [
+        _manifest(
+            backup_id="20250302T000000Z", backup_type="incremental", parent="20250301T000000Z"
+        ),
+        _manifest(backup_id="20250301T000000Z"),
+        _manifest(backup_id="20250201T000000Z"),
+    ]
+
+    table = format_backups(manifests, expiring={"20250201T000000Z"})
+
+    header, newest, full, expiring = table.splitlines()
+    note = "expires after the next full backup"
+    assert newest.split()[-2:] == ["incremental", "20250301T000000Z"]
+    assert full.split()[-2:] == ["full", "-"]
+    assert expiring.endswith(note)
+    assert expiring.split()[-8:] == ["full", "-", *note.split()]
+    assert note not in newest + full
+    assert newest.index("20250301T000000Z") == header.index("parent")
+    assert all(line == line.rstrip() for line in table.splitlines())
 
 
 def test_format_backups_empty():
@@ -259,10 +295,10 @@ def _bash_syntax_ok(script: str) -> None:
 def _pipeline_words(script: str) -> list[list[str]]:
     """Split the aws | digest | gpg | tar pipeline of a restore script into its commands.
 
-    The aws command starts with its AWS_CONFIG_FILE assignment and ends with its
+    The aws command starts with env(1) setting AWS_CONFIG_FILE and ends with its
     redirections (the body goes to fd 3, the pipe; its JSON summary to /dev/null).
     """
-    start = script.index("AWS_CONFIG_FILE=")
+    start = script.index("env AWS_CONFIG_FILE=")
     end = script.index("\nread -r sha256")
     commands: list[list[str]] = [[]]
     for word in shlex.split(script[start:end]):
@@ -293,6 +329,7 @@ def test_build_restore_command_shape(staging_dir: str | None):
     assert "trap cleanup EXIT" in script
     aws, digest, gpg, tar = _pipeline_words(script)
     assert aws == [
+        "env",
         f"AWS_CONFIG_FILE={WORK_DIR}/{backup.AWS_DOWNLOAD_CONFIG_FILE}",
         "aws",
         "s3api",
@@ -311,6 +348,11 @@ def test_build_restore_command_shape(staging_dir: str | None):
     assert gpg[-3:] == ["--decrypt", "--output", "-"]
     assert tar[:2] == ["tar", "--file=-"]
     assert f"--index-file={WORK_DIR}/index" in tar
+    # Members are counted from the index, leaving out tar's own notes ("tar: Deleting ...").
+    assert (
+        f"members=$(grep --count --invert-match --regexp='^tar: ' -- {WORK_DIR}/index || true)"
+        in script.splitlines()
+    )
     assert script.endswith('printf "%s %s %s\\n" "$sha256" "$size" "$members"')
 
 
@@ -322,10 +364,15 @@ def test_build_restore_command_lists_without_staging_dir():
     assert "--list" in tar
     assert "--extract" not in tar
     assert not any(word.startswith("--directory") for word in tar)
+    assert not any(word.startswith("--listed-incremental") for word in tar)
 
 
 def test_build_restore_command_extracts_into_staging_dir():
-    """With a staging directory the archive is extracted there, owners and modes kept."""
+    """With a staging directory the archive is extracted there, owners and modes kept.
+
+    It is extracted as an incremental archive (--listed-incremental=/dev/null), so
+    that the deletions and renames an incremental backup recorded are replayed.
+    """
     command = backup.build_restore_command(
         _params(), BACKUP_ID, PASSPHRASE_FILE, staging_dir=STAGING_DIR
     )
@@ -337,6 +384,7 @@ def test_build_restore_command_extracts_into_staging_dir():
         f"--directory={STAGING_DIR}",
         "--same-owner",
         "--same-permissions",
+        "--listed-incremental=/dev/null",
         "--delay-directory-restore",
     ):
         assert word in tar
@@ -565,15 +613,11 @@ def test_build_restore_command_fails_on_a_broken_stream(tmp_path: pathlib.Path):
 
 
 @pytest.mark.skipif(not shutil.which("tar"), reason="needs GNU tar")
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (latent): build_restore_command shlex-quotes the whole "
-    "'AWS_CONFIG_FILE=<work_dir>/aws-config-download' word, so for a work_dir that needs "
-    "quoting bash runs it as a command name (exit 127) instead of an assignment; the "
-    "charm's own work dirs (/tmp/synapse-backup-<hex>) need no quoting",
-)
 def test_build_restore_command_work_dir_needing_quotes(tmp_path: pathlib.Path):
-    """A work dir with a space still gives aws its download configuration."""
+    """A work dir with a space still gives aws its download configuration.
+
+    env(1) sets AWS_CONFIG_FILE: a quoted assignment word stays one argument of env.
+    """
     archive = _archive({"data/homeserver.yaml": b"server_name: example.com\n"})
     (tmp_path / "archive").write_bytes(archive)
     env = _stub_tools(tmp_path, _aws_get_object_stub(tmp_path))

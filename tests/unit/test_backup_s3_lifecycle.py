@@ -481,3 +481,234 @@ def test_delete_backup_rejects_keys(backup_id: str):
         client.delete_backup(backup_id)
 
     assert fake.calls == []
+
+
+# --- chains ---------------------------------------------------------------------------------
+
+FULL = "20250101T000000Z"
+FIRST = "20250102T000000Z"
+SECOND = "20250103T000000Z"
+OTHER_FULL = "20250104T000000Z"
+BRANCH = "20250105T000000Z"
+
+
+def _incremental(backup_id: str, parent: str, size: int = 100) -> backup.BackupManifest:
+    return _manifest(backup_id, size, backup_type="incremental", parent=parent)
+
+
+def _with_state(manifest: backup.BackupManifest) -> dict[str, bytes]:
+    """A backup's objects: archive, manifest and encrypted snapshot state."""
+    objects = _backup_objects(manifest)
+    objects[f"{PREFIX}/{manifest.backup_id}{backup.SNAPSHOT_STATE_SUFFIX}"] = b"state"
+    return objects
+
+
+def _chain_objects(*manifests: backup.BackupManifest) -> dict[str, bytes]:
+    objects: dict[str, bytes] = {}
+    for manifest in manifests:
+        objects.update(_with_state(manifest))
+    return objects
+
+
+#   FULL <- FIRST <- SECOND        OTHER_FULL
+CHAIN = (_manifest(FULL), _incremental(FIRST, FULL), _incremental(SECOND, FIRST))
+
+
+@pytest.mark.parametrize(
+    ("backup_id", "expected"),
+    [
+        pytest.param(SECOND, [FULL, FIRST, SECOND], id="two-incrementals"),
+        pytest.param(FIRST, [FULL, FIRST], id="one-incremental"),
+        pytest.param(FULL, [FULL], id="full"),
+        pytest.param(OTHER_FULL, [OTHER_FULL], id="other-full"),
+    ],
+)
+def test_chain_order(backup_id: str, expected: list[str]):
+    """A backup's chain is its full backup first, each incremental in order, itself last."""
+    client, _ = _fake_client(_chain_objects(*CHAIN, _manifest(OTHER_FULL)))
+
+    chain = client.chain(backup_id)
+
+    assert [manifest.backup_id for manifest in chain] == expected
+    assert chain[-1] == client.get_manifest(backup_id)
+
+
+def _without(objects: dict[str, bytes], *keys: str) -> dict[str, bytes]:
+    return {key: value for key, value in objects.items() if key not in keys}
+
+
+@pytest.mark.parametrize(
+    ("objects", "link", "missing"),
+    [
+        pytest.param(
+            _chain_objects(*CHAIN[1:]),
+            FIRST,
+            FULL,
+            id="full-deleted",
+        ),
+        pytest.param(
+            _without(_chain_objects(*CHAIN), f"prod/{FULL}.manifest.json"),
+            FIRST,
+            FULL,
+            id="full-manifest-deleted",
+        ),
+        pytest.param(
+            _without(_chain_objects(*CHAIN), f"prod/{FIRST}"),
+            SECOND,
+            FIRST,
+            id="parent-archive-deleted",
+        ),
+        pytest.param(
+            {**_chain_objects(*CHAIN), f"prod/{FULL}": b"x" * 99},
+            FIRST,
+            FULL,
+            id="full-incomplete",
+        ),
+        pytest.param(
+            {**_chain_objects(*CHAIN), f"prod/{FIRST}.manifest.json": b"{not json"},
+            SECOND,
+            FIRST,
+            id="parent-manifest-invalid",
+        ),
+    ],
+)
+def test_chain_broken(objects: dict[str, bytes], link: str, missing: str):
+    """A chain with a missing, incomplete or invalid link is broken: the error names the link."""
+    client, _ = _fake_client(objects)
+
+    with pytest.raises(backup.S3Error) as exc_info:
+        client.chain(SECOND)
+
+    assert str(exc_info.value) == (
+        f"backup {link} depends on {missing}, which is missing or incomplete: "
+        f"the chain of {SECOND} is broken"
+    )
+    assert exc_info.value.option == "backup-id"
+    assert isinstance(exc_info.value.__cause__, (backup.S3Error, backup.BackupError))
+
+
+@pytest.mark.parametrize(
+    "manifests",
+    [
+        pytest.param(
+            [_incremental(FIRST, SECOND), _incremental(SECOND, FIRST)], id="two-naming-each-other"
+        ),
+        pytest.param([_incremental(SECOND, SECOND)], id="own-parent"),
+        pytest.param(
+            [_incremental(FULL, SECOND), _incremental(FIRST, FULL), _incremental(SECOND, FIRST)],
+            id="three",
+        ),
+    ],
+)
+def test_chain_cyclic(manifests: list[backup.BackupManifest]):
+    """Manifests that name each other as parents (hand-made) fail instead of looping."""
+    client, fake = _fake_client(_chain_objects(*manifests))
+
+    with pytest.raises(backup.S3Error, match=f"^backup {SECOND} has a cyclic chain$") as exc_info:
+        client.chain(SECOND)
+
+    assert exc_info.value.option == "backup-id"
+    assert len([call for call in fake.calls if call[0] == "get_object"]) == len(manifests)
+
+
+def test_chain_of_a_missing_backup():
+    """The backup itself missing is "there is no backup", not a broken chain."""
+    client, _ = _fake_client(_chain_objects(*CHAIN))
+
+    with pytest.raises(backup.S3Error, match=f"^there is no backup {OTHER_FULL}$"):
+        client.chain(OTHER_FULL)
+
+
+# --- deleting with chains ---------------------------------------------------------------------
+
+
+def _deleted(fake: FakeS3) -> list[str]:
+    return [key for operation, key in fake.calls if operation == "delete_object"]
+
+
+def test_delete_backup_removes_its_three_objects():
+    """The manifest, then the archive, then the snapshot state; other backups stay."""
+    objects = _chain_objects(_manifest(FULL), _manifest(OTHER_FULL))
+    client, fake = _fake_client(objects)
+
+    assert client.delete_backup(FULL) == [FULL]
+
+    assert _deleted(fake) == [
+        f"prod/{FULL}.manifest.json",
+        f"prod/{FULL}",
+        f"prod/{FULL}.snar.gpg",
+    ]
+    assert set(fake.objects) == set(_with_state(_manifest(OTHER_FULL)))
+
+
+@pytest.mark.parametrize(
+    ("backup_id", "needed_by"),
+    [
+        pytest.param(FULL, f"{FIRST}, {SECOND}", id="full"),
+        pytest.param(FIRST, SECOND, id="middle"),
+    ],
+)
+def test_delete_backup_refuses_a_needed_backup(backup_id: str, needed_by: str):
+    """A backup others depend on is not deleted without chain=true; nothing is touched."""
+    objects = _chain_objects(*CHAIN)
+    client, fake = _fake_client(objects)
+
+    with pytest.raises(backup.S3Error) as exc_info:
+        client.delete_backup(backup_id)
+
+    assert str(exc_info.value) == (
+        f"backup {backup_id} is needed by {needed_by}; use chain=true to delete it with them"
+    )
+    assert exc_info.value.option == "backup-id"
+    assert _deleted(fake) == []
+    assert fake.objects == objects
+
+
+def test_delete_backup_newest_incremental_needs_no_chain():
+    """The newest incremental backup has no dependants: it is deleted alone."""
+    client, fake = _fake_client(_chain_objects(*CHAIN))
+
+    assert client.delete_backup(SECOND) == [SECOND]
+
+    assert client.chain(FIRST)[-1].backup_id == FIRST
+    assert not [key for key in fake.objects if SECOND in key]
+
+
+@pytest.mark.parametrize(
+    ("backup_id", "extra", "expected", "kept"),
+    [
+        pytest.param(FULL, (), [SECOND, FIRST, FULL], [OTHER_FULL], id="whole-chain"),
+        pytest.param(FIRST, (), [SECOND, FIRST], [OTHER_FULL, FULL], id="from-the-middle"),
+        pytest.param(
+            FULL,
+            (_incremental(BRANCH, FIRST),),
+            [BRANCH, SECOND, FIRST, FULL],
+            [OTHER_FULL],
+            id="with-a-branch",
+        ),
+        pytest.param(OTHER_FULL, (), [OTHER_FULL], [SECOND, FIRST, FULL], id="no-dependants"),
+    ],
+)
+def test_delete_backup_with_chain(
+    backup_id: str,
+    extra: tuple[backup.BackupManifest, ...],
+    expected: list[str],
+    kept: list[str],
+):
+    """chain=true deletes the dependants first, newest first, then the backup itself.
+
+    Each backup goes manifest first, so that a deletion cut short leaves no
+    listed backup whose parent is gone.
+    """
+    client, fake = _fake_client(_chain_objects(*CHAIN, _manifest(OTHER_FULL), *extra))
+
+    assert client.delete_backup(backup_id, chain=True) == expected
+
+    assert _deleted(fake) == [
+        key
+        for name in expected
+        for key in (f"prod/{name}.manifest.json", f"prod/{name}", f"prod/{name}.snar.gpg")
+    ]
+    assert sorted(manifest.backup_id for manifest in client.list_backups()) == sorted(kept)
+    for name in kept:
+        client.chain(name)  # every kept backup is still restorable

@@ -371,6 +371,49 @@ VALID_S3_CONFIGS = [
 
 
 @pytest.mark.parametrize("event", EVENTS)
+@pytest.mark.parametrize("count", [0, 1, 30])
+def test_retention_count_is_active(
+    ctx: testing.Context, configured_data_dir: pathlib.Path, event: str, count: int
+):
+    """Any backup-retention-count of 0 or more is a valid setting."""
+    config = {**_config(), "backup-retention-count": count}
+
+    out = _run(ctx, event, make_state(configured_data_dir, config))
+
+    assert out.unit_status == ops.ActiveStatus()
+
+
+@pytest.mark.parametrize("event", EVENTS)
+@pytest.mark.parametrize(
+    "config",
+    [
+        pytest.param({**_config(), "backup-retention-count": -1}, id="with-backups"),
+        pytest.param(
+            {"server-name": SERVER_NAME, "backup-retention-count": -1}, id="without-backups"
+        ),
+    ],
+)
+@pytest.mark.xfail(
+    strict=True,
+    raises=testing.errors.UncaughtCharmError,
+    reason="bug: CharmConfig declares backup_retention_count with Field(ge=0) but "
+    "BackupObserver._config calls self._charm.load_config(CharmConfig) with the default "
+    "errors='raise' and nothing catches the pydantic ValidationError: "
+    "`juju config synapse backup-retention-count=-1` makes every hook (collect-status "
+    "included) and every backup action crash, instead of a Blocked "
+    "'backup-retention-count: ...' status",
+)
+def test_negative_retention_count_blocks(
+    ctx: testing.Context, configured_data_dir: pathlib.Path, event: str, config: dict[str, Any]
+):
+    """A negative backup-retention-count blocks, naming the option; the charm does not crash."""
+    out = _run(ctx, event, make_state(configured_data_dir, config))
+
+    assert isinstance(out.unit_status, ops.BlockedStatus)
+    assert out.unit_status.message.startswith("backup-retention-count: ")
+
+
+@pytest.mark.parametrize("event", EVENTS)
 @pytest.mark.parametrize("config", VALID_S3_CONFIGS)
 def test_valid_s3_config_bucket_usable_is_active(
     ctx: testing.Context,

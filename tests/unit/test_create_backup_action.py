@@ -8,6 +8,7 @@ around it.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 from collections.abc import Iterator
 from typing import Any
@@ -15,11 +16,12 @@ from unittest import mock
 
 import ops
 import pytest
+import yaml
 from ops import testing
 
 import backup
 import synapse
-from backup_observer import NOT_CONFIGURED
+from backup_observer import NOT_CONFIGURED, CreateParams
 from tests.unit.builders import (
     CREDENTIALS_WITHOUT_SECRET_KEY,
     PASSPHRASE,
@@ -36,6 +38,7 @@ VERSION_EXEC = testing.Exec(
     ["python3", "-c", "import synapse; print(synapse.__version__)"], stdout=f"{SYNAPSE_VERSION}\n"
 )
 CONFIG = {"server-name": SERVER_NAME, **VALID_S3_CONFIG}
+ACTIONS_YAML = pathlib.Path(__file__).parents[2] / "actions.yaml"
 
 
 @pytest.fixture
@@ -45,7 +48,7 @@ def run_backup() -> Iterator[mock.MagicMock]:
         yield patched
 
 
-def _manifest(backup_id: str = "20250101T000000Z") -> backup.BackupManifest:
+def _manifest(backup_id: str = "20250101T000000Z", parent: str = "") -> backup.BackupManifest:
     return backup.BackupManifest(
         backup_id=backup_id,
         created_at="2025-01-01T00:00:00+00:00",
@@ -54,6 +57,8 @@ def _manifest(backup_id: str = "20250101T000000Z") -> backup.BackupManifest:
         size=123456,
         sha256="0" * 64,
         duration=1.5,
+        backup_type="incremental" if parent else "full",
+        parent=parent,
     )
 
 
@@ -215,13 +220,14 @@ def test_backup_error(
 
 
 def test_success(ctx: testing.Context, configured_data_dir: pathlib.Path):
-    """A backup returns its id, size, duration and file count, and logs progress.
+    """A backup returns its id, type, parent, size, duration and file count, and logs progress.
 
-    Arrange: valid options; run_backup (patched) logs progress and returns a manifest
-        for the backup id it was given.
-    Act: run create-backup.
-    Assert: the results; run_backup got the container, the S3 parameters, a UTC backup
-        id, the passphrase and the metadata; the progress is in the action logs.
+    Arrange: valid options (no retention); run_backup (patched) logs progress and
+        returns a full backup's manifest for the backup id it was given.
+    Act: run create-backup without a type.
+    Assert: the results (no retention result); run_backup got the container, the S3
+        parameters, a UTC backup id, the passphrase, type auto and the metadata; the
+        progress is in the action logs.
     """
     calls: list[dict[str, Any]] = []
 
@@ -254,6 +260,8 @@ def test_success(ctx: testing.Context, configured_data_dir: pathlib.Path):
     assert backup.BACKUP_ID_PATTERN.fullmatch(backup_id)
     assert ctx.action_results == {
         "backup-id": backup_id,
+        "type": "full",
+        "parent": "none",
         "size": 123456,
         "duration": 1.5,
         "file-count": 7,
@@ -267,6 +275,7 @@ def test_success(ctx: testing.Context, configured_data_dir: pathlib.Path):
         SECRET_KEY,
     )
     assert call["passphrase"] == PASSPHRASE
+    assert call["backup_type"] == "auto"
     assert call["metadata"] == {
         "server-name": SERVER_NAME,
         "synapse-version": SYNAPSE_VERSION,
@@ -322,3 +331,291 @@ def test_endpoint_boto_rejects_fails_cleanly(
     assert message.startswith("backup ")
     assert "Invalid endpoint: https://bad_host.example.com" in message
     _assert_no_secret(message)
+
+
+# --- the type parameter ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("params", "backup_type"),
+    [
+        pytest.param({}, "auto", id="not-given"),
+        pytest.param({"type": "full"}, "full", id="full"),
+        pytest.param({"type": "incremental"}, "incremental", id="incremental"),
+    ],
+)
+def test_type_param(
+    ctx: testing.Context,
+    configured_data_dir: pathlib.Path,
+    run_backup: mock.MagicMock,
+    params: dict[str, str],
+    backup_type: str,
+):
+    """The type param reaches run_backup; without it, run_backup chooses (auto)."""
+    run_backup.return_value = _manifest()
+    state = make_state(configured_data_dir, CONFIG, execs=[VERSION_EXEC])
+
+    ctx.run(ctx.on.action("create-backup", params=params), state)
+
+    assert run_backup.call_args.kwargs["backup_type"] == backup_type
+
+
+@pytest.mark.parametrize("config", [CONFIG, {"server-name": SERVER_NAME}])
+@pytest.mark.parametrize("backup_type", ["differential", "auto ", "FULL", ""])
+def test_bad_type_param(
+    ctx: testing.Context,
+    configured_data_dir: pathlib.Path,
+    run_backup: mock.MagicMock,
+    config: dict[str, str],
+    backup_type: str,
+):
+    """A type that is not full or incremental fails first, even without backup options."""
+    state = make_state(configured_data_dir, config, execs=[VERSION_EXEC])
+
+    with pytest.raises(testing.ActionFailed) as exc_info:
+        ctx.run(ctx.on.action("create-backup", params={"type": backup_type}), state)
+
+    assert exc_info.value.message == (
+        "Error in action parameters: type must be full or incremental"
+    )
+    run_backup.assert_not_called()
+
+
+def test_incremental_results(
+    ctx: testing.Context, configured_data_dir: pathlib.Path, run_backup: mock.MagicMock
+):
+    """An incremental backup's results give its type and the backup it builds on."""
+    run_backup.return_value = _manifest("20250102T000000Z", parent="20250101T000000Z")
+    state = make_state(configured_data_dir, CONFIG, execs=[VERSION_EXEC])
+
+    ctx.run(ctx.on.action("create-backup", params={"type": "incremental"}), state)
+
+    assert ctx.action_results is not None
+    assert (ctx.action_results["type"], ctx.action_results["parent"]) == (
+        "incremental",
+        "20250101T000000Z",
+    )
+
+
+@pytest.mark.parametrize(
+    ("backup_type", "valid"),
+    [
+        pytest.param("auto", True, id="auto"),
+        pytest.param("full", True, id="full"),
+        pytest.param("incremental", True, id="incremental"),
+        pytest.param("differential", False, id="unknown"),
+        pytest.param("Full", False, id="case"),
+    ],
+)
+def test_create_params(backup_type: str, valid: bool):
+    """CreateParams takes full, incremental, or auto (its default: the param not given)."""
+    assert CreateParams().type == "auto"
+    if valid:
+        assert CreateParams(type=backup_type).type == backup_type
+    else:
+        with pytest.raises(ValueError, match=r"^type must be full or incremental$"):
+            CreateParams(type=backup_type)
+
+
+def test_type_param_schema():
+    """actions.yaml offers full and incremental, with no default (the charm then chooses)."""
+    spec = yaml.safe_load(ACTIONS_YAML.read_text())["create-backup"]
+    param = spec["params"]["type"]
+
+    assert param["type"] == "string"
+    assert param["enum"] == ["full", "incremental"]
+    assert "default" not in param
+    assert spec.get("required", []) == []
+    assert {field.name for field in dataclasses.fields(CreateParams)} == set(spec["params"])
+    for value in param["enum"]:
+        assert CreateParams(type=value).type == value
+
+
+# --- retention after a backup ----------------------------------------------------------------
+
+# Two older chains, oldest first: A <- A+1 and B <- B+1 <- B+2.
+OLDER = [
+    _manifest("20250101T000000Z"),
+    _manifest("20250102T000000Z", parent="20250101T000000Z"),
+    _manifest("20250201T000000Z"),
+    _manifest("20250202T000000Z", parent="20250201T000000Z"),
+    _manifest("20250203T000000Z", parent="20250202T000000Z"),
+]
+
+
+@pytest.fixture
+def s3_retention() -> Iterator[tuple[mock.MagicMock, mock.MagicMock]]:
+    """Patch S3Client.list_backups and delete_objects, which retention calls."""
+    with (
+        mock.patch.object(backup.S3Client, "list_backups", autospec=True) as list_backups,
+        mock.patch.object(backup.S3Client, "delete_objects", autospec=True) as delete_objects,
+    ):
+        yield list_backups, delete_objects
+
+
+def _newest_full_first(run_backup: mock.MagicMock) -> Any:
+    """list_backups as S3 would answer after the backup: the new full one, then the older."""
+
+    def list_backups(client: backup.S3Client) -> list[backup.BackupManifest]:
+        return [_manifest(run_backup.call_args.args[2]), *reversed(OLDER)]
+
+    return list_backups
+
+
+def _deleted_names(delete_objects: mock.MagicMock) -> list[list[str]]:
+    return [list(call.args[1]) for call in delete_objects.call_args_list]
+
+
+@pytest.mark.parametrize(
+    ("keep", "removed"),
+    [
+        pytest.param(
+            1,
+            [
+                "20250203T000000Z",
+                "20250202T000000Z",
+                "20250201T000000Z",
+                "20250102T000000Z",
+                "20250101T000000Z",
+            ],
+            id="keep-1",
+        ),
+        pytest.param(2, ["20250102T000000Z", "20250101T000000Z"], id="keep-2"),
+        pytest.param(3, [], id="keep-3"),
+    ],
+)
+def test_retention_after_backup(
+    ctx: testing.Context,
+    configured_data_dir: pathlib.Path,
+    run_backup: mock.MagicMock,
+    s3_retention: tuple[mock.MagicMock, mock.MagicMock],
+    keep: int,
+    removed: list[str],
+):
+    """After a backup, the chains beyond backup-retention-count are deleted, newest first.
+
+    Arrange: backup-retention-count; run_backup (patched) makes a new full backup;
+        S3 (patched) lists it and two older chains.
+    Act: run create-backup.
+    Assert: each expired backup's manifest, archive and snapshot state are deleted,
+        in that order, newest backup first; the results name them (or "none"); the
+        deletions are logged after the commit.
+    """
+    list_backups, delete_objects = s3_retention
+    run_backup.side_effect = lambda container, s3, backup_id, passphrase, **_: _manifest(backup_id)
+    list_backups.side_effect = _newest_full_first(run_backup)
+    state = make_state(
+        configured_data_dir, {**CONFIG, "backup-retention-count": keep}, execs=[VERSION_EXEC]
+    )
+
+    ctx.run(ctx.on.action("create-backup"), state)
+
+    backup_id = run_backup.call_args.args[2]
+    assert ctx.action_results is not None
+    assert ctx.action_results["backup-id"] == backup_id
+    assert ctx.action_results["retention-removed"] == (" ".join(removed) or "none")
+    assert "retention-error" not in ctx.action_results
+    assert _deleted_names(delete_objects) == [
+        [f"{name}.manifest.json", name, f"{name}.snar.gpg"] for name in removed
+    ]
+    (client,) = list_backups.call_args.args
+    assert client._parameters.bucket == "synapse-backups"
+    committed = ctx.action_logs.index(f"backup {backup_id} committed")
+    assert ctx.action_logs[committed + 1 :] == [f"retention: deleting {name}" for name in removed]
+
+
+def test_no_retention_by_default(
+    ctx: testing.Context,
+    configured_data_dir: pathlib.Path,
+    run_backup: mock.MagicMock,
+    s3_retention: tuple[mock.MagicMock, mock.MagicMock],
+):
+    """backup-retention-count 0 (the default) keeps every backup: S3 is not even listed."""
+    list_backups, delete_objects = s3_retention
+    run_backup.return_value = _manifest()
+    state = make_state(
+        configured_data_dir, {**CONFIG, "backup-retention-count": 0}, execs=[VERSION_EXEC]
+    )
+
+    ctx.run(ctx.on.action("create-backup"), state)
+
+    assert ctx.action_results is not None
+    assert not [key for key in ctx.action_results if key.startswith("retention")]
+    list_backups.assert_not_called()
+    delete_objects.assert_not_called()
+
+
+@pytest.mark.parametrize(
+    ("list_error", "delete_errors", "deleted"),
+    [
+        pytest.param(
+            backup.S3Error("cannot list the backups: AccessDenied: no"),
+            None,
+            0,
+            id="cannot-list",
+        ),
+        pytest.param(
+            None,
+            [None, backup.S3Error("cannot delete object 20250101T000000Z: AccessDenied: no")],
+            2,
+            id="cannot-delete",
+        ),
+    ],
+)
+def test_retention_error_keeps_the_backup(
+    ctx: testing.Context,
+    configured_data_dir: pathlib.Path,
+    run_backup: mock.MagicMock,
+    s3_retention: tuple[mock.MagicMock, mock.MagicMock],
+    *,
+    list_error: backup.S3Error | None,
+    delete_errors: list[Any] | None,
+    deleted: int,
+):
+    """A retention failure does not fail the committed backup: it is in the results.
+
+    Arrange: backup-retention-count 2; the backup succeeds; listing or the second
+        deletion fails.
+    Act: run create-backup.
+    Assert: the action succeeds with the backup's results and retention-error;
+        retention stopped at the error.
+    """
+    list_backups, delete_objects = s3_retention
+    run_backup.side_effect = lambda container, s3, backup_id, passphrase, **_: _manifest(backup_id)
+    list_backups.side_effect = list_error or _newest_full_first(run_backup)
+    delete_objects.side_effect = delete_errors
+    state = make_state(
+        configured_data_dir, {**CONFIG, "backup-retention-count": 2}, execs=[VERSION_EXEC]
+    )
+
+    ctx.run(ctx.on.action("create-backup"), state)
+
+    error = list_error or delete_errors[-1]  # type: ignore[index]
+    results = ctx.action_results
+    assert results is not None
+    assert results["backup-id"] == run_backup.call_args.args[2]
+    assert results["type"] == "full"
+    assert results["retention-error"] == str(error)
+    assert "retention-removed" not in results
+    assert delete_objects.call_count == deleted
+    _assert_no_secret(results["retention-error"])
+
+
+def test_failed_backup_applies_no_retention(
+    ctx: testing.Context,
+    configured_data_dir: pathlib.Path,
+    run_backup: mock.MagicMock,
+    s3_retention: tuple[mock.MagicMock, mock.MagicMock],
+):
+    """When the backup fails, nothing is deleted: the older chains are all there is."""
+    list_backups, delete_objects = s3_retention
+    run_backup.side_effect = backup.BackupError("the backup pipeline failed")
+    state = make_state(
+        configured_data_dir, {**CONFIG, "backup-retention-count": 1}, execs=[VERSION_EXEC]
+    )
+
+    with pytest.raises(testing.ActionFailed):
+        ctx.run(ctx.on.action("create-backup"), state)
+
+    list_backups.assert_not_called()
+    delete_objects.assert_not_called()
