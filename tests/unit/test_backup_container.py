@@ -86,12 +86,12 @@ def synapse_data(data_dir: pathlib.Path) -> pathlib.Path:
 def live_container(
     ctx: testing.Context, data_dir: pathlib.Path, **container_options: Any
 ) -> Iterator[ops.Container]:
-    """Yield the charm's synapse container during an update-status event.
+    """Yield the charm's synapse container during a start event (which the charm ignores).
 
     Scenario's container filesystem starts empty; /tmp is made as the image has it.
     """
     state = make_state(data_dir, {}, **container_options)
-    with ctx(ctx.on.update_status(), state) as manager:
+    with ctx(ctx.on.start(), state) as manager:
         container = manager.charm.unit.get_container("synapse")
         container.make_dir("/tmp", make_parents=True)
         yield container

@@ -780,11 +780,22 @@ def test_manifest_to_json():
         pytest.param(None, "no error output", id="none"),
         pytest.param("", "no error output", id="empty"),
         pytest.param(b"one\n\ntwo\n", "one; two", id="bytes"),
-        pytest.param("\n".join(str(n) for n in range(10)), "5; 6; 7; 8; 9", id="last-five"),
+        pytest.param(
+            "\n".join(str(n) for n in range(8)), "0; 1; 2; 3; 4; 5; 6; 7", id="eight-kept"
+        ),
+        pytest.param(
+            "\n".join(str(n) for n in range(20)),
+            "0; 1; 2; 3; ...; 16; 17; 18; 19",
+            id="first-and-last-four",
+        ),
     ],
 )
 def test_tail(output: str | bytes | None, expected: str):
-    """Error output is shortened to its last lines, on one line."""
+    """Error output is shortened to one line, keeping its first and last lines.
+
+    The first lines name the stage that failed (an S3 error, say), the last ones
+    what that did to the next stages.
+    """
     assert backup._tail(output) == expected
 
 

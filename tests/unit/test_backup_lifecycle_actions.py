@@ -875,3 +875,62 @@ def test_schema_pattern_agrees_with_the_charm(backup_id: str):
         backup.BACKUP_ID_PATTERN.fullmatch(backup_id)
     )
     assert bool(re.fullmatch(pattern, backup_id)) == (backup_id == "20250102T030405Z")
+
+
+# --- an interrupted restore ------------------------------------------------------------------
+
+ROLLBACK_PROBLEM = (
+    "an interrupted restore could not be rolled back; the previous data is in "
+    "/data/.synapse-previous-20250101T000000Z-0a1b2c3d: cannot move a to b: mv: I/O error"
+)
+
+
+@pytest.mark.parametrize(
+    ("action", "what"),
+    [
+        pytest.param("restore-backup", "restore", id="restore"),
+        pytest.param("verify-backup", "verify the backup", id="verify"),
+    ],
+)
+def test_interrupted_restore_not_rolled_back_stops_the_action(
+    ctx: testing.Context,
+    configured_data_dir: pathlib.Path,
+    patched: Patched,
+    action: str,
+    what: str,
+):
+    """A restore a dying charm left half swapped is rolled back first; if that fails, stop.
+
+    Arrange: recover_interrupted_restore (patched; tested in
+        test_backup_restore_container.py) cannot roll back.
+    Act: run the action.
+    Assert: it fails saying so and where the previous data is; nothing else runs.
+    """
+    state = make_state(configured_data_dir, CONFIG)
+
+    with (
+        mock.patch.object(
+            backup, "recover_interrupted_restore", return_value=ROLLBACK_PROBLEM
+        ) as recover,
+        pytest.raises(testing.ActionFailed) as exc_info,
+    ):
+        ctx.run(ctx.on.action(action, params=_params(action)), state)
+
+    assert exc_info.value.message == f"cannot {what}: {ROLLBACK_PROBLEM}"
+    (container,) = recover.call_args.args
+    assert container.name == synapse.CONTAINER_NAME
+    patched.for_action(action).assert_not_called()
+
+
+def test_interrupted_restore_rolled_back_lets_the_action_run(
+    ctx: testing.Context, configured_data_dir: pathlib.Path, patched: Patched
+):
+    """A roll-back that succeeds (None) lets the action go on."""
+    patched.verify_backup.return_value = _check()
+    state = make_state(configured_data_dir, CONFIG)
+
+    with mock.patch.object(backup, "recover_interrupted_restore", return_value=None) as recover:
+        ctx.run(ctx.on.action("verify-backup", params=_params("verify-backup")), state)
+
+    recover.assert_called_once()
+    patched.verify_backup.assert_called_once()

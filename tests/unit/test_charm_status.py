@@ -149,13 +149,14 @@ def test_workload_status(
     """Waiting until the container answers and the check is up; then Active.
 
     Arrange: a valid server-name, no S3 options and a workload in a given state.
-    Act: run update-status (which does not touch the workload).
+    Act: run start (which the charm does not reconcile on: update-status would plan
+        and start Synapse, see test_charm_workload.py).
     Assert: Waiting until the container answers and the ready check is up; then Active.
     """
     (data_dir / "homeserver.yaml").write_text(homeserver_yaml(server_name))
     state = make_state(data_dir, {"server-name": server_name}, **container_options)
 
-    out = ctx.run(ctx.on.update_status(), state)
+    out = ctx.run(ctx.on.start(), state)
 
     assert out.unit_status == expected
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import pathlib
 from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
 import ops
 import pytest
 import yaml
 from ops import testing
 
+import backup
 import synapse
 from tests.unit.builders import SERVER_NAME, homeserver_yaml, make_state
 
@@ -52,6 +54,7 @@ RECONCILING_EVENTS = [
     pytest.param(_event("pebble_ready"), id="pebble-ready"),
     pytest.param(_event("config_changed"), id="config-changed"),
     pytest.param(_event("upgrade_charm"), id="upgrade-charm"),
+    pytest.param(_event("update_status"), id="update-status"),
 ]
 
 
@@ -273,3 +276,48 @@ def test_nothing_done_while_blocked_or_unreachable(
     assert ctx.exec_history == {}
     assert out.get_container(synapse.CONTAINER_NAME).layers == {}
     assert not isinstance(out.unit_status, ops.ActiveStatus)
+
+
+@pytest.mark.parametrize("event", RECONCILING_EVENTS)
+def test_interrupted_restore_not_rolled_back_blocks_and_touches_nothing(
+    ctx: testing.Context, configured_data_dir: pathlib.Path, event: Event
+):
+    """Half-restored data is never started on nor regenerated: the unit is Blocked.
+
+    Arrange: a restore journal is left and its roll-back (patched) fails.
+    Act: run an event that reconciles the workload.
+    Assert: the roll-back was tried; nothing ran, nothing was planned; Blocked,
+        pointing at the journal.
+    """
+    journal = configured_data_dir / backup.RESTORE_JOURNAL.removeprefix("/data/")
+    journal.write_text("{}")
+    state = make_state(
+        configured_data_dir, {"server-name": SERVER_NAME}, planned=False, execs=GENERATE_EXECS
+    )
+
+    with mock.patch.object(
+        backup, "recover_interrupted_restore", return_value="could not be rolled back"
+    ) as recover:
+        out = ctx.run(event(ctx, state), state)
+
+    recover.assert_called()
+    assert ctx.exec_history == {}
+    assert out.get_container(synapse.CONTAINER_NAME).layers == {}
+    assert out.unit_status == ops.BlockedStatus(
+        f"an interrupted restore could not be rolled back: see {backup.RESTORE_JOURNAL}"
+    )
+
+
+@pytest.mark.parametrize("event", RECONCILING_EVENTS)
+def test_interrupted_restore_rolled_back_then_reconciled(
+    ctx: testing.Context, configured_data_dir: pathlib.Path, event: Event
+):
+    """A roll-back that succeeds lets the reconcile go on: Synapse is planned and started."""
+    state = make_state(configured_data_dir, {"server-name": SERVER_NAME}, planned=False)
+
+    with mock.patch.object(backup, "recover_interrupted_restore", return_value=None) as recover:
+        out = ctx.run(event(ctx, state), state)
+
+    recover.assert_called()
+    _assert_synapse_planned(out.get_container(synapse.CONTAINER_NAME))
+    assert out.unit_status == ops.ActiveStatus()

@@ -619,3 +619,20 @@ def test_failed_backup_applies_no_retention(
 
     list_backups.assert_not_called()
     delete_objects.assert_not_called()
+
+
+def test_interrupted_restore_not_rolled_back_stops_the_backup(
+    ctx: testing.Context, configured_data_dir: pathlib.Path, run_backup: mock.MagicMock
+):
+    """No backup of half-restored data: the action fails while the roll-back fails."""
+    problem = "an interrupted restore could not be rolled back; the previous data is in /x"
+    state = make_state(configured_data_dir, CONFIG, execs=[VERSION_EXEC])
+
+    with (
+        mock.patch.object(backup, "recover_interrupted_restore", return_value=problem),
+        pytest.raises(testing.ActionFailed) as exc_info,
+    ):
+        ctx.run(ctx.on.action("create-backup"), state)
+
+    assert exc_info.value.message == f"cannot back up: {problem}"
+    run_backup.assert_not_called()
