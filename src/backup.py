@@ -64,6 +64,7 @@ PASSPHRASE_FILE = "passphrase"  # noqa: S105 - a file name, not a secret
 AWS_CONFIG_FILE = "aws-config"
 AWS_DOWNLOAD_CONFIG_FILE = "aws-config-download"
 GNUPG_DIR = "gnupg"
+DEFAULT_WORK_DIR = "/tmp/synapse-backup"  # noqa: S108 - private 0700, removed after use
 WORK_DIR_PREFIX = "/tmp/synapse-backup-"  # noqa: S108 - a private 0700 dir in the container
 SNAPSHOT_DIR_PREFIX = ".synapse-backup-snapshot-"
 MANIFEST_SUFFIX = ".manifest.json"
@@ -190,7 +191,7 @@ class S3Parameters(BaseModel):
     @field_validator("endpoint")
     @classmethod
     def check_endpoint_or_region_set(
-        cls, endpoint: str | None, values: ValidationInfo
+        cls, endpoint: str | None, values: ValidationInfo | dict[str, Any]
     ) -> str | None:
         """Validate that either region or endpoint is set.
 
@@ -204,7 +205,8 @@ class S3Parameters(BaseModel):
         Raises:
             ValueError: if the configuration is invalid.
         """
-        if not endpoint and not values.data.get("region"):
+        data = values if isinstance(values, dict) else values.data
+        if not endpoint and not data.get("region"):
             raise ValueError("one of s3-endpoint or s3-region must be set")
         if endpoint and not re.match(r"^https?://[^\s/]+", endpoint):
             raise ValueError("s3-endpoint must be an http:// or https:// URL")
@@ -541,17 +543,21 @@ class S3Client:
             )
         return manifest
 
-    def list_backups(self) -> list[BackupManifest]:
+    def list_backups(self, *, strict: bool = False) -> list[BackupManifest]:
         """List the complete backups, newest first.
 
         A backup is complete when its manifest exists, parses and matches
         the size of its encrypted object; anything else is left out.
 
+        Args:
+            strict: fail when a manifest cannot be read (a transient error),
+                for callers that decide what to delete or build on from the list.
+
         Returns:
             The manifests.
 
         Raises:
-            S3Error: if the bucket cannot be listed.
+            S3Error: if the bucket cannot be listed (or, when strict, a manifest read).
         """
         names = self._list_names()
         candidates = sorted(
@@ -568,7 +574,12 @@ class S3Client:
         def read(backup_id: str) -> BackupManifest | None:
             try:
                 manifest = BackupManifest.from_json(self.read_object(backup_id + MANIFEST_SUFFIX))
-            except (S3Error, BackupError) as exc:
+            except S3Error:
+                if strict:
+                    raise
+                logger.warning("skipping backup %s: its manifest cannot be read", backup_id)
+                return None
+            except BackupError as exc:
                 logger.warning("skipping backup %s: %s", backup_id, exc)
                 return None
             ok = manifest.backup_id == backup_id and manifest.size == names[backup_id]
@@ -644,7 +655,7 @@ class S3Client:
         validate_backup_key(backup_id)
         if self.object_size(backup_id + MANIFEST_SUFFIX) is None:
             raise S3Error(f"there is no backup {backup_id}", option="backup-id")
-        dependants = dependants_of(backup_id, self.list_backups())
+        dependants = dependants_of(backup_id, self.list_backups(strict=True))
         if dependants and not chain:
             raise S3Error(
                 f"backup {backup_id} is needed by {', '.join(sorted(dependants))}; "
@@ -653,7 +664,7 @@ class S3Client:
             )
         doomed = [*sorted(dependants, reverse=True), backup_id]
         for name in doomed:
-            self.delete_objects([name + MANIFEST_SUFFIX, name, name + SNAPSHOT_STATE_SUFFIX])
+            self.delete_objects(backup_object_names(name))
         return doomed
 
     def delete_objects(self, names: Iterable[str]) -> None:
@@ -678,6 +689,18 @@ class S3Client:
                 self._client.delete_object(Bucket=bucket, Key=key)
             except (ClientError, BotoCoreError) as exc:
                 raise S3Error(f"cannot delete object {name}: {_client_error(exc)}") from exc
+
+
+def backup_object_names(backup_id: str) -> list[str]:
+    """Return the objects of one backup, its manifest (the commit) first.
+
+    Args:
+        backup_id: the backup.
+
+    Returns:
+        The manifest, the encrypted archive and the encrypted tar snapshot state.
+    """
+    return [backup_id + MANIFEST_SUFFIX, backup_id, backup_id + SNAPSHOT_STATE_SUFFIX]
 
 
 def dependants_of(backup_id: str, manifests: Iterable[BackupManifest]) -> set[str]:
@@ -969,12 +992,12 @@ def prepare_container(
         container: Synapse Container.
         s3_parameters: S3 parameters for the backup.
         passphrase: Passphrase for the backup (used for gpg).
-        work_dir: the work directory to create (default: a new random one).
+        work_dir: the work directory to create (default: DEFAULT_WORK_DIR).
 
     Raises:
         BackupError: if there was an error preparing the configuration.
     """
-    work_dir = work_dir or new_work_dir()
+    work_dir = work_dir or DEFAULT_WORK_DIR
     try:
         if container.exists(work_dir):
             raise BackupError(f"work directory {work_dir} exists already")
@@ -1214,6 +1237,7 @@ def build_backup_command(
     if snapshot_file:
         tar += [f"--listed-incremental={snapshot_file}", "--no-check-device"]
         tar += ["--warning=no-new-dir"]
+    tar.append("--no-unquote")  # names are literal: a backslash is not an escape
     tar += [f"--add-file={member}" for member in members]
     lines = _script_preamble(work_dir)
     if database_path:
@@ -1261,7 +1285,11 @@ def build_backup_command(
     lines += [
         " | ".join(
             [
-                _script([tar]),
+                # Exit 1 is "some files changed while read" (a busy server);
+                # anything worse fails the backup.
+                "{ "
+                + _script([tar])
+                + ' || { status=$?; [ "$status" -eq 1 ] || exit "$status"; }; }',
                 _script([gpg]),
                 _script([digest]),
                 _script([aws]),
@@ -1411,15 +1439,23 @@ def _tail(output: str | bytes | None, lines: int = 8) -> str:
 
 
 def _choose_parent(
-    container: ops.Container, client: S3Client, backup_type: str, log: Callable[[str], None]
+    container: ops.Container,
+    client: S3Client,
+    backup_type: str,
+    log: Callable[[str], None],
+    deployment: str | None,
 ) -> tuple[list[BackupManifest], bool]:
     """Choose the backup an incremental backup builds on.
+
+    Only backups of this deployment count: another deployment writing to the
+    same path (say, a new model restored from this one) has its own files.
 
     Args:
         container: Synapse Container.
         client: the S3 client.
         backup_type: "full", "incremental" or "auto".
         log: receives progress messages.
+        deployment: this deployment's id (model and application), if known.
 
     Returns:
         The parent's chain, oldest first (empty for a full backup), and whether
@@ -1434,7 +1470,11 @@ def _choose_parent(
         raise BackupError(f"unknown backup type {backup_type!r}: use full or incremental")
     chain: list[BackupManifest] = []
     try:
-        backups = client.list_backups()
+        backups = [
+            manifest
+            for manifest in client.list_backups(strict=True)
+            if not deployment or manifest.metadata.get("deployment", deployment) == deployment
+        ]
         newest = backups[0] if backups else None
         problem = "there is no full backup to build on" if newest is None else ""
         local = False
@@ -1463,6 +1503,7 @@ def _parent_state(
     local: bool,
     work_dir: str,
     incremental_required: bool,
+    hidden: Sequence[str],
     log: Callable[[str], None],
 ) -> BackupManifest | None:
     """Put the parent's snapshot state in the work dir, if the chain can go on.
@@ -1479,6 +1520,7 @@ def _parent_state(
         local: whether the parent's state is in the container.
         work_dir: the prepared work directory.
         incremental_required: fail instead of falling back to a full backup.
+        hidden: the secrets no error message may show.
         log: receives progress messages.
 
     Returns:
@@ -1496,7 +1538,7 @@ def _parent_state(
             container,
             _snapshot_state_commands(s3_parameters, parent, local, work_dir),
             get_environment(s3_parameters, work_dir=work_dir),
-            secrets_to_hide=(s3_parameters.secret_key,),
+            secrets_to_hide=hidden,
             what=f"reading the snapshot state of {parent.backup_id}",
         )
     except (BackupError, S3Error) as exc:
@@ -1561,12 +1603,12 @@ def _keep_snapshot_state(container: ops.Container, backup_key: str, work_dir: st
     run_in_container(container, command, {}, what="keeping the snapshot state")
 
 
-def _client_for_new_backup(s3_parameters: S3Parameters, names: Sequence[str]) -> S3Client:
-    """Return an S3 client after checking the bucket and that the names are free.
+def _client_for_new_backup(s3_parameters: S3Parameters, backup_key: str) -> S3Client:
+    """Return an S3 client after checking the bucket and that the backup's names are free.
 
     Args:
         s3_parameters: S3 parameters.
-        names: the objects the backup will write.
+        backup_key: the new backup.
 
     Returns:
         The client.
@@ -1577,8 +1619,8 @@ def _client_for_new_backup(s3_parameters: S3Parameters, names: Sequence[str]) ->
     try:
         client = S3Client(s3_parameters)
         client.check_bucket()
-        if any(client.object_size(name) is not None for name in names):
-            raise BackupError(f"a backup named {names[0]} exists already")
+        if any(client.object_size(name) is not None for name in backup_object_names(backup_key)):
+            raise BackupError(f"a backup named {backup_key} exists already")
     except S3Error as exc:
         raise BackupError(str(exc)) from exc
     return client
@@ -1618,12 +1660,19 @@ def run_backup(
         raise BackupError("the backup passphrase is empty")
     started = time.monotonic()
     created_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    names = (backup_key, backup_key + MANIFEST_SUFFIX, backup_key + SNAPSHOT_STATE_SUFFIX)
-    client = _client_for_new_backup(s3_parameters, names)
+    client = _client_for_new_backup(s3_parameters, backup_key)
     check_tools(container)
-    chain, local_state = _choose_parent(container, client, backup_type, log)
+    chain, local_state = _choose_parent(
+        container, client, backup_type, log, (metadata or {}).get("deployment")
+    )
     paths = list(get_paths_to_backup(container))
     database_path = get_database_path(container)
+    outside = [p for p in [*paths, database_path] if p and not _allowed_restore_path(p)]
+    if outside:
+        raise BackupError(
+            f"{outside[0]} is outside {DATA_DIR}, where a restore can put it back: "
+            f"keep Synapse's files under {DATA_DIR}"
+        )
     size = calculate_size(container, [*paths, *([database_path] if database_path else [])])
     committed = False
     try:
@@ -1632,7 +1681,7 @@ def run_backup(
             hidden = (s3_parameters.secret_key, passphrase)
             parent = _parent_state(
                 container, client, s3_parameters, chain, local=local_state, work_dir=work_dir,
-                incremental_required=backup_type == "incremental", log=log,
+                incremental_required=backup_type == "incremental", hidden=hidden, log=log,
             )  # fmt: skip
             kind = f"incremental on {parent.backup_id}" if parent else "full"
             log(f"{kind} backup of {len(paths) + bool(database_path)} paths, about {size} bytes")
@@ -1685,7 +1734,7 @@ def run_backup(
                 posixpath.join(posixpath.dirname(database_path), SNAPSHOT_DIR_PREFIX + backup_key),
             )
         if not committed:
-            _discard(client, names)
+            _discard(client, backup_object_names(backup_key))
 
 
 def _discard(client: S3Client, names: Sequence[str]) -> None:
@@ -1913,7 +1962,11 @@ def _check_passphrase(
     try:
         container.exec(
             [BASH_COMMAND, "-c", command],
-            environment={"GNUPGHOME": posixpath.join(work_dir, GNUPG_DIR), "HOME": work_dir},
+            environment={
+                "GNUPGHOME": posixpath.join(work_dir, GNUPG_DIR),
+                "HOME": work_dir,
+                "LC_ALL": "C",  # the message below is matched in English
+            },
             timeout=120,
             user_id=SYNAPSE_USER_ID,
             group_id=SYNAPSE_GROUP_ID,
@@ -2083,10 +2136,10 @@ def _manifest_databases(manifest: BackupManifest) -> list[str]:
     Returns:
         The database's path.
     """
-    recorded = manifest.metadata.get("database-path")
-    if recorded:
-        return [recorded] if recorded in manifest.paths else []
-    return [path for path in manifest.paths if path.endswith(".db")]
+    if "database-path" in manifest.metadata:  # "" when the backup holds no database
+        recorded = manifest.metadata["database-path"]
+        return [recorded] if recorded and recorded in manifest.paths else []
+    return [path for path in manifest.paths if path.endswith(".db")]  # older manifests
 
 
 def _swap_paths(container: ops.Container, manifest: BackupManifest) -> list[str]:
@@ -2220,6 +2273,38 @@ def _roll_back(container: ops.Container, journal: Mapping[str, Any]) -> list[str
     return problems
 
 
+def sweep_leftovers(container: ops.Container) -> None:
+    """Remove what a killed backup or restore left: work dirs, database copies, staging.
+
+    Work dirs hold a passphrase; staging dirs hold a full copy of a backup.
+    Previous data kept by keep-previous is left alone, and nothing is swept
+    while an interrupted restore's journal exists.
+
+    Args:
+        container: Synapse Container.
+    """
+    try:
+        if container.exists(RESTORE_JOURNAL):
+            return
+        work_parent, work_prefix = posixpath.split(WORK_DIR_PREFIX)
+        found = [
+            info.path
+            for parent, pattern in (
+                (work_parent, work_prefix + "*"),
+                (DATA_DIR, SNAPSHOT_DIR_PREFIX + "*"),
+                (DATA_DIR, RESTORE_STAGING_PREFIX + "*"),
+            )
+            if container.isdir(parent)
+            for info in container.list_files(parent, pattern=pattern)
+        ]
+    except ops.pebble.Error as exc:
+        logger.warning("cannot look for leftovers of earlier runs: %s", exc)
+        return
+    for path in found:
+        logger.warning("removing %s, left by an interrupted run", path)
+        _remove_quietly(container, path)
+
+
 def recover_interrupted_restore(container: ops.Container) -> str | None:
     """Roll back a restore whose swap was interrupted (the charm or pod died).
 
@@ -2244,6 +2329,7 @@ def recover_interrupted_restore(container: ops.Container) -> str | None:
             f"{journal['previous']}: {problems[0]}"
         )
     _remove_quietly(container, str(journal["staging"]))
+    _remove_quietly(container, str(journal["previous"]))  # empty directories only now
     return None
 
 
@@ -2323,28 +2409,33 @@ def run_restore(
     token = secrets.token_hex(4)
     staging_dir = f"{DATA_DIR}/{RESTORE_STAGING_PREFIX}{backup_key}-{token}"
     previous_dir = f"{DATA_DIR}/{PREVIOUS_DATA_PREFIX}{backup_key}-{token}"
-    incomplete = False
-    swapped = False
     try:
         checks = _stage_chain(container, client, s3_parameters, chain, passphrase,
                               staging_dir=staging_dir, log=log)  # fmt: skip
-        log("stopping Synapse and swapping the restored data in")
-        paths = _stop_and_swap(container, service, manifest, staging_dir, previous_dir)
-        swapped = True
-    except S3Error as exc:
-        raise BackupError(str(exc)) from exc
-    except (ops.pebble.PathError, ops.pebble.APIError) as exc:
-        raise BackupError(f"restore failed: {exc}") from exc
-    except IncompleteRollbackError:
-        incomplete = True  # staging and previous hold data the operator needs
+    except BaseException as exc:
+        _remove_quietly(container, staging_dir)  # nothing live was touched
+        if isinstance(exc, S3Error):
+            raise BackupError(str(exc)) from exc
+        if isinstance(exc, ops.pebble.Error):
+            raise BackupError(f"restore failed: {exc}") from exc
         raise
-    finally:
-        if not incomplete:
-            _remove_quietly(container, staging_dir)
-            if not (swapped and keep_previous):  # after an undone swap: empty dirs only
-                _remove_quietly(container, previous_dir)
+    log("stopping Synapse and swapping the restored data in")
+    try:
+        paths = _stop_and_swap(container, service, manifest, staging_dir, previous_dir)
+    except IncompleteRollbackError:
+        raise  # staging and previous hold data the operator needs
+    except (BackupError, ops.pebble.Error) as exc:
+        # The swap was undone (or never began): previous holds empty dirs at most.
+        _remove_quietly(container, staging_dir)
+        _remove_quietly(container, previous_dir)
+        if isinstance(exc, BackupError):
+            raise
+        raise BackupError(f"restore failed: {exc}") from exc
+    # Anything else (the charm dying) leaves all in place: the journal rolls it back.
+    _remove_quietly(container, staging_dir)
     if not keep_previous:
-        log("removed the previous data")
+        log("removing the previous data")
+        _remove_quietly(container, previous_dir)
     return RestoreResult(
         backup_id=backup_key,
         file_count=sum(check.file_count for check in checks),
@@ -2445,7 +2536,14 @@ def _stop_and_swap(
     """
     pebble_errors = (ops.pebble.ChangeError, ops.pebble.APIError, ops.pebble.TimeoutError)
     has_service = service in container.get_plan().services
-    start = has_service
+
+    def start() -> None:
+        if has_service:
+            try:
+                container.start(service)
+            except pebble_errors as exc:
+                raise BackupError(f"Synapse did not start again: {exc}") from exc
+
     try:
         if has_service:
             try:
@@ -2455,12 +2553,11 @@ def _stop_and_swap(
         paths = _swap_paths(container, manifest)
         _swap_in(container, paths, staging_dir, previous_dir)
     except IncompleteRollbackError:
-        start = False  # never start Synapse on half-restored data
+        raise  # never start Synapse on half-restored data
+    except BackupError:
+        start()  # the previous data is back
         raise
-    finally:
-        if start:
-            try:
-                container.start(service)
-            except pebble_errors as exc:
-                raise BackupError(f"Synapse did not start again: {exc}") from exc
+    # Anything unexpected propagates without starting Synapse: the journal
+    # rolls the swap back at the next hook, which starts it again.
+    start()
     return paths

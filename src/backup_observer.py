@@ -11,6 +11,7 @@ import logging
 from collections.abc import Collection
 
 import ops
+from pydantic import ValidationError
 
 import backup
 import retention
@@ -19,6 +20,8 @@ from charm_state import BackupConfig, CharmConfig, InvalidConfigError, load_back
 
 logger = logging.getLogger(__name__)
 
+# Juju passes each result as one argument: keep the table well under 128 KiB.
+FORMATTED_ROWS = 100
 NOT_CONFIGURED = (
     "backups are not configured: set s3-bucket, s3-endpoint (or s3-region), "
     "s3-credentials and backup-passphrase"
@@ -113,9 +116,13 @@ def format_backups(manifests: list[backup.BackupManifest], expiring: Collection[
         )
         for manifest in manifests
     ]
+    hidden = len(rows) - 1 - FORMATTED_ROWS
+    rows = rows[: FORMATTED_ROWS + 1]
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
              for row in rows]  # fmt: skip
+    if hidden > 0:
+        lines.append(f"... and {hidden} older backups (all are in the backups result)")
     return "\n".join(lines) if manifests else "no backups"
 
 
@@ -143,8 +150,16 @@ class BackupObserver(ops.Object):
         """The charm configuration as it is now.
 
         Not cached: a charm object can outlive a configuration change.
+
+        Raises:
+            InvalidConfigError: naming the option Juju gave a value we refuse.
         """
-        return self._charm.load_config(CharmConfig)
+        try:
+            return self._charm.load_config(CharmConfig)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            option = str(error["loc"][0]).replace("_", "-") if error["loc"] else "config"
+            raise InvalidConfigError(option, error["msg"]) from None
 
     def _backup_config(self) -> BackupConfig | None:
         """Return the backup configuration.
@@ -212,6 +227,7 @@ class BackupObserver(ops.Object):
         if problem:
             event.fail(f"cannot {what}: {problem}")
             return None
+        backup.sweep_leftovers(container)
         if not container.exists(backup.SYNAPSE_CONFIG_PATH):
             event.fail(f"cannot {what}: Synapse has not been configured yet (set server-name)")
             return None
@@ -243,6 +259,7 @@ class BackupObserver(ops.Object):
                     "server-name": self._config.server_name or "",
                     "synapse-version": synapse.version(container),
                     "charm-version": synapse.charm_version(self._charm.charm_dir),
+                    "deployment": self._deployment,
                 },
                 log=event.log,
             )
@@ -259,17 +276,21 @@ class BackupObserver(ops.Object):
             "duration": manifest.duration,
             "file-count": manifest.file_count,
         }
-        results.update(self._apply_retention(config, event))
+        results.update(self._apply_retention(config, event, manifest.backup_id))
         event.set_results(results)
 
-    def _apply_retention(self, config: BackupConfig, event: ops.ActionEvent) -> dict[str, str]:
-        """Delete the chains that backup-retention-count no longer keeps.
+    def _apply_retention(
+        self, config: BackupConfig, event: ops.ActionEvent, new_backup: str
+    ) -> dict[str, str]:
+        """Delete this deployment's chains that backup-retention-count no longer keeps.
 
         A failure here does not undo the backup: it is reported in the results.
+        The new backup's own chain is never deleted.
 
         Args:
             config: the backup configuration.
             event: the action event, for progress messages.
+            new_backup: the backup just made.
 
         Returns:
             Results to add: what retention removed, or why it could not.
@@ -278,21 +299,31 @@ class BackupObserver(ops.Object):
         if not keep:
             return {}
         client = backup.S3Client(config.s3)
+        deployment = self._deployment
         try:
-            doomed = retention.expired(client.list_backups(), keep)
+            own = [
+                manifest
+                for manifest in client.list_backups(strict=True)
+                if manifest.metadata.get("deployment", deployment) == deployment
+            ]
+            roots = retention.chain_roots(own)
+            doomed = [
+                backup_id
+                for backup_id in retention.expired(own, keep)
+                if roots[backup_id] != roots.get(new_backup)
+            ]
             for backup_id in doomed:
                 event.log(f"retention: deleting {backup_id}")
-                client.delete_objects(
-                    [
-                        backup_id + backup.MANIFEST_SUFFIX,
-                        backup_id,
-                        backup_id + backup.SNAPSHOT_STATE_SUFFIX,
-                    ]
-                )
+                client.delete_objects(backup.backup_object_names(backup_id))
         except backup.S3Error as exc:
             logger.error("retention failed: %s", exc)
             return {"retention-error": str(exc)}
         return {"retention-removed": " ".join(doomed) or "none"}
+
+    @property
+    def _deployment(self) -> str:
+        """This deployment's id in manifests: the model's UUID and the application."""
+        return f"{self.model.uuid}/{self.model.app.name}"
 
     def _on_list_backups(self, event: ops.ActionEvent) -> None:
         """List the complete backups, newest first.

@@ -174,4 +174,8 @@ def load_backup_config(config: CharmConfig) -> BackupConfig | None:
         message = error["msg"].removeprefix("Value error, ")
         # Never echo input values: they may be credentials.
         raise InvalidConfigError(_FIELD_OPTIONS.get(field, field), message) from None
-    return BackupConfig(s3=s3, passphrase=passphrase["passphrase"])
+    # gpg reads the first line of a passphrase file: a second line would be ignored.
+    one_line = passphrase["passphrase"].removesuffix("\n")
+    if "\n" in one_line or "\r" in one_line:
+        raise InvalidConfigError("backup-passphrase", "the passphrase must be a single line")
+    return BackupConfig(s3=s3, passphrase=one_line)

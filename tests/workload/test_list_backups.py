@@ -19,6 +19,7 @@ import pytest
 from ops import testing
 
 import backup
+from backup_observer import FORMATTED_ROWS
 from charm import SynapseCharm
 from tests.helpers.seaweed import SeaweedServer
 from tests.workload.conftest import SERVER_NAME, parameters_for
@@ -162,13 +163,18 @@ def test_list_backups_action_lists_exactly_the_complete_backups(
     assert newest["server-name"] == SERVER_NAME
     assert newest["created-at"].startswith(crowded.newest_first[0][:4])
     assert 40 <= int(newest["size"]) <= 400
+    # The table shows the newest rows (Juju passes each result as one
+    # argument, at most 128 KiB) and says how many more `backups` has.
     lines = results["formatted"].splitlines()
-    assert len(lines) == BACKUPS + 1
+    shown = FORMATTED_ROWS
+    assert len(lines) == shown + 2
+    assert len(results["formatted"].encode()) < 64 * 1024
     header = lines[0].split()
     assert header[0] == "backup-id"
     assert {"created-at", "size", "server-name"} <= set(header)
-    assert [line.split()[0] for line in lines[1:]] == crowded.newest_first
-    assert all(SERVER_NAME in line.split() for line in lines[1:])
+    assert [line.split()[0] for line in lines[1:-1]] == crowded.newest_first[:shown]
+    assert all(SERVER_NAME in line.split() for line in lines[1:-1])
+    assert lines[-1] == f"... and {BACKUPS - shown} older backups (all are in the backups result)"
 
 
 def test_s3_client_lists_exactly_the_complete_backups(
