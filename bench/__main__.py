@@ -165,7 +165,7 @@ def make_data(root: Path, size: int, seed: int = 1) -> int:
     media.mkdir(parents=True)
     (data / "homeserver.yaml").write_text(yaml.safe_dump(homeserver_config(SERVER_NAME)))
     (data / f"{SERVER_NAME}.signing.key").write_text("ed25519 a_bench key\n")
-    create_database(data / "homeserver.db", rows=120_000)  # about 25 MB
+    create_database(data / "homeserver.db", rows=600_000)  # about 25 MB
     written, index = 0, 0
     chunk = os.urandom(8 * MIB)
     while written < size:
