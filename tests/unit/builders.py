@@ -84,6 +84,7 @@ def synapse_container(
     check: ops.pebble.CheckStatus | None = ops.pebble.CheckStatus.UP,
     planned: bool = True,
     execs: Iterable[testing.Exec] = (),
+    mount_data: bool = True,
 ) -> testing.Container:
     """Return the synapse container, with /data mounted from a local directory.
 
@@ -94,6 +95,10 @@ def synapse_container(
         check: the status of the synapse-ready check, or None for no check.
         planned: whether the charm's layer is already in the plan.
         execs: the canned commands.
+        mount_data: mount data_dir as /data. Scenario mounts it as a symlink,
+            which Container.isdir reports as no directory (Pebble sees a
+            volume as one); without the mount, the test makes /data itself
+            inside the event (Scenario's container filesystem lives only there).
 
     Returns:
         The container.
@@ -119,7 +124,9 @@ def synapse_container(
         layers=layers,
         service_statuses=statuses,
         check_infos=check_infos,
-        mounts={"data": testing.Mount(location=backup.DATA_DIR, source=data_dir)},
+        mounts={"data": testing.Mount(location=backup.DATA_DIR, source=data_dir)}
+        if mount_data
+        else {},
         execs=frozenset(execs),
     )
 

@@ -8,6 +8,7 @@ replaced by a mock: the real pipeline and S3 are tested in tests/workload.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import pathlib
 import subprocess
@@ -30,7 +31,8 @@ BACKUP_ID = "20250101T000000Z"
 PARENT_ID = "20241231T000000Z"
 WORK_TOKEN = "0123456789abcdef"
 WORK_DIR = f"{backup.WORK_DIR_PREFIX}{WORK_TOKEN}"
-BACKUP_NAMES = (BACKUP_ID, f"{BACKUP_ID}.manifest.json", f"{BACKUP_ID}.snar.gpg")
+# A backup's objects, its manifest (the commit) first: checked free, and discarded on failure.
+BACKUP_NAMES = [f"{BACKUP_ID}.manifest.json", BACKUP_ID, f"{BACKUP_ID}.snar.gpg"]
 EXPECTED_PATHS = [
     "/data/appservices/bridge.yaml",
     "/data/example.com.log.config",
@@ -499,6 +501,19 @@ def test_prepare_container(ctx: testing.Context, data_dir: pathlib.Path):
     assert SECRET_KEY not in aws_config
 
 
+def test_prepare_container_default_work_dir(ctx: testing.Context, data_dir: pathlib.Path):
+    """Without work_dir (the seed API's call), the work dir is the fixed DEFAULT_WORK_DIR."""
+    with live_container(ctx, data_dir) as container:
+        backup.prepare_container(container, _params(), PASSPHRASE)
+
+        (info,) = container.list_files(backup.DEFAULT_WORK_DIR, itself=True)
+        passphrase = container.pull(f"{backup.DEFAULT_WORK_DIR}/passphrase").read()
+
+    assert backup.DEFAULT_WORK_DIR == "/tmp/synapse-backup"
+    assert info.permissions == 0o700
+    assert passphrase == PASSPHRASE
+
+
 def test_prepare_container_refuses_existing_dir(ctx: testing.Context, data_dir: pathlib.Path):
     """A work dir that exists already (maybe someone else's) is not reused."""
     with live_container(ctx, data_dir) as container:
@@ -532,7 +547,7 @@ def test_prepared_container_removed_on_error(ctx: testing.Context, data_dir: pat
 def s3_client() -> Iterator[mock.MagicMock]:
     """Replace S3Client by a mock: no backup exists yet, and uploads are 1234 bytes.
 
-    object_size answers, in order: the archive, manifest and snapshot-state names
+    object_size answers, in order: the manifest, archive and snapshot-state names
     are free, then the uploaded archive has 1234 bytes.
     """
     client = mock.create_autospec(backup.S3Client, instance=True)
@@ -644,7 +659,8 @@ def test_run_backup(
     assert keep_state.command == _keep_state_command()
     assert keep_state.environment == {}
     assert (keep_state.user_id, keep_state.group_id) == (991, 991)
-    s3_client.list_backups.assert_called_once_with()
+    # Strictly: a manifest that cannot be read is not taken for a missing backup.
+    s3_client.list_backups.assert_called_once_with(strict=True)
     s3_client.chain.assert_not_called()
     assert s3_client.object_size.call_args_list == [
         mock.call(name) for name in (*BACKUP_NAMES, BACKUP_ID)
@@ -958,24 +974,17 @@ def test_run_backup_incremental_fails_when_the_parent_cannot_be_used(
 
 
 @pytest.mark.usefixtures("tools_present")
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: _parent_state runs the snapshot-state command with "
-    "secrets_to_hide=(secret_key,) only, where every other pipeline hides the passphrase "
-    "too: error output naming the passphrase reaches the action's log (auto) or its "
-    "failure message (type=incremental) unredacted",
-)
 def test_run_backup_parent_state_error_hides_the_passphrase(
     ctx: testing.Context,
     synapse_data: pathlib.Path,
     s3_client: mock.MagicMock,
     fixed_work_dir: str,
 ):
-    """The state download's error output is shown with every secret replaced by ***."""
+    """type=incremental fails with the state download's error output, every secret hidden."""
     _incremental_s3(s3_client)
     command = backup._snapshot_state_commands(_params(), _chain()[-1], False, WORK_DIR)
     failing = testing.Exec(
-        command, return_code=2, stderr=f"gpg: bad passphrase file: {PASSPHRASE}\n"
+        command, return_code=2, stderr=f"gpg: bad passphrase file: {PASSPHRASE} {SECRET_KEY}\n"
     )
 
     with (
@@ -986,8 +995,35 @@ def test_run_backup_parent_state_error_hides_the_passphrase(
     ):
         backup.run_backup(container, _params(), BACKUP_ID, PASSPHRASE, backup_type="incremental")
 
-    assert "gpg: bad passphrase file: ***" in str(exc_info.value)
+    assert str(exc_info.value).endswith("gpg: bad passphrase file: *** ***")
     assert PASSPHRASE not in str(exc_info.value)
+
+
+@pytest.mark.usefixtures("tools_present")
+def test_run_backup_auto_logs_the_parent_state_error_without_secrets(
+    ctx: testing.Context,
+    synapse_data: pathlib.Path,
+    s3_client: mock.MagicMock,
+    fixed_work_dir: str,
+):
+    """Type auto logs why it makes a full backup, with the passphrase hidden there too."""
+    _incremental_s3(s3_client)
+    command = backup._snapshot_state_commands(_params(), _chain()[-1], False, WORK_DIR)
+    failing = testing.Exec(
+        command, return_code=2, stderr=f"gpg: bad passphrase file: {PASSPHRASE}\n"
+    )
+    logs: list[str] = []
+
+    with live_container(
+        ctx, synapse_data, execs=[DU, testing.Exec(_probe_command()), failing, PIPELINE_OK]
+    ) as container:
+        manifest = backup.run_backup(container, _params(), BACKUP_ID, PASSPHRASE, log=logs.append)
+
+    assert manifest.backup_type == "full"
+    assert logs[0].startswith("making a full backup: ")
+    assert logs[0].endswith("gpg: bad passphrase file: ***")
+    for line in logs:
+        assert PASSPHRASE not in line
 
 
 BROKEN_CHAIN = (
@@ -1225,9 +1261,9 @@ def test_run_backup_discard_failure_keeps_the_error(
     ("check_error", "sizes", "message"),
     [
         pytest.param(
-            None, [10], f"a backup named {BACKUP_ID} exists already", id="archive-exists"
+            None, [10], f"a backup named {BACKUP_ID} exists already", id="manifest-exists"
         ),
-        pytest.param(None, [None, 2], "exists already", id="manifest-exists"),
+        pytest.param(None, [None, 2], "exists already", id="archive-exists"),
         pytest.param(None, [None, None, 3], "exists already", id="snapshot-state-exists"),
         pytest.param(
             None, [backup.S3Error("cannot read object")], "cannot read object", id="s3-error"
@@ -1289,6 +1325,167 @@ def test_run_backup_refuses_bad_arguments(
         backup.run_backup(container, _params(), key, passphrase)
 
     s3_client.object_size.assert_not_called()
+
+
+@pytest.mark.usefixtures("tools_present")
+@pytest.mark.parametrize(
+    ("changes", "make", "outside"),
+    [
+        pytest.param(
+            {"media_store_path": "/srv/media_store"},
+            "/srv/media_store/local_content",
+            "/srv/media_store/local_content",
+            id="media",
+        ),
+        pytest.param(
+            {"database": {"name": "sqlite3", "args": {"database": "/var/lib/synapse/h.db"}}},
+            "/var/lib/synapse/h.db",
+            "/var/lib/synapse/h.db",
+            id="database",
+        ),
+        pytest.param(
+            {"signing_key_path": "/etc/synapse/example.com.signing.key"},
+            "/etc/synapse/example.com.signing.key",
+            "/etc/synapse/example.com.signing.key",
+            id="signing-key",
+        ),
+    ],
+)
+def test_run_backup_refuses_paths_outside_data(
+    ctx: testing.Context,
+    synapse_data: pathlib.Path,
+    s3_client: mock.MagicMock,
+    *,
+    changes: dict[str, Any],
+    make: str,
+    outside: str,
+):
+    """A backup no restore could put back is not made: nothing runs, nothing reaches S3.
+
+    Arrange: homeserver.yaml names a file Synapse keeps outside /data, which exists.
+    Act: run_backup.
+    Assert: BackupError naming the path; no command ran; nothing written or deleted.
+    """
+    _write_config(synapse_data, **changes)
+
+    with live_container(ctx, synapse_data, execs=[DU, PIPELINE_OK]) as container:
+        if make.endswith((".db", ".key")):
+            container.push(make, "content", make_dirs=True)
+        else:
+            container.make_dir(make, make_parents=True)
+        with pytest.raises(backup.BackupError) as exc_info:
+            backup.run_backup(container, _params(), BACKUP_ID, PASSPHRASE)
+
+    assert str(exc_info.value) == (
+        f"{outside} is outside /data, where a restore can put it back: "
+        "keep Synapse's files under /data"
+    )
+    assert ctx.exec_history == {}
+    s3_client.put_text.assert_not_called()
+    s3_client.delete_objects.assert_not_called()
+
+
+DEPLOYMENT = "3f9c0d1e-0000-4000-8000-000000000001/synapse"
+OTHER_DEPLOYMENT = "7a2b4c6d-0000-4000-8000-000000000002/synapse"
+# Another deployment's backup, newer than this deployment's chain, at the same S3 path.
+OTHERS_NEWEST = _parent(
+    "20241231T120000Z", metadata={"deployment": OTHER_DEPLOYMENT, "database-path": ""}
+)
+
+
+def _own_chain(*, recorded: bool) -> list[backup.BackupManifest]:
+    """_chain(), its manifests recording this deployment (or, older ones, no deployment)."""
+    metadata = {"deployment": DEPLOYMENT} if recorded else {}
+    return [dataclasses.replace(manifest, metadata=metadata) for manifest in _chain()]
+
+
+@pytest.mark.usefixtures("tools_present")
+@pytest.mark.parametrize(
+    "recorded", [True, False], ids=["deployment-recorded", "older-manifests-without-deployment"]
+)
+def test_run_backup_builds_only_on_this_deployments_chain(
+    ctx: testing.Context,
+    synapse_data: pathlib.Path,
+    s3_client: mock.MagicMock,
+    fixed_work_dir: str,
+    *,
+    recorded: bool,
+):
+    """Another deployment's newer backup at the same path is not built on: ours is.
+
+    Arrange: S3 (mocked) lists another deployment's backup, then this deployment's
+        chain (whose manifests record it, or predate the deployment field).
+    Act: run_backup with this deployment in the metadata.
+    Assert: an incremental backup on this deployment's newest backup; the
+        manifest records the deployment.
+    """
+    _incremental_s3(s3_client)
+    chain = _own_chain(recorded=recorded)
+    s3_client.list_backups.return_value = [OTHERS_NEWEST, *reversed(chain)]
+    s3_client.chain.return_value = chain
+    state_command = backup._snapshot_state_commands(_params(), chain[-1], False, WORK_DIR)
+    execs = [DU, testing.Exec(_probe_command()), testing.Exec(state_command), PIPELINE_OK]
+
+    with live_container(ctx, synapse_data, execs=execs) as container:
+        manifest = backup.run_backup(
+            container, _params(), BACKUP_ID, PASSPHRASE, metadata={"deployment": DEPLOYMENT}
+        )
+
+    s3_client.list_backups.assert_called_once_with(strict=True)
+    s3_client.chain.assert_called_once_with(PARENT_ID)
+    assert (manifest.backup_type, manifest.parent) == ("incremental", PARENT_ID)
+    assert manifest.metadata["deployment"] == DEPLOYMENT
+    assert _put_manifest(s3_client)["deployment"] == DEPLOYMENT
+
+
+@pytest.mark.usefixtures("tools_present")
+def test_run_backup_other_deployments_backups_are_nothing_to_build_on(
+    ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock
+):
+    """With only another deployment's backups at the path, type auto makes a full backup."""
+    _no_parent_s3(s3_client, {"list_backups": [OTHERS_NEWEST]}, None)
+    logs: list[str] = []
+
+    with live_container(ctx, synapse_data, execs=[DU, PIPELINE_OK]) as container:
+        manifest = backup.run_backup(
+            container,
+            _params(),
+            BACKUP_ID,
+            PASSPHRASE,
+            metadata={"deployment": DEPLOYMENT},
+            log=logs.append,
+        )
+
+    assert (manifest.backup_type, manifest.parent) == ("full", "")
+    assert logs[0] == "making a full backup: there is no full backup to build on"
+    s3_client.chain.assert_not_called()
+
+
+@pytest.mark.usefixtures("tools_present")
+def test_run_backup_incremental_refuses_another_deployments_chain(
+    ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock
+):
+    """type=incremental fails rather than build on another deployment's backup."""
+    _no_parent_s3(s3_client, {"list_backups": [OTHERS_NEWEST]}, None)
+
+    with (
+        live_container(ctx, synapse_data, execs=[DU, PIPELINE_OK]) as container,
+        pytest.raises(backup.BackupError) as exc_info,
+    ):
+        backup.run_backup(
+            container,
+            _params(),
+            BACKUP_ID,
+            PASSPHRASE,
+            backup_type="incremental",
+            metadata={"deployment": DEPLOYMENT},
+        )
+
+    assert str(exc_info.value) == (
+        "cannot make an incremental backup: there is no full backup to build on"
+    )
+    assert ctx.exec_history == {}
+    s3_client.chain.assert_not_called()
 
 
 def test_create_backup_runs_backup(ctx: testing.Context, synapse_data: pathlib.Path):

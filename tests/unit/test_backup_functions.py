@@ -17,6 +17,7 @@ import pydantic
 import pytest
 
 import backup
+from tests.unit.pipeline import PIPELINE_START, TAR_STATUS_GUARD, split_backup_pipeline
 from tests.unit.tar_transform import apply_transform
 
 ACCESS_KEY = "AKIAPUREFUNCTIONTEST"
@@ -82,6 +83,26 @@ def test_s3_parameters_endpoint_or_region(
     parameters = _params(**changes)
 
     assert (parameters.endpoint, parameters.region) == (endpoint, region)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "data", "error"),
+    [
+        pytest.param("https://s3.example.com", {}, None, id="endpoint"),
+        pytest.param(None, {"region": "eu-west-1"}, None, id="region"),
+        pytest.param(None, {}, "one of s3-endpoint or s3-region must be set", id="neither"),
+        pytest.param("s3.example.com", {}, "must be an http:// or https:// URL", id="no-scheme"),
+    ],
+)
+def test_check_endpoint_or_region_set_takes_a_plain_dict(
+    endpoint: str | None, data: dict[str, str], error: str | None
+):
+    """The seed's validator can be called with the other values as a plain dict."""
+    if error is None:
+        assert backup.S3Parameters.check_endpoint_or_region_set(endpoint, data) == endpoint
+    else:
+        with pytest.raises(ValueError, match=error):
+            backup.S3Parameters.check_endpoint_or_region_set(endpoint, data)
 
 
 @pytest.mark.parametrize(
@@ -381,15 +402,8 @@ def _pipeline_end(script: str, start: int) -> int:
 
 def _pipeline_words(script: str) -> list[list[str]]:
     """Split the tar | gpg | digest | aws pipeline of a backup script into its commands."""
-    start = script.index("tar --create")
-    words = shlex.split(script[start : _pipeline_end(script, start)])
-    commands: list[list[str]] = [[]]
-    for word in words:
-        if word == "|":
-            commands.append([])
-        else:
-            commands[-1].append(word)
-    return commands
+    start = script.index(PIPELINE_START)
+    return split_backup_pipeline(script[start : _pipeline_end(script, start)])
 
 
 def _bash_syntax_ok(script: str) -> None:
@@ -418,10 +432,14 @@ def test_build_backup_command_shape():
     tar, gpg, digest, aws = _pipeline_words(script)
     assert tar[0] == "tar"
     assert "--directory=/" in tar
-    assert tar[-2:] == [
+    assert tar[-3:] == [
+        "--no-unquote",
         "--add-file=data/homeserver.yaml",
         "--add-file=data/media_store/local_content",
     ]
+    # tar's exit status 1 (a file changed while read) passes; any other fails the pipeline.
+    (pipeline,) = [line for line in script.splitlines() if line.startswith(PIPELINE_START)]
+    assert pipeline.startswith("{ " + shlex.join(tar) + TAR_STATUS_GUARD + " | gpg ")
     assert gpg[0] == "gpg"
     assert gpg[gpg.index("--passphrase-file") + 1] == PASSPHRASE_FILE
     assert "--symmetric" in gpg
@@ -493,6 +511,9 @@ def test_build_backup_command_quotes_hostile_paths(name: str):
         f"data/db {name}/homeserver.db"
     )
     assert [word for word in tar if word.startswith("--directory")] == ["--directory=/"]
+    # Every name is literal: --no-unquote comes before the first --add-file.
+    first_member = next(i for i, word in enumerate(tar) if word.startswith("--add-file="))
+    assert tar.index("--no-unquote") < first_member
     assert "SNAPSHOT_DIR=" + shlex.quote(snapshot_dir) in script
 
 
@@ -635,16 +656,12 @@ def test_build_backup_command_runs_with_hostile_names(tmp_path: pathlib.Path):
 
 
 @pytest.mark.skipif(not shutil.which("tar"), reason="needs GNU tar")
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: GNU tar unquotes --add-file names by default (--unquote), and "
-    "build_backup_command passes each path as --add-file=<path> without --no-unquote: a "
-    "backed-up path holding a backslash escape (a file named 'a\\tb.yaml', backslash then t) "
-    "is read as another name, so tar archives '/data/a<TAB>b.yaml' if it exists, or fails "
-    "with 'Cannot stat'; the same holds for the database path",
-)
 def test_build_backup_command_archives_names_with_backslashes(tmp_path: pathlib.Path):
-    """A name with a backslash escape in it is archived as it is, not as tar unquotes it."""
+    r"""A name with a backslash escape in it is archived as it is, not as tar unquotes it.
+
+    GNU tar unquotes --add-file names by default: without --no-unquote, the file
+    named 'a\tb.yaml' (a backslash, then t) would be read as 'a<TAB>b.yaml'.
+    """
     data = tmp_path / "data"
     data.mkdir()
     literal = data / "a\\tb.yaml"
@@ -686,6 +703,118 @@ def test_build_backup_command_archives_names_with_backslashes(tmp_path: pathlib.
         content = archive.extractfile(member).read()
     assert member.name == str(literal).lstrip("/")
     assert content == b"the backed-up file"
+
+
+def _pipeline_stubs(tmp_path: pathlib.Path) -> tuple[dict[str, str], pathlib.Path]:
+    """Stub gpg (copies its input), gpgconf and aws (stores its input); python3 is real.
+
+    Returns:
+        The environment with the stubs first on PATH, and where aws stores the upload.
+    """
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    upload = tmp_path / "uploaded"
+    _stub(
+        bin_dir,
+        "gpg",
+        "import shutil, sys\nshutil.copyfileobj(sys.stdin.buffer, sys.stdout.buffer)\n",
+    )
+    _stub(bin_dir, "gpgconf", "")
+    _stub(
+        bin_dir,
+        "aws",
+        f"import shutil, sys\nshutil.copyfileobj(sys.stdin.buffer, open({str(upload)!r}, 'wb'))\n",
+    )
+    _stub(
+        bin_dir,
+        "python3",
+        "import os, sys\nos.execv(sys.executable, [sys.executable, *sys.argv[1:]])\n",
+    )
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}, upload
+
+
+@pytest.mark.skipif(not shutil.which("tar"), reason="needs GNU tar")
+def test_build_backup_command_archives_a_database_with_a_backslash(tmp_path: pathlib.Path):
+    r"""The database's copy is added literally too: 'home\tserver.db' keeps its backslash."""
+    data = tmp_path / "data"
+    data.mkdir()
+    database = data / "home\\tserver.db"
+    with sqlite3.connect(database) as connection:
+        connection.execute("CREATE TABLE t (x)")
+    connection.close()
+    (data / "home\tserver.db").write_text("another file")
+    work_dir = tmp_path / "work"
+    work_dir.mkdir()
+    environment, upload = _pipeline_stubs(tmp_path)
+    command = backup.build_backup_command(
+        _params(),
+        "20250101T000000Z",
+        [],
+        str(work_dir / "passphrase"),
+        database_path=str(database),
+        work_dir=str(work_dir),
+    )
+
+    result = subprocess.run(
+        command, capture_output=True, text=True, check=False, env=environment, timeout=60
+    )
+
+    assert result.returncode == 0, result.stderr
+    with tarfile.open(upload) as archive:
+        assert archive.getnames() == [str(database).lstrip("/")]
+
+
+@pytest.mark.skipif(not shutil.which("tar"), reason="needs GNU tar")
+@pytest.mark.parametrize(
+    ("tar_status", "script_status"),
+    [
+        pytest.param(0, 0, id="tar-ok"),
+        pytest.param(1, 0, id="file-changed-while-read"),
+        pytest.param(2, 2, id="fatal-error"),
+        pytest.param(141, 141, id="killed-by-sigpipe"),
+    ],
+)
+def test_build_backup_command_tar_exit_status(
+    tmp_path: pathlib.Path, tar_status: int, script_status: int
+):
+    """A busy server makes tar exit 1: the backup still counts; any worse status fails it.
+
+    Arrange: a real tar wrapped to exit with a given status once it archived the data.
+    Act: run the backup script with bash.
+    Assert: the script's exit status; on success, the digest line of the whole archive.
+    """
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "homeserver.yaml").write_text("server_name: example.com\n")
+    work_dir = tmp_path / "work"
+    work_dir.mkdir()
+    environment, upload = _pipeline_stubs(tmp_path)
+    real_tar = shutil.which("tar")
+    _stub(
+        pathlib.Path(environment["PATH"].split(":")[0]),
+        "tar",
+        "import subprocess, sys\n"
+        f"code = subprocess.call([{real_tar!r}, *sys.argv[1:]])\n"
+        f"sys.exit(code or {tar_status})\n",
+    )
+    command = backup.build_backup_command(
+        _params(),
+        "20250101T000000Z",
+        [str(data / "homeserver.yaml")],
+        str(work_dir / "passphrase"),
+        work_dir=str(work_dir),
+    )
+
+    result = subprocess.run(
+        command, capture_output=True, text=True, check=False, env=environment, timeout=60
+    )
+
+    assert result.returncode == script_status, result.stderr
+    if script_status == 0:
+        _, size, members = backup._parse_digest(result.stdout)
+        assert (size, members) == (upload.stat().st_size, 1)
+    else:
+        assert not result.stdout.strip()
 
 
 # --- redact and _parse_digest ---------------------------------------------------------------
@@ -742,6 +871,15 @@ def test_parse_digest_rejects(stdout: str):
 
 
 # --- small helpers ---------------------------------------------------------------------------
+
+
+def test_backup_object_names():
+    """A backup's objects: its manifest (the commit) first, then the archive and the state."""
+    assert backup.backup_object_names("20250101T000000Z") == [
+        "20250101T000000Z.manifest.json",
+        "20250101T000000Z",
+        "20250101T000000Z.snar.gpg",
+    ]
 
 
 def test_manifest_to_json():

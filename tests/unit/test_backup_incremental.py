@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 import backup
+from tests.unit.pipeline import PIPELINE_START, split_backup_pipeline
 from tests.unit.tar_transform import apply_transform, literal_pattern, literal_replacement
 
 ACCESS_KEY = "AKIAINCREMENTALTEST"
@@ -220,14 +221,15 @@ def test_build_backup_command_listed_incremental():
     script = command[2]
     _bash_syntax_ok(script)
     # The pipeline's words hold quoted newlines (the digest program): split with shlex.
-    start = script.index("tar --create")
+    start = script.index(PIPELINE_START)
     state_start = script.index("\ngpg ", start)
     read_start = script.index("\nread -r sha256 size < ", state_start)
-    tar, gpg, _, aws = _commands(script[start:state_start])
+    tar, gpg, _, aws = split_backup_pipeline(script[start:state_start])
     options = tar[: tar.index("--add-file=data/homeserver.yaml")]
     assert f"--listed-incremental={SNAPSHOT_FILE}" in options
     assert "--no-check-device" in options
     assert "--warning=no-new-dir" in options
+    assert options[-1] == "--no-unquote"
     assert aws[-1] == f"s3://synapse-backups/prod/{INCREMENTAL_ID}"
     # The state line comes right after the pipeline, the digest read right after it.
     state_gpg, upload = _commands(script[state_start:read_start])
@@ -258,8 +260,8 @@ def test_build_backup_command_one_directory_option():
     )
 
     script = command[2]
-    start = script.index("tar --create")
-    tar = _commands(script[start : script.index("\ngpg ", start)])[0]
+    start = script.index(PIPELINE_START)
+    tar = split_backup_pipeline(script[start : script.index("\ngpg ", start)])[0]
     assert [word for word in tar if word.startswith(("--directory", "-C"))] == ["--directory=/"]
     copy = f"data/{backup.SNAPSHOT_DIR_PREFIX}{FULL_ID}/data/homeserver.db"
     assert tar[-2:] == [
@@ -659,15 +661,6 @@ def test_dependants_of_a_cycle_terminates():
             {"database-path": ""},
             [],
             id="recorded-none",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="bug: _manifest_databases tests `if recorded:`, so a manifest that "
-                "records database-path '' (no SQLite database, e.g. PostgreSQL) is treated "
-                "like a pre-incremental manifest and every backed-up path ending in .db "
-                "(an appservice file /data/bridge.db) is taken for the database: run_restore "
-                "runs the one-time-key clean-up on it and fails, and _swap_paths adds "
-                "-wal/-shm/-journal names for it",
-            ),
         ),
         pytest.param(
             ("/data/homeserver.yaml",),
@@ -684,7 +677,11 @@ def test_dependants_of_a_cycle_terminates():
     ],
 )
 def test_manifest_databases(paths: tuple[str, ...], metadata: dict[str, str], expected: list[str]):
-    """The database a restore fixes up is the recorded one; older manifests guess by .db."""
+    """The database a restore fixes up is the recorded one; older manifests guess by .db.
+
+    An empty recorded database-path means the backup holds no database (say,
+    Synapse on PostgreSQL): a backed-up /data/bridge.db is then not taken for one.
+    """
     manifest = _manifest(paths=paths, metadata=metadata)
 
     assert backup._manifest_databases(manifest) == expected

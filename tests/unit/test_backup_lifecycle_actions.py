@@ -26,6 +26,7 @@ from ops import testing
 import backup
 import synapse
 from backup_observer import (
+    FORMATTED_ROWS,
     NOT_CONFIGURED,
     BackupIdParams,
     DeleteParams,
@@ -38,6 +39,7 @@ from tests.unit.builders import (
     SECRET_VALUES,
     SERVER_NAME,
     VALID_S3_CONFIG,
+    homeserver_yaml,
     make_state,
 )
 
@@ -425,6 +427,29 @@ def test_list_backups_expiring(
     assert results["formatted"] == format_backups(manifests, expiring)
     assert results["formatted"].count("expires after the next full backup") == len(expiring)
     patched.delete_backup.assert_not_called()
+
+
+def test_list_backups_many(ctx: testing.Context, data_dir: pathlib.Path, patched: Patched):
+    """Past FORMATTED_ROWS backups, formatted shows the newest ones; backups has them all."""
+    manifests = [
+        _manifest(f"2025{month:02}{day:02}T000000Z")
+        for month in range(12, 0, -1)
+        for day in range(28, 0, -1)
+    ]
+    patched.list_backups.return_value = manifests
+
+    ctx.run(ctx.on.action("list-backups"), make_state(data_dir, CONFIG))
+
+    results = ctx.action_results
+    assert results is not None
+    assert results["count"] == len(manifests) == 336
+    assert [entry["id"] for entry in results["backups"].values()] == [
+        manifest.backup_id for manifest in manifests
+    ]
+    lines = results["formatted"].splitlines()
+    assert len(lines) == 1 + FORMATTED_ROWS + 1
+    assert lines[-2].split()[0] == manifests[FORMATTED_ROWS - 1].backup_id
+    assert lines[-1] == "... and 236 older backups (all are in the backups result)"
 
 
 def test_list_backups_empty(ctx: testing.Context, data_dir: pathlib.Path, patched: Patched):
@@ -934,3 +959,48 @@ def test_interrupted_restore_rolled_back_lets_the_action_run(
 
     recover.assert_called_once()
     patched.verify_backup.assert_called_once()
+
+
+# --- leftovers of killed runs ----------------------------------------------------------------
+
+WORK_LEFTOVER = f"{backup.WORK_DIR_PREFIX}0123456789abcdef"
+STAGING_LEFTOVER = f"/data/{backup.RESTORE_STAGING_PREFIX}{BACKUP_ID}-0a1b2c3d"
+SNAPSHOT_LEFTOVER = f"/data/{backup.SNAPSHOT_DIR_PREFIX}{BACKUP_ID}"
+PREVIOUS_DATA = f"/data/{backup.PREVIOUS_DATA_PREFIX}{BACKUP_ID}-0a1b2c3d"
+
+
+@pytest.mark.parametrize("action", CONTAINER_ACTIONS)
+def test_leftovers_are_swept_before_the_action(
+    ctx: testing.Context, data_dir: pathlib.Path, patched: Patched, action: str
+):
+    """A work dir (with a passphrase), a database copy and staging go; previous data stays.
+
+    Arrange: what killed runs left in /tmp and /data, and data kept by keep-previous.
+    Act: run the action (its backup function patched, recording what it finds).
+    Assert: the leftovers were gone before the backup function ran; the previous
+        data is still there.
+    """
+    paths = (WORK_LEFTOVER, STAGING_LEFTOVER, SNAPSHOT_LEFTOVER, PREVIOUS_DATA)
+    seen: dict[str, bool] = {}
+
+    def record(container: ops.Container, *args: Any, **kwargs: Any) -> Any:
+        seen.update({path: container.exists(path) for path in paths})
+        return _check() if action == "verify-backup" else _result()
+
+    patched.for_action(action).side_effect = record
+    state = make_state(data_dir, CONFIG, mount_data=False)
+
+    with ctx(ctx.on.action(action, params=_params(action)), state) as manager:
+        container = manager.charm.unit.get_container(synapse.CONTAINER_NAME)
+        container.push(backup.SYNAPSE_CONFIG_PATH, homeserver_yaml(), make_dirs=True)
+        container.push(f"{WORK_LEFTOVER}/passphrase", PASSPHRASE, make_dirs=True)
+        for path in paths[1:]:
+            container.push(f"{path}/data/homeserver.db", "a copy", make_dirs=True)
+        manager.run()
+
+    assert seen == {
+        WORK_LEFTOVER: False,
+        STAGING_LEFTOVER: False,
+        SNAPSHOT_LEFTOVER: False,
+        PREVIOUS_DATA: True,
+    }

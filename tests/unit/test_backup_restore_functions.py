@@ -7,6 +7,7 @@ and stubbed aws and gpg; the real aws CLI and gpg are tested in tests/workload.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import io
 import json
@@ -22,7 +23,7 @@ from typing import Any
 import pytest
 
 import backup
-from backup_observer import format_backups
+from backup_observer import FORMATTED_ROWS, format_backups
 
 ACCESS_KEY = "AKIARESTOREPURETEST"
 SECRET_KEY = "restore-pure-secret-key-8e41"
@@ -249,6 +250,66 @@ def test_format_backups_chain_and_expiring():
 def test_format_backups_empty():
     """No backups: a plain sentence instead of a lonely header."""
     assert format_backups([]) == "no backups"
+
+
+def _many(count: int) -> list[backup.BackupManifest]:
+    """``count`` full backups, newest first, one a day from 2025-01-01."""
+    first = datetime.datetime(2025, 1, 1, tzinfo=datetime.timezone.utc)
+    days = [first + datetime.timedelta(days=day) for day in reversed(range(count))]
+    return [_manifest(backup_id=backup.new_backup_id(day)) for day in days]
+
+
+@pytest.mark.parametrize(
+    ("count", "shown", "note"),
+    [
+        pytest.param(1, 1, None, id="one"),
+        pytest.param(FORMATTED_ROWS, FORMATTED_ROWS, None, id="exactly-the-cap"),
+        pytest.param(
+            FORMATTED_ROWS + 1,
+            FORMATTED_ROWS,
+            "... and 1 older backups (all are in the backups result)",
+            id="one-over",
+        ),
+        pytest.param(
+            1200,
+            FORMATTED_ROWS,
+            "... and 1100 older backups (all are in the backups result)",
+            id="1200",
+        ),
+    ],
+)
+def test_format_backups_caps_the_rows(count: int, shown: int, note: str | None):
+    """The table shows the newest FORMATTED_ROWS backups, then says how many it left out.
+
+    Juju passes a result as one argument: 1,200 rows were past its 128 KiB limit.
+    """
+    manifests = _many(count)
+
+    lines = format_backups(manifests).splitlines()
+
+    assert FORMATTED_ROWS == 100
+    assert lines[0].split()[0] == "backup-id"
+    rows = lines[1 : 1 + shown]
+    assert [row.split()[0] for row in rows] == [m.backup_id for m in manifests[:shown]]
+    assert lines[1 + shown :] == ([note] if note else [])
+
+
+def test_format_backups_capped_table_is_small():
+    """1,200 backups, every one expiring (the widest rows): the table stays well under 128 KiB.
+
+    Its columns are as wide as the rows it shows, not as the ones it leaves out.
+    """
+    manifests = _many(1200)
+    manifests[-1] = _manifest(
+        backup_id=manifests[-1].backup_id, metadata={"server-name": "x" * 200}
+    )
+    expiring = {manifest.backup_id for manifest in manifests}
+
+    table = format_backups(manifests, expiring)
+
+    assert len(table.encode()) < 32 * 1024
+    assert "x" * 200 not in table
+    assert max(len(line) for line in table.splitlines()) < 200
 
 
 # --- _allowed_restore_path ------------------------------------------------------------------

@@ -287,6 +287,38 @@ def test_list_backups_path(path: str):
     assert fake.calls[0] == ("list_objects_v2", prefix)
 
 
+def test_list_backups_strict_fails_on_a_manifest_it_cannot_read():
+    """A manifest S3 fails to return is skipped by default, and an error when strict.
+
+    A caller that decides what to delete or build on must not take a transient
+    read failure for a missing backup.
+    """
+    objects: dict[str, bytes] = {}
+    for day in (1, 2):
+        objects.update(_backup_objects(_manifest(f"2025010{day}T000000Z")))
+    client, fake = _fake_client(objects)
+    fake.broken.add("prod/20250102T000000Z.manifest.json")
+
+    assert [m.backup_id for m in client.list_backups()] == ["20250101T000000Z"]
+    with pytest.raises(backup.S3Error) as exc_info:
+        client.list_backups(strict=True)
+
+    assert str(exc_info.value) == (
+        "cannot read object 20250102T000000Z.manifest.json: NoSuchKey: NoSuchKey"
+    )
+
+
+def test_list_backups_strict_still_skips_what_is_not_a_backup():
+    """Strict fails on reads only: an invalid or mismatched manifest is still left out."""
+    objects = _backup_objects(_manifest("20250101T000000Z"))
+    objects["prod/20250102T000000Z"] = b"x"
+    objects["prod/20250102T000000Z.manifest.json"] = b"{not json"
+    objects.update(_backup_objects(_manifest("20250103T000000Z", size=50), archive_size=49))
+    client, _ = _fake_client(objects)
+
+    assert [m.backup_id for m in client.list_backups(strict=True)] == ["20250101T000000Z"]
+
+
 def test_list_backups_empty_bucket():
     """An empty bucket has no backups."""
     client, _ = _fake_client({})
@@ -672,6 +704,26 @@ def test_delete_backup_newest_incremental_needs_no_chain():
 
     assert client.chain(FIRST)[-1].backup_id == FIRST
     assert not [key for key in fake.objects if SECOND in key]
+
+
+@pytest.mark.parametrize("chain", [False, True], ids=["alone", "with-chain"])
+def test_delete_backup_refuses_when_a_manifest_cannot_be_read(chain: bool):
+    """A dependant whose manifest S3 fails to return is not taken for a missing one.
+
+    Arrange: FULL <- FIRST <- SECOND; reading FIRST's manifest fails.
+    Act: delete FULL.
+    Assert: S3Error naming the manifest; nothing is deleted (FULL alone would
+        break the chain; with chain=true FIRST would be missed).
+    """
+    objects = _chain_objects(*CHAIN)
+    client, fake = _fake_client(objects)
+    fake.broken.add(f"prod/{FIRST}.manifest.json")
+
+    with pytest.raises(backup.S3Error, match=f"^cannot read object {FIRST}.manifest.json: "):
+        client.delete_backup(FULL, chain=chain)
+
+    assert _deleted(fake) == []
+    assert fake.objects == objects
 
 
 @pytest.mark.parametrize(

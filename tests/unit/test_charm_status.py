@@ -12,9 +12,11 @@ from ops import testing
 
 import backup
 from tests.unit.builders import (
+    ALL_SECRETS,
     CREDENTIALS,
     CREDENTIALS_WITHOUT_ACCESS_KEY,
     CREDENTIALS_WITHOUT_SECRET_KEY,
+    PASSPHRASE,
     PASSPHRASE_SECRET_WRONG_KEY,
     SECRET_VALUES,
     SERVER_NAME,
@@ -394,24 +396,73 @@ def test_retention_count_is_active(
         ),
     ],
 )
-@pytest.mark.xfail(
-    strict=True,
-    raises=testing.errors.UncaughtCharmError,
-    reason="bug: CharmConfig declares backup_retention_count with Field(ge=0) but "
-    "BackupObserver._config calls self._charm.load_config(CharmConfig) with the default "
-    "errors='raise' and nothing catches the pydantic ValidationError: "
-    "`juju config synapse backup-retention-count=-1` makes every hook (collect-status "
-    "included) and every backup action crash, instead of a Blocked "
-    "'backup-retention-count: ...' status",
-)
 def test_negative_retention_count_blocks(
-    ctx: testing.Context, configured_data_dir: pathlib.Path, event: str, config: dict[str, Any]
+    ctx: testing.Context,
+    configured_data_dir: pathlib.Path,
+    check_bucket: mock.MagicMock,
+    event: str,
+    config: dict[str, Any],
 ):
-    """A negative backup-retention-count blocks, naming the option; the charm does not crash."""
+    """A negative backup-retention-count blocks, naming the option; the charm does not crash.
+
+    pydantic refuses the value (Field(ge=0)); the status says which option and why.
+    """
     out = _run(ctx, event, make_state(configured_data_dir, config))
 
-    assert isinstance(out.unit_status, ops.BlockedStatus)
-    assert out.unit_status.message.startswith("backup-retention-count: ")
+    assert out.unit_status == ops.BlockedStatus(
+        "backup-retention-count: Input should be greater than or equal to 0"
+    )
+    check_bucket.assert_not_called()
+
+
+def _passphrase_config(passphrase: str) -> tuple[dict[str, str], testing.Secret]:
+    """Valid backup options whose passphrase secret holds ``passphrase``."""
+    secret = testing.Secret(tracked_content={"passphrase": passphrase})
+    return _config(backup_passphrase=secret.id), secret
+
+
+@pytest.mark.parametrize("event", EVENTS)
+@pytest.mark.parametrize(
+    "passphrase",
+    [
+        pytest.param(f"{PASSPHRASE}\nsecond line", id="two-lines"),
+        pytest.param(f"{PASSPHRASE}\n\n", id="blank-second-line"),
+        pytest.param(f"{PASSPHRASE}\r\nsecond line", id="crlf"),
+        pytest.param(f"{PASSPHRASE}\r", id="trailing-carriage-return"),
+        pytest.param(f"\n{PASSPHRASE}", id="leading-newline"),
+    ],
+)
+def test_multi_line_passphrase_blocks(
+    ctx: testing.Context,
+    configured_data_dir: pathlib.Path,
+    check_bucket: mock.MagicMock,
+    event: str,
+    passphrase: str,
+):
+    """A passphrase of more than one line blocks: gpg would read only its first line.
+
+    The message names the option and shows no part of the passphrase.
+    """
+    config, secret = _passphrase_config(passphrase)
+
+    out = _run(ctx, event, make_state(configured_data_dir, config, secrets=[*ALL_SECRETS, secret]))
+
+    assert out.unit_status == ops.BlockedStatus(
+        "backup-passphrase: the passphrase must be a single line"
+    )
+    check_bucket.assert_not_called()
+
+
+@pytest.mark.parametrize("event", EVENTS)
+def test_passphrase_with_a_final_newline_is_one_line(
+    ctx: testing.Context, configured_data_dir: pathlib.Path, event: str
+):
+    """A final newline (juju add-secret passphrase#file=...) does not make a second line."""
+    config, secret = _passphrase_config(f"{PASSPHRASE}\n")
+
+    out = _run(ctx, event, make_state(configured_data_dir, config, secrets=[*ALL_SECRETS, secret]))
+
+    assert out.unit_status == ops.ActiveStatus()
 
 
 @pytest.mark.parametrize("event", EVENTS)

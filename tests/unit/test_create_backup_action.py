@@ -23,6 +23,7 @@ import backup
 import synapse
 from backup_observer import NOT_CONFIGURED, CreateParams
 from tests.unit.builders import (
+    ALL_SECRETS,
     CREDENTIALS_WITHOUT_SECRET_KEY,
     PASSPHRASE,
     SECRET_KEY,
@@ -30,6 +31,7 @@ from tests.unit.builders import (
     SERVER_NAME,
     UNKNOWN_SECRET_ID,
     VALID_S3_CONFIG,
+    homeserver_yaml,
     make_state,
 )
 
@@ -48,7 +50,9 @@ def run_backup() -> Iterator[mock.MagicMock]:
         yield patched
 
 
-def _manifest(backup_id: str = "20250101T000000Z", parent: str = "") -> backup.BackupManifest:
+def _manifest(
+    backup_id: str = "20250101T000000Z", parent: str = "", deployment: str | None = None
+) -> backup.BackupManifest:
     return backup.BackupManifest(
         backup_id=backup_id,
         created_at="2025-01-01T00:00:00+00:00",
@@ -59,6 +63,7 @@ def _manifest(backup_id: str = "20250101T000000Z", parent: str = "") -> backup.B
         duration=1.5,
         backup_type="incremental" if parent else "full",
         parent=parent,
+        metadata={"deployment": deployment} if deployment else {},
     )
 
 
@@ -147,6 +152,66 @@ def test_invalid_config(
     assert exc_info.value.message.startswith(f"cannot back up: {option}: ")
     _assert_no_secret(exc_info.value.message)
     run_backup.assert_not_called()
+
+
+def test_negative_retention_count_fails_the_action(
+    ctx: testing.Context, configured_data_dir: pathlib.Path, run_backup: mock.MagicMock
+):
+    """A backup-retention-count pydantic refuses fails the action naming the option."""
+    state = make_state(configured_data_dir, {**CONFIG, "backup-retention-count": -1})
+
+    with pytest.raises(testing.ActionFailed) as exc_info:
+        ctx.run(ctx.on.action("create-backup"), state)
+
+    assert exc_info.value.message == (
+        "cannot back up: backup-retention-count: Input should be greater than or equal to 0"
+    )
+    run_backup.assert_not_called()
+
+
+@pytest.mark.parametrize(
+    ("passphrase", "given", "failure"),
+    [
+        pytest.param(PASSPHRASE + "\n", PASSPHRASE, None, id="final-newline-dropped"),
+        pytest.param(
+            PASSPHRASE + "\nsecond line",
+            None,
+            "cannot back up: backup-passphrase: the passphrase must be a single line",
+            id="two-lines-refused",
+        ),
+    ],
+)
+def test_passphrase_lines(
+    ctx: testing.Context,
+    configured_data_dir: pathlib.Path,
+    run_backup: mock.MagicMock,
+    *,
+    passphrase: str,
+    given: str | None,
+    failure: str | None,
+):
+    """The passphrase gpg reads is the one line of the secret, without its final newline.
+
+    gpg reads the first line of a passphrase file: a second line would be ignored,
+    so it is refused rather than silently dropped.
+    """
+    run_backup.return_value = _manifest()
+    secret = testing.Secret(tracked_content={"passphrase": passphrase})
+    state = make_state(
+        configured_data_dir,
+        {**CONFIG, "backup-passphrase": secret.id},
+        secrets=[*ALL_SECRETS, secret],
+        execs=[VERSION_EXEC],
+    )
+
+    if failure is None:
+        ctx.run(ctx.on.action("create-backup"), state)
+        assert run_backup.call_args.args[3] == given
+    else:
+        with pytest.raises(testing.ActionFailed) as exc_info:
+            ctx.run(ctx.on.action("create-backup"), state)
+        assert exc_info.value.message == failure
+        run_backup.assert_not_called()
 
 
 def test_container_not_connectable(
@@ -276,10 +341,12 @@ def test_success(ctx: testing.Context, configured_data_dir: pathlib.Path):
     )
     assert call["passphrase"] == PASSPHRASE
     assert call["backup_type"] == "auto"
+    # The deployment (model UUID and application) keeps chains of deployments sharing a path apart.
     assert call["metadata"] == {
         "server-name": SERVER_NAME,
         "synapse-version": SYNAPSE_VERSION,
         "charm-version": "unknown",
+        "deployment": f"{state.model.uuid}/synapse",
     }
     assert ctx.action_logs == [
         f"creating backup {backup_id}",
@@ -454,9 +521,14 @@ def s3_retention() -> Iterator[tuple[mock.MagicMock, mock.MagicMock]]:
 
 
 def _newest_full_first(run_backup: mock.MagicMock) -> Any:
-    """list_backups as S3 would answer after the backup: the new full one, then the older."""
+    """list_backups as S3 would answer after the backup: the new full one, then the older.
 
-    def list_backups(client: backup.S3Client) -> list[backup.BackupManifest]:
+    It answers only a strict listing: retention must not take a manifest that could
+    not be read for a missing backup.
+    """
+
+    def list_backups(client: backup.S3Client, *, strict: bool = False) -> list[Any]:
+        assert strict, "retention lists strictly"
         return [_manifest(run_backup.call_args.args[2]), *reversed(OLDER)]
 
     return list_backups
@@ -519,9 +591,127 @@ def test_retention_after_backup(
         [f"{name}.manifest.json", name, f"{name}.snar.gpg"] for name in removed
     ]
     (client,) = list_backups.call_args.args
+    assert list_backups.call_args.kwargs == {"strict": True}
     assert client._parameters.bucket == "synapse-backups"
     committed = ctx.action_logs.index(f"backup {backup_id} committed")
     assert ctx.action_logs[committed + 1 :] == [f"retention: deleting {name}" for name in removed]
+
+
+def _deployment(state: testing.State) -> str:
+    """The deployment the charm records in manifests: the model's UUID and the application."""
+    return f"{state.model.uuid}/synapse"
+
+
+def _retention_run(
+    ctx: testing.Context,
+    data_dir: pathlib.Path,
+    run_backup: mock.MagicMock,
+    list_backups: mock.MagicMock,
+    *,
+    keep: int,
+    new_parent: str,
+    listing: Any,
+) -> dict[str, Any]:
+    """Run create-backup making a backup on ``new_parent``; S3 lists it, then ``listing``.
+
+    ``listing`` takes this deployment's id and returns the older manifests, newest first.
+    """
+    state = make_state(data_dir, {**CONFIG, "backup-retention-count": keep}, execs=[VERSION_EXEC])
+    deployment = _deployment(state)
+
+    def new_backup(backup_id: str) -> backup.BackupManifest:
+        return _manifest(backup_id, parent=new_parent, deployment=deployment)
+
+    run_backup.side_effect = lambda container, s3, backup_id, passphrase, **_: new_backup(
+        backup_id
+    )
+    list_backups.side_effect = lambda client, *, strict=False: [
+        new_backup(run_backup.call_args.args[2]),
+        *listing(deployment),
+    ]
+
+    ctx.run(ctx.on.action("create-backup"), state)
+
+    assert ctx.action_results is not None
+    return ctx.action_results
+
+
+def test_retention_never_deletes_the_new_backups_chain(
+    ctx: testing.Context,
+    configured_data_dir: pathlib.Path,
+    run_backup: mock.MagicMock,
+    s3_retention: tuple[mock.MagicMock, mock.MagicMock],
+):
+    """The chain the new backup builds on stays, even where a newer full backup exists.
+
+    Arrange: backup-retention-count 1; the new backup is incremental on full
+        backup A; S3 lists a newer full backup B, then A and an older full C.
+    Act: run create-backup.
+    Assert: only C is deleted: A's chain is the newest backup's, so it stays.
+    """
+    list_backups, delete_objects = s3_retention
+
+    results = _retention_run(
+        ctx,
+        configured_data_dir,
+        run_backup,
+        list_backups,
+        keep=1,
+        new_parent="20250101T000000Z",
+        listing=lambda deployment: [
+            _manifest("20250201T000000Z", deployment=deployment),
+            _manifest("20250101T000000Z", deployment=deployment),
+            _manifest("20241201T000000Z", deployment=deployment),
+        ],
+    )
+
+    assert results["retention-removed"] == "20241201T000000Z"
+    assert _deleted_names(delete_objects) == [
+        ["20241201T000000Z.manifest.json", "20241201T000000Z", "20241201T000000Z.snar.gpg"]
+    ]
+
+
+OTHER_DEPLOYMENT = "7a2b4c6d-0000-4000-8000-000000000002/synapse"
+
+
+def test_retention_only_deletes_this_deployments_chains(
+    ctx: testing.Context,
+    configured_data_dir: pathlib.Path,
+    run_backup: mock.MagicMock,
+    s3_retention: tuple[mock.MagicMock, mock.MagicMock],
+):
+    """Another deployment's backups at the same path are never deleted, old as they are.
+
+    Arrange: backup-retention-count 1; a new full backup; S3 lists this
+        deployment's older chain, a backup older than the deployment field (no
+        deployment: counted as this deployment's) and another deployment's chains,
+        older and newer than ours.
+    Act: run create-backup.
+    Assert: this deployment's older chains are deleted; the other deployment's stay.
+    """
+    list_backups, delete_objects = s3_retention
+
+    results = _retention_run(
+        ctx,
+        configured_data_dir,
+        run_backup,
+        list_backups,
+        keep=1,
+        new_parent="",
+        listing=lambda deployment: [
+            _manifest("20250301T000000Z", deployment=OTHER_DEPLOYMENT),
+            _manifest("20250202T000000Z", parent="20250201T000000Z", deployment=deployment),
+            _manifest("20250201T000000Z", deployment=deployment),
+            _manifest("20250101T000000Z", deployment=OTHER_DEPLOYMENT),
+            _manifest("20241201T000000Z"),
+        ],
+    )
+
+    removed = ["20250202T000000Z", "20250201T000000Z", "20241201T000000Z"]
+    assert results["retention-removed"] == " ".join(removed)
+    assert _deleted_names(delete_objects) == [
+        [f"{name}.manifest.json", name, f"{name}.snar.gpg"] for name in removed
+    ]
 
 
 def test_no_retention_by_default(
@@ -636,3 +826,38 @@ def test_interrupted_restore_not_rolled_back_stops_the_backup(
 
     assert exc_info.value.message == f"cannot back up: {problem}"
     run_backup.assert_not_called()
+
+
+def test_leftovers_are_swept_before_the_backup(
+    ctx: testing.Context, data_dir: pathlib.Path, run_backup: mock.MagicMock
+):
+    """What killed runs left is removed first: work dirs, database copies, staging.
+
+    Arrange: a work dir with a passphrase in /tmp, a database copy and a staging
+        dir in /data, and previous data kept by keep-previous.
+    Act: run create-backup (run_backup patched, recording what it finds).
+    Assert: the leftovers were gone before run_backup ran; the previous data stays.
+    """
+    work_dir = f"{backup.WORK_DIR_PREFIX}0123456789abcdef"
+    snapshot_dir = f"/data/{backup.SNAPSHOT_DIR_PREFIX}20250101T000000Z"
+    staging_dir = f"/data/{backup.RESTORE_STAGING_PREFIX}20250101T000000Z-0a1b2c3d"
+    previous_dir = f"/data/{backup.PREVIOUS_DATA_PREFIX}20250101T000000Z-0a1b2c3d"
+    paths = (work_dir, snapshot_dir, staging_dir, previous_dir)
+    seen: dict[str, bool] = {}
+
+    def record(container: ops.Container, *args: Any, **kwargs: Any) -> backup.BackupManifest:
+        seen.update({path: container.exists(path) for path in paths})
+        return _manifest()
+
+    run_backup.side_effect = record
+    state = make_state(data_dir, CONFIG, execs=[VERSION_EXEC], mount_data=False)
+
+    with ctx(ctx.on.action("create-backup"), state) as manager:
+        container = manager.charm.unit.get_container(synapse.CONTAINER_NAME)
+        container.push(backup.SYNAPSE_CONFIG_PATH, homeserver_yaml(), make_dirs=True)
+        container.push(f"{work_dir}/passphrase", PASSPHRASE, make_dirs=True)
+        for path in paths[1:]:
+            container.push(f"{path}/data/homeserver.db", "a copy", make_dirs=True)
+        manager.run()
+
+    assert seen == {work_dir: False, snapshot_dir: False, staging_dir: False, previous_dir: True}

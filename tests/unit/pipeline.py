@@ -1,0 +1,36 @@
+"""The backup script's ``{ tar ...; } | gpg | digest | aws`` pipeline, split into commands.
+
+Tar's element of the pipeline is a group that lets tar's exit status 1 ("some
+files changed while read", a busy server) pass and fails with any other. These
+helpers check that group word for word and give back each command's words, so
+that a test can look at tar's options without the shell syntax around them.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+# What follows tar's words in its group: exit 1 is a warning, anything else fails.
+TAR_STATUS_GUARD = ' || { status=$?; [ "$status" -eq 1 ] || exit "$status"; }; }'
+PIPELINE_START = "{ tar --create "
+
+
+def split_backup_pipeline(text: str) -> list[list[str]]:
+    """Split the backup pipeline into its commands' words: tar, gpg, digest, aws.
+
+    Args:
+        text: the pipeline, from ``{ tar --create`` to its end (words may hold
+            quoted newlines).
+
+    Returns:
+        The words of each command, tar's without the group around it.
+    """
+    assert text.startswith(PIPELINE_START), text[:80]
+    tar_end = text.index(TAR_STATUS_GUARD + " | ")
+    commands: list[list[str]] = [shlex.split(text[2:tar_end]), []]
+    for word in shlex.split(text[tar_end + len(TAR_STATUS_GUARD) + len(" | ") :]):
+        if word == "|":
+            commands.append([])
+        else:
+            commands[-1].append(word)
+    return commands
