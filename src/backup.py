@@ -1103,6 +1103,18 @@ def _script(lines: Sequence[Sequence[str] | str]) -> str:
     )
 
 
+def _database_copy_dir(backup_key: str) -> str:
+    """Return where a backup copies the database: on the data volume, where sweeps look.
+
+    Args:
+        backup_key: the backup.
+
+    Returns:
+        The directory.
+    """
+    return f"{DATA_DIR}/{SNAPSHOT_DIR_PREFIX}{backup_key}"
+
+
 def _sed_literal(text: str) -> str:
     """Escape a text for a POSIX basic regular expression delimited by commas.
 
@@ -1242,9 +1254,7 @@ def build_backup_command(
     lines = _script_preamble(work_dir)
     if database_path:
         database_member = _relative(database_path)
-        snapshot_dir = posixpath.join(
-            posixpath.dirname(database_path), SNAPSHOT_DIR_PREFIX + backup_key
-        )
+        snapshot_dir = _database_copy_dir(backup_key)
         database_copy = posixpath.join(snapshot_dir, database_member)
         lines += [
             "SNAPSHOT_DIR=" + shlex.quote(snapshot_dir),
@@ -1729,10 +1739,7 @@ def run_backup(
         raise BackupError(str(exc)) from exc
     finally:
         if database_path:
-            _remove_quietly(
-                container,
-                posixpath.join(posixpath.dirname(database_path), SNAPSHOT_DIR_PREFIX + backup_key),
-            )
+            _remove_quietly(container, _database_copy_dir(backup_key))
         if not committed:
             _discard(client, backup_object_names(backup_key))
 
@@ -2236,6 +2243,10 @@ class IncompleteRollbackError(BackupError):
     """A failed swap could not be undone: Synapse must not start on the data."""
 
 
+class SynapseNotStartedError(BackupError):
+    """The restored data is in place but Synapse did not start: keep the previous data."""
+
+
 def _roll_back(container: ops.Container, journal: Mapping[str, Any]) -> list[str]:
     """Put the previous data back after a partial swap, whatever stage it reached.
 
@@ -2424,13 +2435,16 @@ def run_restore(
         paths = _stop_and_swap(container, service, manifest, staging_dir, previous_dir)
     except IncompleteRollbackError:
         raise  # staging and previous hold data the operator needs
-    except (BackupError, ops.pebble.Error) as exc:
+    except SynapseNotStartedError as exc:
+        _remove_quietly(container, staging_dir)
+        raise SynapseNotStartedError(
+            f"{exc}; the restored data is in place, the previous data is kept in {previous_dir}"
+        ) from exc
+    except BackupError:
         # The swap was undone (or never began): previous holds empty dirs at most.
         _remove_quietly(container, staging_dir)
         _remove_quietly(container, previous_dir)
-        if isinstance(exc, BackupError):
-            raise
-        raise BackupError(f"restore failed: {exc}") from exc
+        raise
     # Anything else (the charm dying) leaves all in place: the journal rolls it back.
     _remove_quietly(container, staging_dir)
     if not keep_previous:
@@ -2537,12 +2551,13 @@ def _stop_and_swap(
     pebble_errors = (ops.pebble.ChangeError, ops.pebble.APIError, ops.pebble.TimeoutError)
     has_service = service in container.get_plan().services
 
-    def start() -> None:
+    def start(after_swap: bool) -> None:
         if has_service:
             try:
                 container.start(service)
             except pebble_errors as exc:
-                raise BackupError(f"Synapse did not start again: {exc}") from exc
+                error = SynapseNotStartedError if after_swap else BackupError
+                raise error(f"Synapse did not start again: {exc}") from exc
 
     try:
         if has_service:
@@ -2554,10 +2569,14 @@ def _stop_and_swap(
         _swap_in(container, paths, staging_dir, previous_dir)
     except IncompleteRollbackError:
         raise  # never start Synapse on half-restored data
-    except BackupError:
-        start()  # the previous data is back
-        raise
+    except (BackupError, ops.pebble.Error) as exc:
+        # The swap was undone, or failed before its first move (_swap_in
+        # undoes any Pebble error during the moves): the previous data is live.
+        start(after_swap=False)
+        if isinstance(exc, BackupError):
+            raise
+        raise BackupError(f"restore failed: {exc}") from exc
     # Anything unexpected propagates without starting Synapse: the journal
     # rolls the swap back at the next hook, which starts it again.
-    start()
+    start(after_swap=True)
     return paths

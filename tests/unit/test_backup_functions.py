@@ -500,7 +500,8 @@ def test_build_backup_command_quotes_hostile_paths(name: str):
     tar = _pipeline_words(script)[0]
     assert f"--add-file=data/{name}" in tar
     assert f"--add-file=data/media_store/{name}/x" in tar
-    snapshot_dir = f"/data/db {name}/{backup.SNAPSHOT_DIR_PREFIX}20250101T000000Z"
+    # The copy goes on the data volume, where sweep_leftovers looks for it.
+    snapshot_dir = f"/data/{backup.SNAPSHOT_DIR_PREFIX}20250101T000000Z"
     copy_member = f"{snapshot_dir}/data/db {name}/homeserver.db".lstrip("/")
     # The database's copy is added from / (one -C only) and renamed to its own name.
     assert tar[-1] == f"--add-file={copy_member}"

@@ -25,6 +25,9 @@ import synapse
 from tests.unit.builders import homeserver_yaml, make_state
 
 BACKUP_ID = "20250101T000000Z"
+S3 = backup.S3Parameters.model_validate(
+    {"access-key": "a", "secret-key": "s", "bucket": "backups", "region": "us-east-1"}
+)
 WORK_DIRS = (f"{backup.WORK_DIR_PREFIX}0123456789abcdef", f"{backup.WORK_DIR_PREFIX}fedcba98")
 SNAPSHOT_DIR = f"/data/{backup.SNAPSHOT_DIR_PREFIX}{BACKUP_ID}"
 STAGING_DIR = f"/data/{backup.RESTORE_STAGING_PREFIX}{BACKUP_ID}-0a1b2c3d"
@@ -185,25 +188,22 @@ def test_sweep_leftovers_goes_on_after_a_failed_removal(
     assert f"could not remove {WORK_DIRS[0]} from the container: " in caplog.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: run_backup copies the database into a snapshot dir beside the database "
-    "(dirname(database_path)/.synapse-backup-snapshot-<id>), but sweep_leftovers looks for "
-    "snapshot dirs in /data only: with the database in a sub-directory (database: "
-    "db/homeserver.db, which get_database_path supports), the full, unencrypted database "
-    "copy a killed backup left is never swept",
-)
 def test_sweep_leftovers_removes_a_database_copy_in_a_sub_directory(
     ctx: testing.Context, data_dir: pathlib.Path
 ):
-    """The database copy is swept wherever the database lives under /data."""
-    snapshot_dir = f"/data/db/{backup.SNAPSHOT_DIR_PREFIX}{BACKUP_ID}"
+    """A database in a sub-directory is copied onto /data itself, where sweeps look."""
+    snapshot_dir = f"/data/{backup.SNAPSHOT_DIR_PREFIX}{BACKUP_ID}"
     config = homeserver_yaml().replace("/data/homeserver.db", "/data/db/homeserver.db")
     with live_container(ctx, data_dir) as container:
         container.push("/data/homeserver.yaml", config)
         container.push("/data/db/homeserver.db", "live database", make_dirs=True)
+        database = backup.get_database_path(container)
+        assert database == "/data/db/homeserver.db"
+        script = backup.build_backup_command(
+            S3, BACKUP_ID, [], "/tmp/w/passphrase", database_path=database, work_dir="/tmp/w"
+        )[2]
+        assert f"SNAPSHOT_DIR={snapshot_dir}" in script
         container.push(f"{snapshot_dir}/data/db/homeserver.db", "database copy", make_dirs=True)
-        assert backup.get_database_path(container) == "/data/db/homeserver.db"
 
         backup.sweep_leftovers(container)
 

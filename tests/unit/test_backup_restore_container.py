@@ -1319,17 +1319,6 @@ def test_restore_pebble_error_before_the_first_move_cleans_up(
     assert _snapshot(synapse_data) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (b121016): _stop_and_swap starts Synapse again only after a BackupError; an "
-    "ops.pebble.Error raised after the stop but outside the move loop (the journal push "
-    "failing, e.g. /data full after staging; list_files or exists failing in _swap_paths or "
-    "_swap_in's staged check) propagates without start(), and run_restore takes it for an "
-    "undone swap: it cleans up and raises BackupError('restore failed: ...') with the live "
-    "data untouched but Synapse stopped, and no journal for the next hook to act on "
-    "(run_restore promises 'Synapse is started again in every outcome'; before b121016 the "
-    "finally clause started it)",
-)
 def test_restore_pebble_error_before_the_first_move_starts_synapse_again(
     ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock
 ):
@@ -1341,15 +1330,6 @@ def test_restore_pebble_error_before_the_first_move_starts_synapse_again(
         assert container.get_service(synapse.SERVICE_NAME).is_running()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: when Synapse does not start after a successful swap, _stop_and_swap raises "
-    "BackupError('Synapse did not start again: ...') and run_restore's `except (BackupError, "
-    "ops.pebble.Error)` branch, written for an undone swap ('previous holds empty dirs at "
-    "most'), removes previous_dir: the data that was live before the restore is deleted "
-    "even with keep_previous=True, while the action reports a failed restore and the "
-    "restored data is live",
-)
 def test_restore_start_failure_after_the_swap_keeps_the_previous_data(
     ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock
 ):
