@@ -509,11 +509,14 @@ class S3Client:
         Raises:
             S3Error: if the object cannot be read.
         """
-        extra = {"Range": f"bytes=0-{first_bytes - 1}"} if first_bytes else {}
+        bucket, key = self._parameters.bucket, self._parameters.object_key(name)
         try:
-            response = self._client.get_object(
-                Bucket=self._parameters.bucket, Key=self._parameters.object_key(name), **extra
-            )
+            if first_bytes:
+                response = self._client.get_object(
+                    Bucket=bucket, Key=key, Range=f"bytes=0-{first_bytes - 1}"
+                )
+            else:
+                response = self._client.get_object(Bucket=bucket, Key=key)
             return bytes(response["Body"].read())
         except (ClientError, BotoCoreError) as exc:
             raise S3Error(f"cannot read object {name}: {_client_error(exc)}") from exc
