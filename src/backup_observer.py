@@ -233,6 +233,24 @@ class BackupObserver(ops.Object):
             return None
         return container
 
+    def _ready(
+        self, event: ops.ActionEvent, what: str
+    ) -> tuple[BackupConfig, ops.Container] | None:
+        """Return the backup configuration and the container, or fail the action.
+
+        Args:
+            event: the action event.
+            what: the action's verb, for messages.
+
+        Returns:
+            Both, or None when the action was failed.
+        """
+        config = self._ready_config(event, what)
+        container = self._ready_container(event, what) if config else None
+        if config is None or container is None:
+            return None
+        return config, container
+
     def _on_create_backup(self, event: ops.ActionEvent) -> None:
         """Create an encrypted backup in S3, then apply retention.
 
@@ -240,12 +258,10 @@ class BackupObserver(ops.Object):
             event: the action event.
         """
         params = event.load_params(CreateParams, errors="fail")
-        config = self._ready_config(event, "back up")
-        if config is None:
+        ready = self._ready(event, "back up")
+        if ready is None:
             return
-        container = self._ready_container(event, "back up")
-        if container is None:
-            return
+        config, container = ready
         backup_id = backup.new_backup_id()
         event.log(f"creating backup {backup_id}")
         try:
@@ -390,10 +406,10 @@ class BackupObserver(ops.Object):
             event: the action event.
         """
         params = event.load_params(BackupIdParams, errors="fail")
-        config = self._ready_config(event, "verify the backup")
-        container = self._ready_container(event, "verify the backup") if config else None
-        if config is None or container is None:
+        ready = self._ready(event, "verify the backup")
+        if ready is None:
             return
+        config, container = ready
         try:
             check = backup.verify_backup(
                 container, config.s3, params.backup_id, config.passphrase, log=event.log
@@ -419,10 +435,10 @@ class BackupObserver(ops.Object):
             event: the action event.
         """
         params = event.load_params(RestoreParams, errors="fail")
-        config = self._ready_config(event, "restore")
-        container = self._ready_container(event, "restore") if config else None
-        if config is None or container is None:
+        ready = self._ready(event, "restore")
+        if ready is None:
             return
+        config, container = ready
         event.log(f"restoring backup {params.backup_id}")
         try:
             server_name = self._config.server_name or synapse.configured_server_name(container)
