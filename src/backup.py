@@ -73,6 +73,8 @@ MANIFEST_SUFFIX = ".manifest.json"
 SNAPSHOT_STATE_SUFFIX = ".snar.gpg"
 STATE_DIR = f"{DATA_DIR}/.synapse-backup-state"
 SNAPSHOT_STATE_FILE = "snapshot.snar"
+DATABASE_STATE_FILE = "database.state"  # the database's fingerprint, see _SNAPSHOT_PROGRAM
+DATABASE_STATE_SUFFIX = ".db-state"
 MANIFEST_VERSION = 1
 # Every command the backup and restore scripts run in the workload.
 REQUIRED_TOOLS = (
@@ -126,14 +128,49 @@ with open(sys.argv[1], "w") as out:
 # notes of an incremental extraction. Members all start with "data/".
 _COUNT_MEMBERS = "members=$(grep --count --invert-match --regexp='^tar: ' -- "
 
-# Copies a live SQLite database consistently while Synapse writes to it.
+# Copies a live SQLite database consistently while Synapse writes to it, unless
+# it has not changed since the parent backup. argv: the database, the copy,
+# where to record its fingerprint, and the parent's recorded fingerprint (or
+# ""). The fingerprint (device, inode, size, mtime and ctime of the database
+# and its -wal, in ns) is recorded only when it is the same before and after
+# the copy and older than two seconds, so that no write can hide in it (the
+# "racy clean" rule of git). Prints "unchanged" when it copied nothing.
 _SNAPSHOT_PROGRAM = """
-import sqlite3, sys
-connection = sqlite3.connect(sys.argv[1], timeout=60)
+import os, sqlite3, sys, time
+database, copy, record, parent = sys.argv[1:5]
+def fingerprint():
+    parts = [database]
+    for path in (database, database + "-wal"):
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            parts.append("-")
+            continue
+        if time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) < 2_000_000_000:
+            return None
+        parts.append(f"{stat.st_dev}:{stat.st_ino}:{stat.st_size}"
+                     f":{stat.st_mtime_ns}:{stat.st_ctime_ns}")
+    return " ".join(parts)
+before = fingerprint()
+recorded = None
 try:
-    connection.execute("VACUUM INTO ?", (sys.argv[2],))
+    with open(parent) as file:
+        recorded = file.read()
+except OSError:  # none (""), or unreadable: copy
+    pass
+if before is not None and before == recorded:
+    with open(record, "w") as file:
+        file.write(before)
+    print("unchanged")
+    sys.exit(0)
+connection = sqlite3.connect(database, timeout=60)
+try:
+    connection.execute("VACUUM INTO ?", (copy,))
 finally:
     connection.close()
+if before is not None and before == fingerprint():
+    with open(record, "w") as file:
+        file.write(before)
 """
 
 
@@ -1203,11 +1240,13 @@ def build_backup_command(
     database_path: str | None = None,
     work_dir: str | None = None,
     snapshot_file: str | None = None,
+    database_state: str | None = None,
 ) -> list[str]:
     """Build the command to execute the backup.
 
     The command is ``bash -c SCRIPT``; every word of the script is quoted with
-    shlex.quote. It copies the SQLite database with ``VACUUM INTO`` (if any),
+    shlex.quote. It copies the SQLite database with ``VACUUM INTO`` (if any,
+    and unless it has not changed since the parent),
     streams ``tar | gpg | aws s3 cp`` and prints ``<sha256> <size> <members>``
     of the uploaded object on its last line of output.
 
@@ -1224,7 +1263,12 @@ def build_backup_command(
         snapshot_file: GNU tar's listed-incremental state: missing for a
             full backup, the parent's state (a copy) for an incremental one.
             Tar updates it; it is then uploaded, encrypted, as
-            ``<backup_key>.snar.gpg``.
+            ``<backup_key>.snar.gpg``, while the archive's upload finishes.
+        database_state: for an incremental backup, the database's fingerprint
+            recorded by the parent (a file that may be missing). It leaves
+            out a database that has not changed since; a restore then keeps
+            the parent's copy. The new fingerprint goes to
+            ``database.state`` in the work directory.
 
     Returns:
         The backup command to execute.
@@ -1255,24 +1299,32 @@ def build_backup_command(
     tar.append("--no-unquote")  # names are literal: a backslash is not an escape
     tar += [f"--add-file={member}" for member in members]
     lines = _script_preamble(work_dir)
+    database_members = ""
     if database_path:
         database_member = _relative(database_path)
         snapshot_dir = _database_copy_dir(backup_key)
         database_copy = posixpath.join(snapshot_dir, database_member)
-        lines += [
-            "SNAPSHOT_DIR=" + shlex.quote(snapshot_dir),
-            ["mkdir", "-p", "--", posixpath.dirname(database_copy)],
-            ["python3", "-c", _SNAPSHOT_PROGRAM, database_path, database_copy],
-            ["chmod", f"--reference={database_path}", "--", database_copy],
-            ["touch", f"--reference={database_path}", "--", database_copy],
-        ]
+        record = posixpath.join(work_dir, DATABASE_STATE_FILE)
+        copy = ["python3", "-c", _SNAPSHOT_PROGRAM, database_path, database_copy, record]
+        copy.append(database_state or "")
         # Tar allows one -C with --listed-incremental: the copy is added from /
         # and renamed to the database's own name in the archive.
         copy_member = _relative(database_copy)
-        tar += [
-            f"--transform=s,^{_sed_literal(copy_member)}$,{_sed_replacement(database_member)},",
-            f"--add-file={copy_member}",
+        transform = f"s,^{_sed_literal(copy_member)}$,{_sed_replacement(database_member)},"
+        lines += [
+            "SNAPSHOT_DIR=" + shlex.quote(snapshot_dir),
+            ["mkdir", "-p", "--", posixpath.dirname(database_copy)],
+            copy,
+            "database=()  # stays empty when the database has not changed since the parent",
+            "if [ -e " + shlex.quote(database_copy) + " ]; then",
+            ["chmod", f"--reference={database_path}", "--", database_copy],
+            ["touch", f"--reference={database_path}", "--", database_copy],
+            "database=("
+            + _script([[f"--transform={transform}", "--add-file=" + copy_member]])
+            + ")",
+            "fi",
         ]
+        database_members = ' ${database[@]+"${database[@]}"}'
     aws = [
         AWS_COMMAND,
         "s3",
@@ -1302,6 +1354,7 @@ def build_backup_command(
                 # anything worse fails the backup.
                 "{ "
                 + _script([tar])
+                + database_members
                 + ' || { status=$?; [ "$status" -eq 1 ] || exit "$status"; }; }',
                 _script([gpg]),
                 _script([digest]),
@@ -1593,7 +1646,7 @@ def _snapshot_state_commands(
 
 
 def _keep_snapshot_state(container: ops.Container, backup_key: str, work_dir: str) -> None:
-    """Keep the new tar snapshot state in the container, replacing older ones.
+    """Keep the new tar snapshot state and database fingerprint, replacing older ones.
 
     Args:
         container: Synapse Container.
@@ -1604,13 +1657,21 @@ def _keep_snapshot_state(container: ops.Container, backup_key: str, work_dir: st
         BackupError: if the state cannot be kept.
     """
     target = f"{STATE_DIR}/{backup_key}.snar"
+    database_state = posixpath.join(work_dir, DATABASE_STATE_FILE)
+    database_target = f"{STATE_DIR}/{backup_key}{DATABASE_STATE_SUFFIX}"
     command = [BASH_COMMAND, "-c", _script([
         "set -o errexit -o nounset",
         ["mkdir", "-p", "-m", "700", "--", STATE_DIR],
         ["cp", "--", posixpath.join(work_dir, SNAPSHOT_STATE_FILE), target + ".tmp"],
         ["mv", "--", target + ".tmp", target],
-        "for old in " + shlex.quote(STATE_DIR) + "/*.snar; do",
-        '  [ "$old" = ' + shlex.quote(target) + ' ] || rm -f -- "$old"',
+        "if [ -e " + shlex.quote(database_state) + " ]; then",
+        ["cp", "--", database_state, database_target + ".tmp"],
+        ["mv", "--", database_target + ".tmp", database_target],
+        "fi",
+        "for old in " + shlex.quote(STATE_DIR) + "/*.snar "
+        + shlex.quote(STATE_DIR) + "/*" + DATABASE_STATE_SUFFIX + "; do",
+        '  case "$old" in ' + shlex.quote(target) + "|" + shlex.quote(database_target)
+        + ') ;; *) rm -f -- "$old" ;; esac',
         "done",
     ])]  # fmt: skip
     run_in_container(container, command, {}, what="keeping the snapshot state")
@@ -1707,11 +1768,16 @@ def run_backup(
                 database_path=database_path,
                 work_dir=work_dir,
                 snapshot_file=posixpath.join(work_dir, SNAPSHOT_STATE_FILE),
+                database_state=(
+                    f"{STATE_DIR}/{parent.backup_id}{DATABASE_STATE_SUFFIX}" if parent else None
+                ),
             )
             log("streaming tar | gpg | aws to " + s3_parameters.object_url(backup_key))
             stdout = run_in_container(
                 container, command, environment, secrets_to_hide=hidden, what="the backup pipeline"
             )
+            if parent and "unchanged" in stdout.splitlines():
+                log(f"the database has not changed since {parent.backup_id}: not copied again")
             sha256, archive_size, file_count = _parse_digest(stdout)
             uploaded = client.object_size(backup_key)
             if uploaded != archive_size:

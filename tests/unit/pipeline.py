@@ -13,6 +13,8 @@ import shlex
 # What follows tar's words in its group: exit 1 is a warning, anything else fails.
 TAR_STATUS_GUARD = ' || { status=$?; [ "$status" -eq 1 ] || exit "$status"; }; }'
 PIPELINE_START = "{ tar --create "
+# Tar's last words: the database copy's, set in an array when it was copied.
+DATABASE_WORDS = ' ${database[@]+"${database[@]}"}'
 
 
 def split_backup_pipeline(text: str) -> list[list[str]]:
@@ -27,10 +29,29 @@ def split_backup_pipeline(text: str) -> list[list[str]]:
     """
     assert text.startswith(PIPELINE_START), text[:80]
     tar_end = text.index(TAR_STATUS_GUARD + " | ")
-    commands: list[list[str]] = [shlex.split(text[2:tar_end]), []]
+    tar_text = text[2:tar_end].removesuffix(DATABASE_WORDS)
+    commands: list[list[str]] = [shlex.split(tar_text), []]
     for word in shlex.split(text[tar_end + len(TAR_STATUS_GUARD) + len(" | ") :]):
         if word == "|":
             commands.append([])
         else:
             commands[-1].append(word)
     return commands
+
+
+def database_words(script: str) -> list[str]:
+    """Return the words the script gives tar for the database's copy.
+
+    Args:
+        script: the whole backup script.
+
+    Returns:
+        The words of the ``database=(...)`` assignment made when the database
+        was copied (none when the script has no database).
+    """
+    empty = "\ndatabase=()  # stays empty when the database has not changed since the parent\n"
+    if empty not in script:
+        assert "database=(" not in script
+        return []
+    start = script.index("\ndatabase=(", script.index(empty) + 1) + len("\ndatabase=(")
+    return shlex.split(script[start : script.index(")\nfi\n", start)])  # names may hold newlines

@@ -680,7 +680,8 @@ def test_run_backup(
 def test_keep_state_command():
     """The new state replaces the kept one atomically, in a private directory.
 
-    It is copied beside its final name and renamed, and every other kept state
+    It and the database's fingerprint (when the pipeline recorded one) are
+    copied beside their final names and renamed, and every other kept state
     is removed; the script is valid bash and names no S3 or gpg secret.
     """
     command = _keep_state_command()
@@ -693,9 +694,15 @@ def test_keep_state_command():
     assert lines[1] == f"mkdir -p -m 700 -- {state_dir}"
     assert lines[2] == f"cp -- {WORK_DIR}/{backup.SNAPSHOT_STATE_FILE} {target}.tmp"
     assert lines[3] == f"mv -- {target}.tmp {target}"
+    database_state = f"{WORK_DIR}/{backup.DATABASE_STATE_FILE}"
+    database_target = f"{state_dir}/{BACKUP_ID}{backup.DATABASE_STATE_SUFFIX}"
     assert lines[4:] == [
-        f"for old in {state_dir}/*.snar; do",
-        f'  [ "$old" = {target} ] || rm -f -- "$old"',
+        f"if [ -e {database_state} ]; then",
+        f"cp -- {database_state} {database_target}.tmp",
+        f"mv -- {database_target}.tmp {database_target}",
+        "fi",
+        f"for old in {state_dir}/*.snar {state_dir}/*{backup.DATABASE_STATE_SUFFIX}; do",
+        f'  case "$old" in {target}|{database_target}) ;; *) rm -f -- "$old" ;; esac',
         "done",
     ]
     assert subprocess.run(["bash", "-n", "-c", command[2]], check=False).returncode == 0

@@ -17,7 +17,12 @@ import pydantic
 import pytest
 
 import backup
-from tests.unit.pipeline import PIPELINE_START, TAR_STATUS_GUARD, split_backup_pipeline
+from tests.unit.pipeline import (
+    PIPELINE_START,
+    TAR_STATUS_GUARD,
+    database_words,
+    split_backup_pipeline,
+)
 from tests.unit.tar_transform import apply_transform
 
 ACCESS_KEY = "AKIAPUREFUNCTIONTEST"
@@ -403,7 +408,9 @@ def _pipeline_end(script: str, start: int) -> int:
 def _pipeline_words(script: str) -> list[list[str]]:
     """Split the tar | gpg | digest | aws pipeline of a backup script into its commands."""
     start = script.index(PIPELINE_START)
-    return split_backup_pipeline(script[start : _pipeline_end(script, start)])
+    commands = split_backup_pipeline(script[start : _pipeline_end(script, start)])
+    commands[0] += database_words(script)
+    return commands
 
 
 def _bash_syntax_ok(script: str) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 import backup
-from tests.unit.pipeline import PIPELINE_START, split_backup_pipeline
+from tests.unit.pipeline import PIPELINE_START, database_words, split_backup_pipeline
 from tests.unit.tar_transform import apply_transform, literal_pattern, literal_replacement
 
 ACCESS_KEY = "AKIAINCREMENTALTEST"
@@ -262,6 +262,7 @@ def test_build_backup_command_one_directory_option():
     script = command[2]
     start = script.index(PIPELINE_START)
     tar = split_backup_pipeline(script[start : script.index("\ngpg ", start)])[0]
+    tar += database_words(script)
     assert [word for word in tar if word.startswith(("--directory", "-C"))] == ["--directory=/"]
     copy = f"data/{backup.SNAPSHOT_DIR_PREFIX}{FULL_ID}/data/homeserver.db"
     assert tar[-2:] == [

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from ops import testing
 from charm import SynapseCharm
 from tests.helpers.seaweed import SeaweedServer
 from tests.helpers.synapse_data import SYNAPSE_GID, SYNAPSE_UID, tree_snapshot
+from tests.workload.conftest import PASSPHRASE, decrypt_and_extract
 from tests.workload.test_charm_action import configure
 from tests.workload.test_restore_action import backed_up_view
 
@@ -189,3 +191,88 @@ def test_passphrase_change_starts_a_new_chain(
     harness.run_action("restore-backup", {"backup-id": after["backup-id"]})
     with pytest.raises(testing.ActionFailed, match="does not decrypt"):
         harness.run_action("restore-backup", {"backup-id": full["backup-id"]})
+
+
+def _archive_tree(s3_server: SeaweedServer, bucket: str, backup_id: str, target: Path) -> Path:
+    """Decrypt and extract one archive (not its chain) for a look at its members."""
+    body = s3_server.client().get_object(Bucket=bucket, Key=f"homeserver/backups/{backup_id}")
+    decrypt_and_extract(body["Body"].read(), PASSPHRASE, target)
+    return target / "data"
+
+
+def _events(database: Path) -> list[tuple[str, str]]:
+    """The rows of the test database's events table."""
+    connection = sqlite3.connect(database)
+    try:
+        return connection.execute("SELECT event_id, body FROM events ORDER BY 1").fetchall()
+    finally:
+        connection.close()
+
+
+def test_unchanged_database_is_left_out_of_incremental_backups(
+    configured: testing.Harness[SynapseCharm],
+    s3_server: SeaweedServer,
+    bucket: str,
+    tmp_path: Path,
+) -> None:
+    """A database unchanged since the parent is not copied again, and still restores.
+
+    The archive of such an incremental backup has no database; restoring it
+    gives the parent's, and once the database changes it is in the next one.
+    """
+    harness = configured
+    data = harness.get_filesystem_root("synapse") / "data"
+    database = data / "homeserver.db"
+    time.sleep(2.1)  # older than the two seconds in which a write could hide
+    original = _events(database)
+
+    full = _backup(harness)
+    state = data / f".synapse-backup-state/{full['backup-id']}.db-state"
+    assert state.exists()
+    _write(data / "media_store/local_content/n/file", b"new")
+    time.sleep(1.05)
+    quiet = harness.run_action("create-backup")
+    assert (quiet.results["type"], quiet.results["parent"]) == ("incremental", full["backup-id"])
+    assert f"the database has not changed since {full['backup-id']}: not copied again" in (
+        quiet.logs
+    )
+    assert not (_archive_tree(s3_server, bucket, quiet.results["backup-id"], tmp_path / "a")
+                / "homeserver.db").exists()  # fmt: skip
+    assert (data / f".synapse-backup-state/{quiet.results['backup-id']}.db-state").exists()
+    assert not state.exists()  # only the newest backup's is kept
+
+    connection = sqlite3.connect(database)
+    with connection:
+        connection.execute("INSERT INTO events (event_id, body) VALUES ('$late', 'late')")
+    connection.close()
+    changed = _backup(harness)
+    assert (_archive_tree(s3_server, bucket, changed["backup-id"], tmp_path / "b")
+            / "homeserver.db").exists()  # fmt: skip
+
+    harness.run_action("restore-backup", {"backup-id": quiet.results["backup-id"]})
+    assert _events(database) == original
+    assert (data / "media_store/local_content/n/file").read_bytes() == b"new"
+    harness.run_action("restore-backup", {"backup-id": changed["backup-id"]})
+    assert _events(database) == [*original, ("$late", "late")]
+
+
+def test_recently_written_database_is_copied_again(
+    configured: testing.Harness[SynapseCharm],
+    s3_server: SeaweedServer,
+    bucket: str,
+    tmp_path: Path,
+) -> None:
+    """A database written less than two seconds before a backup gets no fingerprint.
+
+    Its modification time cannot tell a later write in the same tick apart,
+    so the next incremental backup copies it again although it is unchanged.
+    """
+    harness = configured
+    data = harness.get_filesystem_root("synapse") / "data"
+    os.utime(data / "homeserver.db")  # "written" just now
+    full = harness.run_action("create-backup").results
+    assert not (data / f".synapse-backup-state/{full['backup-id']}.db-state").exists()
+    incremental = _backup(harness)
+    assert incremental["parent"] == full["backup-id"]
+    assert (_archive_tree(s3_server, bucket, incremental["backup-id"], tmp_path / "a")
+            / "homeserver.db").exists()  # fmt: skip
