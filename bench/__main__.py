@@ -45,6 +45,9 @@ from tests.helpers.seaweed import SeaweedServer
 from tests.helpers.synapse_data import SYNAPSE_GID, SYNAPSE_UID, create_database, homeserver_config
 
 MIB = 1024 * 1024
+TICKS = os.sysconf("SC_CLK_TCK")
+SPLIT = " [split]"  # the variant run with the S3 server on a CPU of its own
+SPLIT_VARIANTS = ("create-backup", "upload-limit", "restore", "restore-limit")
 BUCKET = "bench"
 PASSPHRASE = "benchmark passphrase"
 SERVER_NAME = "bench.example"
@@ -60,6 +63,10 @@ class Run:
         seconds: wall time.
         peak_rss: peak RSS of all its processes together, in bytes.
         transferred: bytes sent to or read from S3.
+        cpu_seconds: CPU time (user and system) of all its processes, sampled
+            every 20 ms (what a process used after its last sample is missed).
+        server_cpu_seconds: CPU time of the S3 server meanwhile.
+        cpu_by_program: the same per program name.
     """
 
     variant: str
@@ -67,6 +74,9 @@ class Run:
     seconds: float
     peak_rss: int
     transferred: int
+    cpu_seconds: float = 0.0
+    server_cpu_seconds: float = 0.0
+    cpu_by_program: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -86,53 +96,133 @@ class Results:
     targets: list[dict[str, object]] = field(default_factory=list)
 
 
-def tree_rss(pid: int) -> int:
-    """Return the summed RSS of a process and all its descendants.
+def tree_sample(pid: int) -> tuple[int, dict[int, tuple[str, float]]]:
+    """Return the summed RSS of a process and its descendants, and their CPU times.
 
     Args:
         pid: the top process.
 
     Returns:
-        Bytes.
+        Bytes, and each process's name and CPU seconds so far.
     """
-    total, stack = 0, [pid]
+    total, stack, cpu = 0, [pid], {}
     while stack:
         current = stack.pop()
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, IndexError, ValueError):
             for line in Path(f"/proc/{current}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1]) * 1024
                     break
+            cpu[current] = _process_cpu(current)
             for task in Path(f"/proc/{current}/task").iterdir():
                 with contextlib.suppress(OSError):
                     stack += [int(child) for child in (task / "children").read_text().split()]
+    return total, cpu
+
+
+@dataclass
+class Measured:
+    """What one command cost.
+
+    Attributes:
+        seconds: wall time.
+        peak_rss: peak RSS of its process tree, in bytes.
+        cpu_seconds: CPU time of its process tree, sampled.
+        server_cpu_seconds: CPU time of the S3 server meanwhile.
+        cpu_by_program: the same per program name.
+    """
+
+    seconds: float
+    peak_rss: int
+    cpu_seconds: float
+    server_cpu_seconds: float
+    cpu_by_program: dict[str, float]
+
+
+def _process_cpu(pid: int) -> tuple[str, float]:
+    """Return a process's name and CPU seconds (all its threads).
+
+    Args:
+        pid: the process.
+
+    Returns:
+        Its name and utime + stime.
+    """
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text.rsplit(")", 1)[1].split()
+    return text[text.index("(") + 1 : text.rindex(")")], (
+        int(fields[11]) + int(fields[12])
+    ) / TICKS
+
+
+def group_pids(group: int) -> list[int]:
+    """Return the processes of a process group.
+
+    Args:
+        group: the group's id.
+
+    Returns:
+        Their pids.
+    """
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2]) == group:
+                    pids.append(int(entry.name))
+    return pids
+
+
+def group_cpu(group: int) -> float:
+    """Return the CPU seconds used so far by a process group (the S3 server).
+
+    Args:
+        group: the group's id.
+
+    Returns:
+        Seconds.
+    """
+    total = 0.0
+    for pid in group_pids(group):
+        with contextlib.suppress(OSError):
+            total += _process_cpu(pid)[1]
     return total
 
 
-def measure(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
-    """Run a command, sampling the RSS of its process tree.
+def measure(
+    argv: list[str], env: dict[str, str], *, server_group: int, cpus: str | None = None
+) -> Measured:
+    """Run a command, sampling the RSS and CPU time of its process tree.
 
     Args:
         argv: the command.
         env: its environment.
+        server_group: the S3 server's process group, whose CPU time is counted too.
+        cpus: the CPUs to run it on (a taskset list), or None for any.
 
     Returns:
-        Wall seconds and peak RSS in bytes.
+        What it cost.
 
     Raises:
         RuntimeError: if the command fails.
     """
+    if cpus is not None:
+        argv = ["taskset", "--cpu-list", cpus, *argv]
+    server_before = group_cpu(server_group)
     started = time.monotonic()
     process = subprocess.Popen(
         argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
     )
     peak = 0
+    last_cpu: dict[int, tuple[str, float]] = {}
     done = threading.Event()
 
     def sample() -> None:
         nonlocal peak
         while not done.is_set():
-            peak = max(peak, tree_rss(process.pid))
+            rss, cpu = tree_sample(process.pid)
+            peak = max(peak, rss)
+            last_cpu.update(cpu)
             time.sleep(0.02)
 
     sampler = threading.Thread(target=sample)
@@ -143,7 +233,16 @@ def measure(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
     sampler.join()
     if process.returncode:
         raise RuntimeError(f"{argv[-1][:200]!r} failed: {stderr.decode(errors='replace')[-2000:]}")
-    return seconds, peak
+    by_program: dict[str, float] = {}
+    for name, cpu in last_cpu.values():
+        by_program[name] = round(by_program.get(name, 0.0) + cpu, 2)
+    return Measured(
+        seconds=seconds,
+        peak_rss=peak,
+        cpu_seconds=sum(cpu for _, cpu in last_cpu.values()),
+        server_cpu_seconds=group_cpu(server_group) - server_before,
+        cpu_by_program=by_program,
+    )
 
 
 def make_data(root: Path, size: int, seed: int = 1) -> int:
@@ -202,6 +301,7 @@ class Bench:
         (self.root / "tmp").chmod(0o1777)
         self.sandbox = Sandbox(self.root)
         self.server = server
+        self.client_cpus: str | None = None  # where the pipelines run: None for any CPU
         self.s3 = backup.S3Parameters.model_validate(
             {
                 "access-key": server.access_key,
@@ -239,11 +339,14 @@ class Bench:
             root: run as root (restore) instead of the Synapse user.
 
         Returns:
-            Seconds and peak RSS.
+            What it cost.
         """
         ids = {} if root else {"user_id": SYNAPSE_UID, "group_id": SYNAPSE_GID}
         args = exec_args(command, environment={**self.env, **(env or {})}, **ids)
-        return measure(self.sandbox.argv(args), self.sandbox.environment(args))
+        return measure(
+            self.sandbox.argv(args), self.sandbox.environment(args),
+            server_group=self.server.pid, cpus=self.client_cpus,
+        )  # fmt: skip
 
     def shell(self, script: str, **kwargs: object):
         """Run a bash script in the sandbox.
@@ -253,7 +356,7 @@ class Bench:
             **kwargs: as for run.
 
         Returns:
-            Seconds and peak RSS.
+            What it cost.
         """
         return self.run(["bash", "-c", script], **kwargs)  # type: ignore[arg-type]
 
@@ -261,7 +364,7 @@ class Bench:
 class Variants:
     """The variants to measure; each method runs one once.
 
-    Each returns wall seconds, peak RSS and the bytes sent to or read from S3.
+    Each returns what it cost and the bytes sent to or read from S3.
     """
 
     def __init__(self, bench: Bench, data_bytes: int):
@@ -282,7 +385,7 @@ class Variants:
         self.plain_size = 0
         self.rounds = 0
 
-    def all(self) -> dict[str, Callable[[], tuple[float, int, int]]]:
+    def all(self) -> dict[str, Callable[[], tuple[Measured, int]]]:
         """Return the variants by name, in the order they run in a round.
 
         Returns:
@@ -307,12 +410,12 @@ class Variants:
             snapshot_file=f"{self.bench.work_dir}/{snar}", database_state=database_state,
         )  # fmt: skip
 
-    def ours(self) -> tuple[float, int, int]:
+    def ours(self) -> tuple[Measured, int]:
         """Our create-backup pipeline, a full backup."""
         self.rounds += 1
         (self.host_work / "full.snar").unlink(missing_ok=True)
         (self.host_work / backup.DATABASE_STATE_FILE).unlink(missing_ok=True)
-        seconds, rss = self.bench.run(self._backup_command("ours", "full.snar", None))
+        cost = self.bench.run(self._backup_command("ours", "full.snar", None))
         shutil.copy2(self.host_work / "full.snar", self.host_work / "base.snar")
         # As the charm keeps them for the next backup: tar's state and the database's fingerprint.
         recorded = self.host_work / backup.DATABASE_STATE_FILE
@@ -321,9 +424,9 @@ class Variants:
             shutil.copy2(recorded, self.host_work / "base.db-state")
             os.chown(self.host_work / "base.db-state", SYNAPSE_UID, SYNAPSE_GID)
         self.archive_size = self._size("ours")
-        return seconds, rss, self.archive_size
+        return cost, self.archive_size
 
-    def incremental(self) -> tuple[float, int, int]:
+    def incremental(self) -> tuple[Measured, int]:
         """An incremental backup after 1% of the media changed since this round's full one."""
         media = sorted((self.bench.root / "data/media_store/local_content").rglob("*"))
         files = [path for path in media if path.is_file()]
@@ -335,10 +438,10 @@ class Variants:
         command = self._backup_command(
             "incremental", "incremental.snar", f"{self.bench.work_dir}/base.db-state"
         )
-        seconds, rss = self.bench.run(command)
-        return seconds, rss, self._size("incremental")
+        cost = self.bench.run(command)
+        return cost, self._size("incremental")
 
-    def limit(self) -> tuple[float, int, int]:
+    def limit(self) -> tuple[Measured, int]:
         """The upload limit: aws s3 cp of a ready file as large as our archive."""
         ready = self.bench.root / "tmp/ready.bin"
         if not ready.exists() or ready.stat().st_size != self.archive_size:
@@ -348,10 +451,10 @@ class Variants:
             os.chown(ready, SYNAPSE_UID, SYNAPSE_GID)
         url = self.bench.s3.object_url("limit")
         command = f"aws s3 cp --only-show-errors --no-progress /tmp/ready.bin {url}"
-        seconds, rss = self.bench.shell(command)
-        return seconds, rss, self.archive_size
+        cost = self.bench.shell(command)
+        return cost, self.archive_size
 
-    def baseline(self) -> tuple[float, int, int]:
+    def baseline(self) -> tuple[Measured, int]:
         """The baseline: tar | gpg (defaults) | aws with one request at a time."""
         members = " ".join(path.lstrip("/") for path in self.paths)
         script = (
@@ -361,10 +464,10 @@ class Variants:
             f" | aws s3 cp --only-show-errors - {self.bench.s3.object_url('baseline')}"
         )
         env = {"AWS_CONFIG_FILE": f"{self.bench.work_dir}/aws-config-baseline"}
-        seconds, rss = self.bench.shell(script, env=env)
-        return seconds, rss, self._size("baseline")
+        cost = self.bench.shell(script, env=env)
+        return cost, self._size("baseline")
 
-    def restore(self) -> tuple[float, int, int]:
+    def restore(self) -> tuple[Measured, int]:
         """Our restore pipeline into a staging directory."""
         staging = self.bench.root / "data/.bench-staging"
         shutil.rmtree(staging, ignore_errors=True)
@@ -373,11 +476,11 @@ class Variants:
             self.bench.s3, "ours", self.passphrase_file,
             staging_dir="/data/.bench-staging", work_dir=self.bench.work_dir,
         )  # fmt: skip
-        seconds, rss = self.bench.run(command, root=True)
+        cost = self.bench.run(command, root=True)
         shutil.rmtree(staging)
-        return seconds, rss, self.archive_size
+        return cost, self.archive_size
 
-    def restore_limit(self) -> tuple[float, int, int]:
+    def restore_limit(self) -> tuple[Measured, int]:
         """The restore limit: aws s3 cp s3://... - | tar -x of a plain tar, same settings."""
         url = self.bench.s3.object_url("plain")
         if not self.plain_size:
@@ -394,12 +497,27 @@ class Variants:
             f"set -o pipefail; aws s3 cp --only-show-errors {url} - | tar -x -C /data/.bench-plain"
         )
         config = f"{self.bench.work_dir}/{backup.AWS_DOWNLOAD_CONFIG_FILE}"
-        seconds, rss = self.bench.shell(script, root=True, env={"AWS_CONFIG_FILE": config})
+        cost = self.bench.shell(script, root=True, env={"AWS_CONFIG_FILE": config})
         shutil.rmtree(staging)
-        return seconds, rss, self.plain_size
+        return cost, self.plain_size
 
 
-def run_size(workdir: Path, size: int, rounds: int, results: Results, only: set[str]) -> None:
+def pin(group: int, cpus: set[int]) -> None:
+    """Move every thread of a process group (the S3 server) to some CPUs.
+
+    Args:
+        group: the process group.
+        cpus: the CPUs.
+    """
+    for pid in group_pids(group):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(int(task.name), cpus)
+
+
+def run_size(
+    workdir: Path, size: int, rounds: int, results: Results, only: set[str], *, split: bool
+) -> None:
     """Measure every variant on one data size, interleaved over rounds.
 
     Args:
@@ -408,7 +526,10 @@ def run_size(workdir: Path, size: int, rounds: int, results: Results, only: set[
         rounds: how many rounds.
         results: where runs go.
         only: the variants to run (empty: all).
+        split: also run the transfer variants with the S3 server on a CPU of
+            its own and the pipelines on the others.
     """
+    cpus = set(range(os.cpu_count() or 1))
     with SeaweedServer(workdir / "s3") as server:
         server.create_bucket(BUCKET)
         bench = Bench(workdir, server)
@@ -417,13 +538,27 @@ def run_size(workdir: Path, size: int, rounds: int, results: Results, only: set[
         time.sleep(2.1)  # at rest: a database written in the last two seconds is always copied
         todo = Variants(bench, data_bytes).all()
         names = [name for name in todo if not only or name in only or name == "create-backup"]
+        layouts = [("", names)]
+        if split:
+            layouts.append((SPLIT, [name for name in names if name in SPLIT_VARIANTS]))
         for round_number in range(rounds):
-            for name in names:
-                seconds, rss, transferred = todo[name]()
-                results.runs.append(Run(name, data_bytes, seconds, rss, transferred))
-                print(f"round {round_number + 1}: {name:<14} {seconds:7.2f} s "
-                      f"{data_bytes / MIB / seconds:8.1f} MiB/s  peak {rss / MIB:7.1f} MiB",
-                      flush=True)  # fmt: skip
+            for layout, layout_names in layouts:
+                pin(server.pid, {max(cpus)} if layout else cpus)
+                bench.client_cpus = f"0-{max(cpus) - 1}" if layout else None
+                for name in layout_names:
+                    cost, transferred = todo[name]()
+                    results.runs.append(Run(
+                        name + layout, data_bytes, cost.seconds, cost.peak_rss, transferred,
+                        round(cost.cpu_seconds, 2), round(cost.server_cpu_seconds, 2),
+                        cost.cpu_by_program,
+                    ))  # fmt: skip
+                    print(f"round {round_number + 1}: {name + layout:<22} {cost.seconds:7.2f} s "
+                          f"{data_bytes / MIB / cost.seconds:8.1f} MiB/s  "
+                          f"peak {cost.peak_rss / MIB:7.1f} MiB  CPU {cost.cpu_seconds:6.2f} s"
+                          f"  S3 server CPU {cost.server_cpu_seconds:6.2f} s",
+                          flush=True)  # fmt: skip
+            pin(server.pid, cpus)
+            bench.client_cpus = None
 
 
 def summarise(results: Results) -> None:
@@ -447,6 +582,10 @@ def summarise(results: Results) -> None:
                 "transferred-mib": round(
                     statistics.median(run.transferred for run in runs) / MIB, 1
                 ),
+                "cpu-s": round(statistics.median(run.cpu_seconds for run in runs), 2),
+                "server-cpu-s": round(
+                    statistics.median(run.server_cpu_seconds for run in runs), 2
+                ),
                 "rounds": len(runs),
             }
         )
@@ -465,6 +604,13 @@ def summarise(results: Results) -> None:
         ("create-backup / baseline", ratio("create-backup", "baseline"), 2.0),
         ("restore / restore-limit", ratio("restore", "restore-limit"), 0.8),
     ]
+    if ("create-backup" + SPLIT, smallest) in by:
+        checks += [
+            (f"create-backup / upload-limit{SPLIT}",
+             ratio("create-backup" + SPLIT, "upload-limit" + SPLIT), 0.9),
+            (f"restore / restore-limit{SPLIT}",
+             ratio("restore" + SPLIT, "restore-limit" + SPLIT), 0.8),
+        ]  # fmt: skip
     for name, value, target in checks:
         results.targets.append(
             {
@@ -504,12 +650,12 @@ def print_table(results: Results) -> None:
     Args:
         results: the summarised results.
     """
-    print(f"\n{'variant':<14} {'data MiB':>9} {'seconds':>8} {'MiB/s':>8} {'peak MiB':>9}"
-          f" {'S3 MiB':>8} rounds")  # fmt: skip
+    print(f"\n{'variant':<22} {'data MiB':>9} {'seconds':>8} {'MiB/s':>8} {'peak MiB':>9}"
+          f" {'S3 MiB':>8} {'CPU s':>7} {'S3 server CPU s':>16} rounds")  # fmt: skip
     for row in results.summary:
-        print(f"{row['variant']:<14} {row['data-mib']:>9} {row['seconds']:>8} "
+        print(f"{row['variant']:<22} {row['data-mib']:>9} {row['seconds']:>8} "
               f"{row['mib-per-s']:>8} {row['peak-rss-mib']:>9} {row['transferred-mib']:>8}"
-              f" {row['rounds']:>6}")  # fmt: skip
+              f" {row['cpu-s']:>7} {row['server-cpu-s']:>16} {row['rounds']:>6}")  # fmt: skip
     print()
     for target in results.targets:
         print(
@@ -569,9 +715,18 @@ def main() -> int:
     parser.add_argument("--only", default="", help="comma-separated variants")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
+    parser.add_argument("--no-split", action="store_true",
+                        help="skip the runs with the S3 server on a CPU of its own")  # fmt: skip
     options = parser.parse_args()
     if os.geteuid() != 0:
         print("the benchmark runs the pipelines as uid 991 in a sandbox: run as root")
+        return 2
+    if not options.no_split and (os.cpu_count() or 1) < 2:
+        print("the [split] runs give the S3 server a CPU of its own: they need 2 CPUs"
+              " (or run with --no-split)")  # fmt: skip
+        return 2
+    if not options.no_split and not shutil.which("taskset"):
+        print("the [split] runs need taskset (util-linux), or run with --no-split")
         return 2
     options.out.mkdir(parents=True, exist_ok=True)
     results = Results(
@@ -591,7 +746,9 @@ def main() -> int:
         workdir = Path(tempfile.mkdtemp(prefix="synapse-bench-", dir=options.workdir))
         try:
             variants_here = only if size_mib == options.size_mib else {"create-backup", "restore"}
-            run_size(workdir, size_mib * MIB, rounds, results, variants_here)
+            speed = size_mib == options.size_mib
+            run_size(workdir, size_mib * MIB, rounds, results, variants_here,
+                     split=speed and not options.no_split)  # fmt: skip
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
     summarise(results)

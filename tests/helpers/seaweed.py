@@ -188,6 +188,17 @@ class SeaweedServer:
         return self.workdir / "weed.log"
 
     @property
+    def pid(self) -> int:
+        """The server's process id, also the id of its process group.
+
+        Raises:
+            RuntimeError: if the server is not started.
+        """
+        if self._proc is None:
+            raise RuntimeError("the server is not started")
+        return self._proc.pid
+
+    @property
     def running(self) -> bool:
         """Whether the server process is alive."""
         return self._proc is not None and self._proc.poll() is None
