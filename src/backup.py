@@ -1264,7 +1264,7 @@ def build_backup_command(
         snapshot_file: GNU tar's listed-incremental state: missing for a
             full backup, the parent's state (a copy) for an incremental one.
             Tar updates it; it is then uploaded, encrypted, as
-            ``<backup_key>.snar.gpg``, while the archive's upload finishes.
+            ``<backup_key>.snar.gpg``.
         database_state: for an incremental backup, the database's fingerprint
             recorded by the parent (a file that may be missing). It leaves
             out a database that has not changed since; a restore then keeps
@@ -1314,6 +1314,7 @@ def build_backup_command(
         transform = f"s,^{_sed_literal(copy_member)}$,{_sed_replacement(database_member)},"
         lines += [
             "SNAPSHOT_DIR=" + shlex.quote(snapshot_dir),
+            ["rm", "-rf", "--", snapshot_dir],  # its copy's existence means "copied"
             ["mkdir", "-p", "--", posixpath.dirname(database_copy)],
             copy,
             "database=()  # stays empty when the database has not changed since the parent",

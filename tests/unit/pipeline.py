@@ -53,5 +53,7 @@ def database_words(script: str) -> list[str]:
     if empty not in script:
         assert "database=(" not in script
         return []
+    # tar must be given them: the words end tar's command, before its status guard
+    assert DATABASE_WORDS + TAR_STATUS_GUARD in script, "tar is not given the database's words"
     start = script.index("\ndatabase=(", script.index(empty) + 1) + len("\ndatabase=(")
     return shlex.split(script[start : script.index(")\nfi\n", start)])  # names may hold newlines
