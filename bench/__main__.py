@@ -29,6 +29,8 @@ import os
 import platform
 import random
 import shutil
+import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -46,6 +48,8 @@ from tests.helpers.synapse_data import SYNAPSE_GID, SYNAPSE_UID, create_database
 
 MIB = 1024 * 1024
 TICKS = os.sysconf("SC_CLK_TCK")
+STALL_FLOOR = 10 * MIB  # bytes per second: a run slower than this (or 2 min) is stuck
+RETRIES = 2  # a stalled run is run again, at most this often
 SPLIT = " [split]"  # the variant run with the S3 server on a CPU of its own
 SPLIT_VARIANTS = ("create-backup", "upload-limit", "restore", "restore-limit")
 BUCKET = "bench"
@@ -88,12 +92,14 @@ class Results:
         runs: every run.
         summary: medians per variant and data size.
         targets: each target, its value and whether it is met.
+        stalls: the runs that made no progress and were killed (and run again).
     """
 
     machine: dict[str, str]
     runs: list[Run] = field(default_factory=list)
     summary: list[dict[str, float | str | int]] = field(default_factory=list)
     targets: list[dict[str, object]] = field(default_factory=list)
+    stalls: list[str] = field(default_factory=list)
 
 
 def tree_sample(pid: int) -> tuple[int, dict[int, tuple[str, float]]]:
@@ -189,8 +195,17 @@ def group_cpu(group: int) -> float:
     return total
 
 
+class StalledError(RuntimeError):
+    """A run made no progress: it was killed."""
+
+
 def measure(
-    argv: list[str], env: dict[str, str], *, server_group: int, cpus: str | None = None
+    argv: list[str],
+    env: dict[str, str],
+    *,
+    server_group: int,
+    cpus: str | None = None,
+    timeout: float = 3600.0,
 ) -> Measured:
     """Run a command, sampling the RSS and CPU time of its process tree.
 
@@ -199,12 +214,14 @@ def measure(
         env: its environment.
         server_group: the S3 server's process group, whose CPU time is counted too.
         cpus: the CPUs to run it on (a taskset list), or None for any.
+        timeout: seconds after which it is killed as stalled.
 
     Returns:
         What it cost.
 
     Raises:
         RuntimeError: if the command fails.
+        StalledError: if it did not finish in time.
     """
     if cpus is not None:
         argv = ["taskset", "--cpu-list", cpus, *argv]
@@ -225,12 +242,20 @@ def measure(
             last_cpu.update(cpu)
             time.sleep(0.02)
 
-    sampler = threading.Thread(target=sample)
+    sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    _, stderr = process.communicate()
-    seconds = time.monotonic() - started
-    done.set()
-    sampler.join()
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+        seconds = time.monotonic() - started
+    except subprocess.TimeoutExpired:
+        raise StalledError(f"{argv[-1][:200]!r} did not finish in {timeout:.0f} s") from None
+    finally:  # also on Ctrl-C: the pipeline has its own session and would go on
+        done.set()
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+        sampler.join()
     if process.returncode:
         raise RuntimeError(f"{argv[-1][:200]!r} failed: {stderr.decode(errors='replace')[-2000:]}")
     by_program: dict[str, float] = {}
@@ -302,6 +327,7 @@ class Bench:
         self.sandbox = Sandbox(self.root)
         self.server = server
         self.client_cpus: str | None = None  # where the pipelines run: None for any CPU
+        self.timeout = 120.0  # seconds before a run counts as stalled
         self.s3 = backup.S3Parameters.model_validate(
             {
                 "access-key": server.access_key,
@@ -345,7 +371,7 @@ class Bench:
         args = exec_args(command, environment={**self.env, **(env or {})}, **ids)
         return measure(
             self.sandbox.argv(args), self.sandbox.environment(args),
-            server_group=self.server.pid, cpus=self.client_cpus,
+            server_group=self.server.pid, cpus=self.client_cpus, timeout=self.timeout,
         )  # fmt: skip
 
     def shell(self, script: str, **kwargs: object):
@@ -398,6 +424,7 @@ class Variants:
             "restore": self.restore,
             "restore-limit": self.restore_limit,
             "incremental": self.incremental,
+            "incremental, db written": self.incremental_database,
         }
 
     def _size(self, key: str) -> int:
@@ -415,6 +442,7 @@ class Variants:
         self.rounds += 1
         (self.host_work / "full.snar").unlink(missing_ok=True)
         (self.host_work / backup.DATABASE_STATE_FILE).unlink(missing_ok=True)
+        self._at_rest()
         cost = self.bench.run(self._backup_command("ours", "full.snar", None))
         shutil.copy2(self.host_work / "full.snar", self.host_work / "base.snar")
         # As the charm keeps them for the next backup: tar's state and the database's fingerprint.
@@ -426,6 +454,27 @@ class Variants:
         self.archive_size = self._size("ours")
         return cost, self.archive_size
 
+    def _at_rest(self) -> None:
+        """Wait until the database was last written two seconds ago, and clear leftovers.
+
+        A backup records no fingerprint of a database written in the last two
+        seconds; a run killed as stalled leaves its copy (its trap did not run).
+        """
+        database = self.bench.root / "data/homeserver.db"
+        age = time.time() - max(database.stat().st_mtime, database.stat().st_ctime)
+        time.sleep(max(0.0, 2.1 - age))
+        for leftover in (self.bench.root / "data").glob(backup.SNAPSHOT_DIR_PREFIX + "*"):
+            shutil.rmtree(leftover)
+
+    def _incremental_on_full(self, key: str) -> tuple[Measured, int]:
+        """Run an incremental backup on this round's full one (its state and fingerprint)."""
+        self._at_rest()
+        shutil.copy2(self.host_work / "base.snar", self.host_work / f"{key}.snar")
+        os.chown(self.host_work / f"{key}.snar", SYNAPSE_UID, SYNAPSE_GID)
+        command = self._backup_command(key, f"{key}.snar", f"{self.bench.work_dir}/base.db-state")
+        cost = self.bench.run(command)
+        return cost, self._size(key)
+
     def incremental(self) -> tuple[Measured, int]:
         """An incremental backup after 1% of the media changed since this round's full one."""
         media = sorted((self.bench.root / "data/media_store/local_content").rglob("*"))
@@ -433,13 +482,20 @@ class Variants:
         rng = random.Random(self.rounds)  # noqa: S311 - picks files, not secrets
         for path in rng.sample(files, max(1, len(files) // 100)):
             path.write_bytes(os.urandom(path.stat().st_size))
-        shutil.copy2(self.host_work / "base.snar", self.host_work / "incremental.snar")
-        os.chown(self.host_work / "incremental.snar", SYNAPSE_UID, SYNAPSE_GID)
-        command = self._backup_command(
-            "incremental", "incremental.snar", f"{self.bench.work_dir}/base.db-state"
-        )
-        cost = self.bench.run(command)
-        return cost, self._size("incremental")
+        return self._incremental_on_full("incremental")
+
+    def incremental_database(self) -> tuple[Measured, int]:
+        """The same, after Synapse also wrote to its database: it is copied again."""
+        connection = sqlite3.connect(self.bench.root / "data/homeserver.db")
+        try:
+            with connection:
+                connection.execute(
+                    "INSERT INTO events (event_id, body) VALUES (?, 'written')",
+                    (f"$bench{self.rounds}",),
+                )
+        finally:
+            connection.close()  # the last connection: SQLite removes its -wal and -shm
+        return self._incremental_on_full("incremental-db")
 
     def limit(self) -> tuple[Measured, int]:
         """The upload limit: aws s3 cp of a ready file as large as our archive."""
@@ -496,10 +552,39 @@ class Variants:
         script = (
             f"set -o pipefail; aws s3 cp --only-show-errors {url} - | tar -x -C /data/.bench-plain"
         )
+        # `aws s3 cp` to a pipe sometimes stalls here for good (with 1 or 4
+        # requests): such a run is killed, reported and run again.
         config = f"{self.bench.work_dir}/{backup.AWS_DOWNLOAD_CONFIG_FILE}"
         cost = self.bench.shell(script, root=True, env={"AWS_CONFIG_FILE": config})
         shutil.rmtree(staging)
         return cost, self.plain_size
+
+
+def _run_variant(
+    variant: Callable[[], tuple[Measured, int]], name: str, results: Results
+) -> tuple[Measured, int]:
+    """Run a variant once, again if it stalled (each stall is recorded).
+
+    Args:
+        variant: the variant.
+        name: its name, layout included.
+        results: where stalls are recorded.
+
+    Returns:
+        What the run that finished cost, and the bytes it moved.
+
+    Raises:
+        StalledError: if it stalled every time.
+    """
+    for attempt in range(RETRIES + 1):
+        try:
+            return variant()
+        except StalledError as exc:
+            results.stalls.append(f"{name}: {exc}")
+            print(f"{name} stalled and was killed ({exc})", flush=True)
+            if attempt == RETRIES:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def pin(group: int, cpus: set[int]) -> None:
@@ -511,8 +596,10 @@ def pin(group: int, cpus: set[int]) -> None:
     """
     for pid in group_pids(group):
         for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(ProcessLookupError):  # a thread that just ended
                 os.sched_setaffinity(int(task.name), cpus)
+        if os.sched_getaffinity(pid) != cpus:
+            raise RuntimeError(f"could not move the S3 server (pid {pid}) to CPUs {cpus}")
 
 
 def run_size(
@@ -529,13 +616,14 @@ def run_size(
         split: also run the transfer variants with the S3 server on a CPU of
             its own and the pipelines on the others.
     """
-    cpus = set(range(os.cpu_count() or 1))
+    cpus = os.sched_getaffinity(0)
     with SeaweedServer(workdir / "s3") as server:
         server.create_bucket(BUCKET)
         bench = Bench(workdir, server)
         print(f"generating {size // MIB} MiB of media ...", flush=True)
         data_bytes = make_data(bench.root, size)
         time.sleep(2.1)  # at rest: a database written in the last two seconds is always copied
+        bench.timeout = max(120.0, data_bytes / STALL_FLOOR)
         todo = Variants(bench, data_bytes).all()
         names = [name for name in todo if not only or name in only or name == "create-backup"]
         layouts = [("", names)]
@@ -543,21 +631,24 @@ def run_size(
             layouts.append((SPLIT, [name for name in names if name in SPLIT_VARIANTS]))
         for round_number in range(rounds):
             for layout, layout_names in layouts:
+                clients = cpus - {max(cpus)} if layout else cpus
                 pin(server.pid, {max(cpus)} if layout else cpus)
-                bench.client_cpus = f"0-{max(cpus) - 1}" if layout else None
+                os.sched_setaffinity(0, clients)  # the sampler too stays off the server's CPU
+                bench.client_cpus = ",".join(map(str, sorted(clients))) if layout else None
                 for name in layout_names:
-                    cost, transferred = todo[name]()
+                    cost, transferred = _run_variant(todo[name], name + layout, results)
                     results.runs.append(Run(
                         name + layout, data_bytes, cost.seconds, cost.peak_rss, transferred,
                         round(cost.cpu_seconds, 2), round(cost.server_cpu_seconds, 2),
                         cost.cpu_by_program,
                     ))  # fmt: skip
-                    print(f"round {round_number + 1}: {name + layout:<22} {cost.seconds:7.2f} s "
+                    print(f"round {round_number + 1}: {name + layout:<24} {cost.seconds:7.2f} s "
                           f"{data_bytes / MIB / cost.seconds:8.1f} MiB/s  "
                           f"peak {cost.peak_rss / MIB:7.1f} MiB  CPU {cost.cpu_seconds:6.2f} s"
                           f"  S3 server CPU {cost.server_cpu_seconds:6.2f} s",
                           flush=True)  # fmt: skip
             pin(server.pid, cpus)
+            os.sched_setaffinity(0, cpus)
             bench.client_cpus = None
 
 
@@ -650,10 +741,10 @@ def print_table(results: Results) -> None:
     Args:
         results: the summarised results.
     """
-    print(f"\n{'variant':<22} {'data MiB':>9} {'seconds':>8} {'MiB/s':>8} {'peak MiB':>9}"
+    print(f"\n{'variant':<24} {'data MiB':>9} {'seconds':>8} {'MiB/s':>8} {'peak MiB':>9}"
           f" {'S3 MiB':>8} {'CPU s':>7} {'S3 server CPU s':>16} rounds")  # fmt: skip
     for row in results.summary:
-        print(f"{row['variant']:<22} {row['data-mib']:>9} {row['seconds']:>8} "
+        print(f"{row['variant']:<24} {row['data-mib']:>9} {row['seconds']:>8} "
               f"{row['mib-per-s']:>8} {row['peak-rss-mib']:>9} {row['transferred-mib']:>8}"
               f" {row['cpu-s']:>7} {row['server-cpu-s']:>16} {row['rounds']:>6}")  # fmt: skip
     print()
@@ -661,6 +752,8 @@ def print_table(results: Results) -> None:
         print(
             f"{'met    ' if target['met'] else 'NOT met'}  {target['target']}: {target['value']}"
         )
+    for stall in results.stalls:
+        print(f"stalled and run again: {stall}")
 
 
 def plot(results: Results, path: Path) -> None:
@@ -721,7 +814,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("the benchmark runs the pipelines as uid 991 in a sandbox: run as root")
         return 2
-    if not options.no_split and (os.cpu_count() or 1) < 2:
+    if not options.no_split and len(os.sched_getaffinity(0)) < 2:
         print("the [split] runs give the S3 server a CPU of its own: they need 2 CPUs"
               " (or run with --no-split)")  # fmt: skip
         return 2

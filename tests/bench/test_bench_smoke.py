@@ -9,7 +9,15 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-VARIANTS = ("create-backup", "upload-limit", "baseline", "restore", "restore-limit", "incremental")
+VARIANTS = (
+    "create-backup",
+    "upload-limit",
+    "baseline",
+    "restore",
+    "restore-limit",
+    "incremental",
+    "incremental, db written",
+)
 # The same again with the S3 server on a CPU of its own (the machine kind has 2).
 SPLIT_VARIANTS = tuple(
     f"{name} [split]" for name in ("create-backup", "upload-limit", "restore", "restore-limit")
