@@ -223,10 +223,14 @@ class BackupObserver(ops.Object):
         if not container.can_connect():
             event.fail(f"cannot {what}: the synapse container is not reachable yet")
             return None
+        interrupted = container.exists(backup.RESTORE_JOURNAL)
         problem = backup.recover_interrupted_restore(container)
         if problem:
             event.fail(f"cannot {what}: {problem}")
             return None
+        if interrupted:  # the previous data is back: Synapse runs on it again, now
+            event.log("rolled back an interrupted restore; starting Synapse again")
+            container.replan()
         backup.sweep_leftovers(container)
         if not container.exists(backup.SYNAPSE_CONFIG_PATH):
             event.fail(f"cannot {what}: Synapse has not been configured yet (set server-name)")

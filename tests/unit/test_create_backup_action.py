@@ -861,3 +861,45 @@ def test_leftovers_are_swept_before_the_backup(
         manager.run()
 
     assert seen == {work_dir: False, snapshot_dir: False, staging_dir: False, previous_dir: True}
+
+
+def test_action_after_an_interrupted_restore_starts_synapse_again(
+    ctx: testing.Context, configured_data_dir: pathlib.Path, run_backup: mock.MagicMock
+):
+    """An action that rolls back an interrupted restore starts Synapse on the data it put back.
+
+    The charm died mid-swap, so Synapse was left stopped; without this it would
+    wait for the next hook (update-status: minutes).
+
+    Arrange: a restore journal; the roll-back (patched: it is tested in
+        test_backup_restore_container) succeeds; Synapse is planned but stopped.
+    Act: run create-backup.
+    Assert: the roll-back ran first, Synapse is running, the log says so, and
+        the backup went on.
+    """
+    run_backup.return_value = _manifest()
+    (configured_data_dir / backup.RESTORE_JOURNAL.removeprefix("/data/")).write_text("{}")
+    state = make_state(configured_data_dir, CONFIG, running=False, execs=[VERSION_EXEC])
+
+    with mock.patch.object(backup, "recover_interrupted_restore", return_value=None) as recover:
+        out = ctx.run(ctx.on.action("create-backup"), state)
+
+    recover.assert_called_once()
+    service = out.get_container(synapse.CONTAINER_NAME).service_statuses[synapse.SERVICE_NAME]
+    assert service == ops.pebble.ServiceStatus.ACTIVE
+    assert "rolled back an interrupted restore; starting Synapse again" in ctx.action_logs
+    run_backup.assert_called_once()
+
+
+def test_action_without_an_interrupted_restore_leaves_services_alone(
+    ctx: testing.Context, configured_data_dir: pathlib.Path, run_backup: mock.MagicMock
+):
+    """No journal, no replan: an operator who stopped Synapse keeps it stopped."""
+    run_backup.return_value = _manifest()
+    state = make_state(configured_data_dir, CONFIG, running=False, execs=[VERSION_EXEC])
+
+    out = ctx.run(ctx.on.action("create-backup"), state)
+
+    service = out.get_container(synapse.CONTAINER_NAME).service_statuses[synapse.SERVICE_NAME]
+    assert service == ops.pebble.ServiceStatus.INACTIVE
+    run_backup.assert_called_once()
