@@ -230,7 +230,11 @@ class BackupObserver(ops.Object):
             return None
         if interrupted:  # the previous data is back: Synapse runs on it again, now
             event.log("rolled back an interrupted restore; starting Synapse again")
-            container.replan()
+            try:
+                container.replan()
+            except ops.pebble.Error as exc:  # the action goes on: a restore may be the cure
+                logger.warning("Synapse did not start after the roll-back: %s", exc)
+                event.log(f"Synapse did not start again: {exc}")
         backup.sweep_leftovers(container)
         if not container.exists(backup.SYNAPSE_CONFIG_PATH):
             event.fail(f"cannot {what}: Synapse has not been configured yet (set server-name)")

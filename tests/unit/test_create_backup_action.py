@@ -903,3 +903,29 @@ def test_action_without_an_interrupted_restore_leaves_services_alone(
     service = out.get_container(synapse.CONTAINER_NAME).service_statuses[synapse.SERVICE_NAME]
     assert service == ops.pebble.ServiceStatus.INACTIVE
     run_backup.assert_called_once()
+
+
+def test_synapse_not_starting_after_the_roll_back_does_not_stop_the_action(
+    ctx: testing.Context, configured_data_dir: pathlib.Path, run_backup: mock.MagicMock
+):
+    """If Synapse does not start on the data put back, the action says so and goes on.
+
+    A restore may be what the operator needs next; refusing it would leave
+    them stuck.
+    """
+    run_backup.return_value = _manifest()
+    (configured_data_dir / backup.RESTORE_JOURNAL.removeprefix("/data/")).write_text("{}")
+    state = make_state(configured_data_dir, CONFIG, running=False, execs=[VERSION_EXEC])
+    failure = ops.pebble.ChangeError("cannot start service: exited quickly", mock.MagicMock())
+
+    with (
+        mock.patch.object(backup, "recover_interrupted_restore", return_value=None),
+        mock.patch.object(ops.Container, "replan", side_effect=failure),
+    ):
+        ctx.run(ctx.on.action("create-backup"), state)
+
+    assert any(
+        log.startswith("Synapse did not start again: cannot start service")
+        for log in ctx.action_logs
+    )
+    run_backup.assert_called_once()
