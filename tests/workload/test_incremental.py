@@ -217,8 +217,9 @@ def test_unchanged_database_is_left_out_of_incremental_backups(
 ) -> None:
     """A database unchanged since the parent is not copied again, and still restores.
 
-    The archive of such an incremental backup has no database; restoring it
-    gives the parent's, and once the database changes it is in the next one.
+    The archive of such an incremental backup has no database; restoring it,
+    or the one after it that left it out as well, gives the full backup's,
+    and once the database changes it is in the next one.
     """
     harness = configured
     data = harness.get_filesystem_root("synapse") / "data"
@@ -240,6 +241,11 @@ def test_unchanged_database_is_left_out_of_incremental_backups(
                 / "homeserver.db").exists()  # fmt: skip
     assert (data / f".synapse-backup-state/{quiet.results['backup-id']}.db-state").exists()
     assert not state.exists()  # only the newest backup's is kept
+    _write(data / "media_store/local_content/n/second", b"second")
+    time.sleep(1.05)
+    quieter = harness.run_action("create-backup")  # on a parent that left it out too
+    assert quieter.results["parent"] == quiet.results["backup-id"]
+    assert any("not copied again" in line for line in quieter.logs)
 
     connection = sqlite3.connect(database)
     with connection:
@@ -252,6 +258,9 @@ def test_unchanged_database_is_left_out_of_incremental_backups(
     harness.run_action("restore-backup", {"backup-id": quiet.results["backup-id"]})
     assert _events(database) == original
     assert (data / "media_store/local_content/n/file").read_bytes() == b"new"
+    harness.run_action("restore-backup", {"backup-id": quieter.results["backup-id"]})
+    assert _events(database) == original  # from the full backup, two links up
+    assert (data / "media_store/local_content/n/second").read_bytes() == b"second"
     harness.run_action("restore-backup", {"backup-id": changed["backup-id"]})
     assert _events(database) == [*original, ("$late", "late")]
 
