@@ -137,7 +137,7 @@ _COUNT_MEMBERS = "members=$(grep --count --invert-match --regexp='^tar: ' -- "
 # the copy and older than two seconds, so that no write can hide in it (the
 # "racy clean" rule of git). Prints "unchanged" when it copied nothing.
 _SNAPSHOT_PROGRAM = """
-import os, sqlite3, sys, time
+import os, sqlite3, sys, time, urllib.parse
 database, copy, record, parent = sys.argv[1:5]
 def fingerprint():
     parts = [database]
@@ -164,7 +164,9 @@ if before is not None and before == recorded:
         file.write(before)
     print("unchanged")
     sys.exit(0)
-connection = sqlite3.connect(database, timeout=60)
+# mode=rw: a database that vanished since the charm looked is an error, not a new empty one
+uri = "file:" + urllib.parse.quote(database) + "?mode=rw"
+connection = sqlite3.connect(uri, uri=True, timeout=60)
 try:
     connection.execute("VACUUM INTO ?", (copy,))
 finally:
@@ -853,14 +855,50 @@ def get_database_path(container: ops.Container) -> str | None:
     Raises:
         BackupError: if the configuration cannot be read.
     """
+    path = _configured_database_path(container)
+    return path if path and container.exists(path) else None
+
+
+def _database_to_copy(container: ops.Container, log: Callable[[str], None]) -> str | None:
+    """Return the SQLite database a backup copies; say so when the configured one is missing.
+
+    Args:
+        container: Synapse Container.
+        log: receives progress messages.
+
+    Returns:
+        The database's path, or None.
+
+    Raises:
+        BackupError: if the configuration cannot be read.
+    """
+    database_path = get_database_path(container)
+    missing = None if database_path else _configured_database_path(container)
+    if missing:  # Synapse creates it when it first starts; or it was lost
+        log(f"Synapse's database {missing} does not exist (has Synapse ever started?): "
+            "this backup holds no database")  # fmt: skip
+    return database_path
+
+
+def _configured_database_path(container: ops.Container) -> str | None:
+    """Return the SQLite database file Synapse's configuration names, existing or not.
+
+    Args:
+        container: Synapse Container.
+
+    Returns:
+        The absolute path, or None when Synapse does not use an SQLite file.
+
+    Raises:
+        BackupError: if the configuration cannot be read.
+    """
     database = read_synapse_config(container).get("database") or {}
     if database.get("name", "sqlite3") not in ("sqlite3", "sqlite"):
         return None
     path = (database.get("args") or {}).get("database")
     if not path or path == ":memory:":
         return None
-    path = posixpath.normpath(posixpath.join(DATA_DIR, str(path)))
-    return path if container.exists(path) else None
+    return posixpath.normpath(posixpath.join(DATA_DIR, str(path)))
 
 
 def get_media_dir(container: ops.Container) -> str:
@@ -1749,7 +1787,7 @@ def run_backup(
         container, client, backup_type, log, (metadata or {}).get("deployment")
     )
     paths = list(get_paths_to_backup(container))
-    database_path = get_database_path(container)
+    database_path = _database_to_copy(container, log)
     outside = [p for p in [*paths, database_path] if p and not _allowed_restore_path(p)]
     if outside:
         raise BackupError(

@@ -1078,6 +1078,31 @@ def _no_parent_s3(s3_client: mock.MagicMock, listing: dict[str, Any], chain: Any
     s3_client.object_size.side_effect = [*sizes, 1234]
 
 
+@pytest.mark.usefixtures("tools_present", "fixed_work_dir")
+def test_run_backup_without_the_database_file_says_so(
+    ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock
+):
+    """Synapse's configured SQLite file is missing: the backup holds no database, and says so.
+
+    Synapse creates the file when it first starts, so a backup before that is
+    legitimate; a lost database must not go unnoticed either.
+    """
+    (synapse_data / "homeserver.db").unlink()
+    logs: list[str] = []
+
+    with live_container(ctx, synapse_data, execs=[DU, PIPELINE_OK]) as container:
+        manifest = backup.run_backup(container, _params(), BACKUP_ID, PASSPHRASE, log=logs.append)
+        pipeline = ctx.exec_history["synapse"][1]
+
+    assert (
+        "Synapse's database /data/homeserver.db does not exist (has Synapse ever started?): "
+        "this backup holds no database"
+    ) in logs
+    assert manifest.metadata["database-path"] == ""
+    assert "/data/homeserver.db" not in manifest.paths
+    assert "VACUUM INTO" not in pipeline.command[2]
+
+
 @pytest.mark.usefixtures("tools_present")
 @pytest.mark.parametrize(("listing", "chain", "problem"), NO_PARENT)
 def test_run_backup_auto_falls_back_to_full(

@@ -164,3 +164,37 @@ def test_unreadable_parent_fingerprint_means_a_copy(database: Path, tmp_path: Pa
     assert output == ""
     assert _rows(copy) == [(1,)]
     assert record.exists()
+
+
+def test_missing_database_fails_and_creates_nothing(tmp_path: Path) -> None:
+    """A database gone since the charm looked fails the copy; no empty one appears.
+
+    sqlite3.connect would otherwise create an empty database, which the backup
+    would then hold instead of Synapse's.
+    """
+    database = tmp_path / "gone" / "homeserver.db"
+    database.parent.mkdir()
+
+    with pytest.raises(subprocess.CalledProcessError) as exc_info:
+        _copy(database, None)
+
+    assert "unable to open database file" in exc_info.value.stderr
+    assert sorted(path.name for path in database.parent.iterdir()) == ["copy"]  # _copy's dir
+    assert list((database.parent / "copy").iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["with space", "percent%41", "question?mark", "hash#x", "a&b=c"])
+def test_database_names_are_taken_literally(tmp_path: Path, name: str) -> None:
+    """Characters that mean something in an SQLite URI are part of the file's name."""
+    directory = tmp_path / name
+    directory.mkdir()
+    database = directory / "homeserver.db"
+    connection = sqlite3.connect(database)
+    with connection:
+        connection.execute("CREATE TABLE t (x INTEGER)")
+        connection.execute("INSERT INTO t VALUES (7)")
+    connection.close()
+
+    _, copy, _ = _copy(database, None)
+
+    assert _rows(copy) == [(7,)]
