@@ -859,7 +859,9 @@ def get_database_path(container: ops.Container) -> str | None:
     return path if path and container.exists(path) else None
 
 
-def _database_to_copy(container: ops.Container, log: Callable[[str], None]) -> str | None:
+def _database_to_copy(
+    container: ops.Container, log: Callable[[str], None]
+) -> tuple[str | None, dict[str, str]]:
     """Return the SQLite database a backup copies; say so when the configured one is missing.
 
     Args:
@@ -867,17 +869,21 @@ def _database_to_copy(container: ops.Container, log: Callable[[str], None]) -> s
         log: receives progress messages.
 
     Returns:
-        The database's path, or None.
+        The database's path (or None), and what the manifest records about it:
+        ``database-path``, and ``database-missing`` when the configured file
+        does not exist (retention then deletes nothing).
 
     Raises:
         BackupError: if the configuration cannot be read.
     """
     database_path = get_database_path(container)
+    facts = {"database-path": database_path or ""}
     missing = None if database_path else _configured_database_path(container)
     if missing:  # Synapse creates it when it first starts; or it was lost
         log(f"Synapse's database {missing} does not exist (has Synapse ever started?): "
             "this backup holds no database")  # fmt: skip
-    return database_path
+        facts["database-missing"] = missing
+    return database_path, facts
 
 
 def _configured_database_path(container: ops.Container) -> str | None:
@@ -1787,7 +1793,7 @@ def run_backup(
         container, client, backup_type, log, (metadata or {}).get("deployment")
     )
     paths = list(get_paths_to_backup(container))
-    database_path = _database_to_copy(container, log)
+    database_path, database_facts = _database_to_copy(container, log)
     outside = [p for p in [*paths, database_path] if p and not _allowed_restore_path(p)]
     if outside:
         raise BackupError(
@@ -1839,7 +1845,7 @@ def run_backup(
                 size=archive_size,
                 sha256=sha256,
                 duration=round(time.monotonic() - started, 3),
-                metadata={**(metadata or {}), "database-path": database_path or ""},
+                metadata={**(metadata or {}), **database_facts},
                 backup_type="incremental" if parent else "full",
                 parent=parent.backup_id if parent else "",
             )

@@ -300,28 +300,34 @@ class BackupObserver(ops.Object):
             "duration": manifest.duration,
             "file-count": manifest.file_count,
         }
-        results.update(self._apply_retention(config, event, manifest.backup_id))
+        results.update(self._apply_retention(config, event, manifest))
         event.set_results(results)
 
     def _apply_retention(
-        self, config: BackupConfig, event: ops.ActionEvent, new_backup: str
+        self, config: BackupConfig, event: ops.ActionEvent, manifest: backup.BackupManifest
     ) -> dict[str, str]:
         """Delete this deployment's chains that backup-retention-count no longer keeps.
 
         A failure here does not undo the backup: it is reported in the results.
-        The new backup's own chain is never deleted.
+        The new backup's own chain is never deleted, and nothing is deleted
+        after a backup that lacks the database Synapse's configuration names:
+        the older backups may be the only ones that have it.
 
         Args:
             config: the backup configuration.
             event: the action event, for progress messages.
-            new_backup: the backup just made.
+            manifest: the backup just made.
 
         Returns:
-            Results to add: what retention removed, or why it could not.
+            Results to add: what retention removed, or why it did not.
         """
         keep = self._config.backup_retention_count
         if not keep:
             return {}
+        if manifest.metadata.get("database-missing"):
+            event.log("retention: skipped, this backup holds no database")
+            return {"retention-skipped": "this backup holds no database"}
+        new_backup = manifest.backup_id
         client = backup.S3Client(config.s3)
         deployment = self._deployment
         try:

@@ -1099,6 +1099,7 @@ def test_run_backup_without_the_database_file_says_so(
         "this backup holds no database"
     ) in logs
     assert manifest.metadata["database-path"] == ""
+    assert manifest.metadata["database-missing"] == "/data/homeserver.db"
     assert "/data/homeserver.db" not in manifest.paths
     assert "VACUUM INTO" not in pipeline.command[2]
 

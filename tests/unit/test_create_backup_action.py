@@ -929,3 +929,35 @@ def test_synapse_not_starting_after_the_roll_back_does_not_stop_the_action(
         for log in ctx.action_logs
     )
     run_backup.assert_called_once()
+
+
+def test_retention_skipped_after_a_backup_without_its_database(
+    ctx: testing.Context,
+    configured_data_dir: pathlib.Path,
+    run_backup: mock.MagicMock,
+    s3_retention: tuple[mock.MagicMock, mock.MagicMock],
+):
+    """A backup lacking the configured database deletes no older chain: they may be the last.
+
+    Arrange: backup-retention-count 1; the new full backup's manifest records
+        that the configured database file was missing; S3 lists older chains.
+    Act: run create-backup.
+    Assert: nothing deleted, S3 not even listed; the result and the log say why.
+    """
+    list_backups, delete_objects = s3_retention
+    manifest = dataclasses.replace(
+        _manifest(), metadata={"database-path": "", "database-missing": "/data/homeserver.db"}
+    )
+    run_backup.return_value = manifest
+    state = make_state(
+        configured_data_dir, {**CONFIG, "backup-retention-count": 1}, execs=[VERSION_EXEC]
+    )
+
+    ctx.run(ctx.on.action("create-backup"), state)
+
+    assert ctx.action_results is not None
+    assert ctx.action_results["retention-skipped"] == "this backup holds no database"
+    assert "retention-removed" not in ctx.action_results
+    assert "retention: skipped, this backup holds no database" in ctx.action_logs
+    list_backups.assert_not_called()
+    delete_objects.assert_not_called()
