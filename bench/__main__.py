@@ -460,8 +460,8 @@ class Variants:
         A backup records no fingerprint of a database written in the last two
         seconds; a run killed as stalled leaves its copy (its trap did not run).
         """
-        database = self.bench.root / "data/homeserver.db"
-        age = time.time() - max(database.stat().st_mtime, database.stat().st_ctime)
+        stat = (self.bench.root / "data/homeserver.db").stat()
+        age = time.time() - max(stat.st_mtime, stat.st_ctime)
         time.sleep(max(0.0, 2.1 - age))
         for leftover in (self.bench.root / "data").glob(backup.SNAPSHOT_DIR_PREFIX + "*"):
             shutil.rmtree(leftover)
