@@ -59,6 +59,14 @@ S3_MAX_CONCURRENT_REQUESTS = 4
 S3_MULTIPART_CHUNKSIZE = 8 * 1024 * 1024
 S3_DOWNLOAD_CONCURRENT_REQUESTS = 1
 S3_DOWNLOAD_CHUNKSIZE = 16 * 1024 * 1024
+# S3 allows 10,000 parts per object. For a larger stream the aws CLI doubles
+# its part size, and its memory with it (about 10 parts are buffered), so an
+# archive is stored in pieces that fit 10,000 parts of S3_MULTIPART_CHUNKSIZE
+# (78 GiB): the first under the backup's id, the next ones as
+# <id>.part-0001, <id>.part-0002...
+ARCHIVE_PIECE_SIZE = 64 * 1024**3
+ARCHIVE_PIECE_INFIX = ".part-"
+MAX_ARCHIVE_PIECES = 10_000
 # Name of the passphrase file inside the private work directory.
 PASSPHRASE_FILE = "passphrase"  # noqa: S105 - a file name, not a secret
 AWS_CONFIG_FILE = "aws-config"
@@ -105,7 +113,7 @@ EXEC_TIMEOUT = 24 * 60 * 60.0
 GPG_S2K_COUNT = 65011712  # the most passphrase hashing OpenPGP can encode
 
 # Passes the encrypted stream from stdin to stdout and writes its SHA-256 and
-# size to a file, so the archive is hashed while it is uploaded, not read twice.
+# size to a file, so that a restore hashes the archive while it downloads it.
 _DIGEST_PROGRAM = """
 import fcntl, hashlib, sys
 for stream in (0, 1):  # larger pipes: fewer wake-ups for every stage
@@ -121,6 +129,60 @@ while chunk := source.read1(1 << 20):
     sink.write(chunk)
 sink.flush()
 with open(sys.argv[1], "w") as out:
+    out.write(f"{digest.hexdigest()} {size}\\n")
+"""
+
+# Uploads the encrypted stream from stdin in pieces of at most argv[2] bytes,
+# hashing it on the way, and writes its SHA-256 and size to the file argv[1].
+# argv[4:] is the upload command with the first piece's URL last; piece N > 0
+# goes to that URL + argv[3] + N in 4 digits. A failed upload kills the others
+# and fails the program, so that no piece is left to pass for a whole one.
+_UPLOAD_PROGRAM = """
+import fcntl, hashlib, subprocess, sys
+record, piece_size, infix, *upload = sys.argv[1:]
+piece_size, url = int(piece_size), upload.pop()
+def bigger_pipe(stream):  # fewer wake-ups for every stage
+    try:
+        fcntl.fcntl(stream, fcntl.F_SETPIPE_SZ, 1 << 20)
+    except OSError:
+        pass
+def start(index):
+    target = url + (f"{infix}{index:04d}" if index else "")
+    piece = subprocess.Popen([*upload, target], stdin=subprocess.PIPE)
+    bigger_pipe(piece.stdin.fileno())
+    return piece
+def finish(piece, index):
+    try:
+        piece.stdin.close()
+    except BrokenPipeError:
+        pass
+    if piece.wait():
+        sys.exit(f"the upload of archive piece {index} failed")
+bigger_pipe(0)
+digest, size, index, room = hashlib.sha256(), 0, 0, piece_size
+piece, source = start(0), sys.stdin.buffer
+try:
+    while chunk := source.read1(1 << 20):
+        digest.update(chunk)
+        size += len(chunk)
+        view = memoryview(chunk)
+        while view:
+            if not room:
+                finish(piece, index)
+                index, room = index + 1, piece_size
+                piece = start(index)
+            part, view = view[:room], view[room:]
+            try:
+                piece.stdin.write(part)
+            except BrokenPipeError:
+                finish(piece, index)
+                raise
+            room -= len(part)
+    finish(piece, index)
+except BaseException:
+    piece.kill()
+    raise
+with open(record, "w") as out:
     out.write(f"{digest.hexdigest()} {size}\\n")
 """
 
@@ -310,6 +372,8 @@ class BackupManifest:
         version: the manifest format version.
         backup_type: "full", or "incremental" (GNU tar listed-incremental).
         parent: the backup an incremental one builds on ("" for a full one).
+        piece_size: the archive is stored in pieces of this size (the last
+            one smaller); 0 means one object, as before pieces existed.
     """
 
     backup_id: str
@@ -323,6 +387,7 @@ class BackupManifest:
     version: int = MANIFEST_VERSION
     backup_type: str = "full"
     parent: str = ""
+    piece_size: int = 0
 
     @classmethod
     def from_json(cls, text: str | bytes) -> BackupManifest:
@@ -350,6 +415,7 @@ class BackupManifest:
                 "duration",
                 "type",
                 "parent",
+                "piece-size",
             }
             manifest = cls(
                 backup_id=str(document["backup-id"]),
@@ -363,6 +429,7 @@ class BackupManifest:
                 version=int(document.get("version", MANIFEST_VERSION)),
                 backup_type=str(document.get("type", "full")),
                 parent=str(document.get("parent", "")),
+                piece_size=int(document.get("piece-size", 0)),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise BackupError(f"invalid backup manifest: {exc}") from exc
@@ -372,7 +439,24 @@ class BackupManifest:
             (manifest.backup_type == "incremental") != bool(manifest.parent)
         ):
             raise BackupError("invalid backup manifest: bad type or parent")
+        if (
+            manifest.size < 0
+            or manifest.piece_size < 0
+            or (
+                manifest.piece_size
+                and -(-manifest.size // manifest.piece_size) > MAX_ARCHIVE_PIECES
+            )
+        ):
+            raise BackupError("invalid backup manifest: bad size or piece size")
         return manifest
+
+    def pieces(self) -> dict[str, int]:
+        """Return the objects that hold the archive, in order, with their sizes.
+
+        Returns:
+            Each piece's name and size in bytes.
+        """
+        return archive_pieces(self.backup_id, self.size, self.piece_size)
 
     def to_json(self) -> str:
         """Serialise the manifest.
@@ -392,6 +476,7 @@ class BackupManifest:
                 "duration": self.duration,
                 "type": self.backup_type,
                 "parent": self.parent,
+                **({"piece-size": self.piece_size} if self.piece_size else {}),
                 **{key: str(value) for key, value in self.metadata.items()},
             },
             indent=2,
@@ -579,7 +664,10 @@ class S3Client:
         if archive_size is None or self.object_size(backup_id + MANIFEST_SUFFIX) is None:
             raise S3Error(f"there is no backup {backup_id}", option="backup-id")
         manifest = BackupManifest.from_json(self.read_object(backup_id + MANIFEST_SUFFIX))
-        if manifest.backup_id != backup_id or manifest.size != archive_size:
+        if manifest.backup_id != backup_id or any(
+            (archive_size if name == backup_id else self.object_size(name)) != size
+            for name, size in manifest.pieces().items()
+        ):
             raise S3Error(
                 f"backup {backup_id} is incomplete: its object does not match its manifest",
                 option="backup-id",
@@ -590,7 +678,7 @@ class S3Client:
         """List the complete backups, newest first.
 
         A backup is complete when its manifest exists, parses and matches
-        the size of its encrypted object; anything else is left out.
+        the sizes of its encrypted objects; anything else is left out.
 
         Args:
             strict: fail when a manifest cannot be read (a transient error),
@@ -625,7 +713,9 @@ class S3Client:
             except BackupError as exc:
                 logger.warning("skipping backup %s: %s", backup_id, exc)
                 return None
-            ok = manifest.backup_id == backup_id and manifest.size == names[backup_id]
+            ok = manifest.backup_id == backup_id and all(
+                names.get(name) == size for name, size in manifest.pieces().items()
+            )
             return manifest if ok else None
 
         with ThreadPoolExecutor(max_workers=8) as pool:
@@ -707,8 +797,49 @@ class S3Client:
             )
         doomed = [*sorted(dependants, reverse=True), backup_id]
         for name in doomed:
-            self.delete_objects(backup_object_names(name))
+            self.delete_backup_objects(name)
         return doomed
+
+    def delete_backup_objects(self, backup_id: str) -> None:
+        """Delete whatever a backup has in S3, complete or not: manifest first.
+
+        Its archive's pieces are found by listing, with the unfinished
+        uploads of a backup that failed half way.
+
+        Args:
+            backup_id: the backup.
+
+        Raises:
+            S3Error: if the objects cannot be listed or deleted.
+        """
+        manifest, archive, *others = backup_object_names(backup_id)
+        self.delete_objects([manifest, archive, *self._piece_names(backup_id), *others])
+
+    def _piece_names(self, backup_id: str) -> list[str]:
+        """Return the names of a backup's archive pieces after the first, uploaded or not.
+
+        Args:
+            backup_id: the backup.
+
+        Returns:
+            The names, sorted.
+
+        Raises:
+            S3Error: if the bucket cannot be listed.
+        """
+        bucket, base = self._parameters.bucket, self._parameters.object_key(backup_id)
+        prefix = base + ARCHIVE_PIECE_INFIX
+        keys: set[str] = set()
+        try:
+            objects = self._client.get_paginator("list_objects_v2")
+            for page in objects.paginate(Bucket=bucket, Prefix=prefix):
+                keys.update(item["Key"] for item in page.get("Contents", []))
+            uploads = self._client.get_paginator("list_multipart_uploads")
+            for upload_page in uploads.paginate(Bucket=bucket, Prefix=prefix):
+                keys.update(item["Key"] for item in upload_page.get("Uploads", []))
+        except (ClientError, BotoCoreError) as exc:
+            raise S3Error(f"cannot list the backups: {_client_error(exc)}") from exc
+        return sorted(backup_id + key[len(base) :] for key in keys if "/" not in key[len(base) :])
 
     def delete_objects(self, names: Iterable[str]) -> None:
         """Delete objects and abort unfinished multipart uploads of them.
@@ -732,6 +863,27 @@ class S3Client:
                 self._client.delete_object(Bucket=bucket, Key=key)
             except (ClientError, BotoCoreError) as exc:
                 raise S3Error(f"cannot delete object {name}: {_client_error(exc)}") from exc
+
+
+def archive_pieces(backup_id: str, size: int, piece_size: int) -> dict[str, int]:
+    """Return the objects that hold an archive, in order, with their sizes.
+
+    Args:
+        backup_id: the backup.
+        size: the archive's size in bytes.
+        piece_size: the size of every piece but the last; 0 for one object.
+
+    Returns:
+        Each piece's name and size: the first piece is named after the
+        backup, the next ones ``<id>.part-0001`` and so on.
+    """
+    if not piece_size or size <= piece_size:
+        return {backup_id: size}
+    count = -(-size // piece_size)
+    names = [backup_id]
+    names += [f"{backup_id}{ARCHIVE_PIECE_INFIX}{index:04d}" for index in range(1, count)]
+    sizes = [piece_size] * (count - 1) + [size - piece_size * (count - 1)]
+    return dict(zip(names, sizes, strict=True))
 
 
 def backup_object_names(backup_id: str) -> list[str]:
@@ -1286,14 +1438,17 @@ def build_backup_command(
     work_dir: str | None = None,
     snapshot_file: str | None = None,
     database_state: str | None = None,
+    piece_size: int = ARCHIVE_PIECE_SIZE,
 ) -> list[str]:
     """Build the command to execute the backup.
 
     The command is ``bash -c SCRIPT``; every word of the script is quoted with
     shlex.quote. It copies the SQLite database with ``VACUUM INTO`` (if any,
     and unless it has not changed since the parent),
-    streams ``tar | gpg | aws s3 cp`` and prints ``<sha256> <size> <members>``
-    of the uploaded object on its last line of output.
+    streams ``tar | gpg | upload``, where upload hashes the stream and feeds
+    it to ``aws s3 cp``, one process per piece of ``piece_size`` bytes, and
+    prints ``<sha256> <size> <members>`` of the whole archive on its last
+    line of output.
 
     Args:
         s3_parameters: S3 parameters.
@@ -1314,6 +1469,8 @@ def build_backup_command(
             out a database that has not changed since; a restore then keeps
             the parent's copy. The new fingerprint goes to
             ``database.state`` in the work directory.
+        piece_size: the largest object the archive is stored in; larger
+            archives are stored in pieces (see archive_pieces).
 
     Returns:
         The backup command to execute.
@@ -1322,6 +1479,8 @@ def build_backup_command(
         BackupError: if a path or the key is not acceptable.
     """
     validate_backup_key(backup_key)
+    if piece_size < 1:
+        raise BackupError(f"the archive's piece size must be positive, not {piece_size}")
     work_dir = work_dir or posixpath.dirname(passphrase_file)
     digest_file = posixpath.join(work_dir, "digest")
     index_file = posixpath.join(work_dir, "index")
@@ -1378,7 +1537,7 @@ def build_backup_command(
         "--only-show-errors",
         "--no-progress",
         "--expected-size",
-        str(int(expected_size)),
+        str(int(min(expected_size, piece_size))),
         "-",
         s3_parameters.object_url(backup_key),
     ]
@@ -1399,7 +1558,8 @@ def build_backup_command(
         "--output",
         "-",
     )
-    digest = ["python3", "-c", _DIGEST_PROGRAM, digest_file]
+    upload = ["python3", "-c", _UPLOAD_PROGRAM, digest_file, str(int(piece_size))]
+    upload += [ARCHIVE_PIECE_INFIX, *aws]
     lines += [
         " | ".join(
             [
@@ -1410,8 +1570,7 @@ def build_backup_command(
                 + database_members
                 + ' || { status=$?; [ "$status" -eq 1 ] || exit "$status"; }; }',
                 _script([gpg]),
-                _script([digest]),
-                _script([aws]),
+                _script([upload]),
             ]
         ),
     ]
@@ -1801,6 +1960,7 @@ def run_backup(
             f"keep Synapse's files under {DATA_DIR}"
         )
     size = calculate_size(container, [*paths, *([database_path] if database_path else [])])
+    piece_size = ARCHIVE_PIECE_SIZE
     committed = False
     try:
         with prepared_container(container, s3_parameters, passphrase) as work_dir:
@@ -1824,6 +1984,7 @@ def run_backup(
                 database_state=(
                     f"{STATE_DIR}/{parent.backup_id}{DATABASE_STATE_SUFFIX}" if parent else None
                 ),
+                piece_size=piece_size,
             )
             log("streaming tar | gpg | aws to " + s3_parameters.object_url(backup_key))
             stdout = run_in_container(
@@ -1832,11 +1993,13 @@ def run_backup(
             if parent and "unchanged" in stdout.splitlines():
                 log(f"the database has not changed since {parent.backup_id}: not copied again")
             sha256, archive_size, file_count = _parse_digest(stdout)
-            uploaded = client.object_size(backup_key)
-            if uploaded != archive_size:
-                raise BackupError(
-                    f"the uploaded object has {uploaded} bytes, the pipeline wrote {archive_size}"
-                )
+            for name, piece in archive_pieces(backup_key, archive_size, piece_size).items():
+                uploaded = client.object_size(name)
+                if uploaded != piece:
+                    raise BackupError(
+                        f"the uploaded object {name} has {uploaded} bytes, "
+                        f"the pipeline wrote {piece}"
+                    )
             manifest = BackupManifest(
                 backup_id=backup_key,
                 created_at=created_at,
@@ -1848,6 +2011,7 @@ def run_backup(
                 metadata={**(metadata or {}), **database_facts},
                 backup_type="incremental" if parent else "full",
                 parent=parent.backup_id if parent else "",
+                piece_size=piece_size,
             )
             log("writing the manifest")
             client.put_text(backup_key + MANIFEST_SUFFIX, manifest.to_json())
@@ -1863,18 +2027,18 @@ def run_backup(
         if database_path:
             _remove_quietly(container, _database_copy_dir(backup_key))
         if not committed:
-            _discard(client, backup_object_names(backup_key))
+            _discard(client, backup_key)
 
 
-def _discard(client: S3Client, names: Sequence[str]) -> None:
+def _discard(client: S3Client, backup_key: str) -> None:
     """Remove what a failed backup left in S3, logging failures.
 
     Args:
         client: the S3 client.
-        names: the objects to remove.
+        backup_key: the backup that failed.
     """
     try:
-        client.delete_objects(names)
+        client.delete_backup_objects(backup_key)
     except S3Error as exc:
         logger.error("could not remove the partial backup: %s", exc)
 
@@ -2008,10 +2172,11 @@ def build_restore_command(
     *,
     staging_dir: str | None = None,
     work_dir: str | None = None,
+    pieces: Sequence[str] = (),
 ) -> list[str]:
     """Build the command that downloads, checks, decrypts and unpacks a backup.
 
-    ``aws s3 cp - | digest | gpg --decrypt | tar`` extracts into the staging
+    ``aws s3api get-object | digest | gpg --decrypt | tar`` extracts into the staging
     directory (or, with no staging directory, only lists the archive). The
     last line of output is ``<sha256> <size> <members>`` of what was read.
 
@@ -2021,6 +2186,9 @@ def build_restore_command(
         passphrase_file: The file with the passphrase.
         staging_dir: Where to extract; None only lists the archive.
         work_dir: the private work directory (default: the passphrase file's).
+        pieces: the objects that hold the archive, in order (default: the
+            backup's own object); they are downloaded one after the other
+            into one stream.
 
     Returns:
         The command to execute.
@@ -2038,7 +2206,10 @@ def build_restore_command(
     aws = ["env", f"AWS_CONFIG_FILE={posixpath.join(work_dir, AWS_DOWNLOAD_CONFIG_FILE)}"]
     aws += [AWS_COMMAND]
     aws += ["s3api", "get-object", "--bucket", s3_parameters.bucket]
-    aws += [f"--key={s3_parameters.object_key(backup_key)}", "/dev/fd/3"]
+    downloads = [
+        _script([[*aws, f"--key={s3_parameters.object_key(piece)}", "/dev/fd/3"]])
+        for piece in (pieces or [backup_key])
+    ]
     gpg = _gpg_command(passphrase_file, "--decrypt", "--output", "-")
     tar = ["tar", "--file=-", "--numeric-owner", "--verbose", f"--index-file={index_file}"]
     tar += ["--quoting-style=escape"]
@@ -2056,7 +2227,8 @@ def build_restore_command(
     lines += [
         " | ".join(
             [
-                _script([aws]) + " 3>&1 >/dev/null",
+                (downloads[0] if len(downloads) == 1 else "{ " + " && ".join(downloads) + "; }")
+                + " 3>&1 >/dev/null",
                 *(_script([words]) for words in (digest, gpg, tar)),
             ]
         ),
@@ -2170,6 +2342,7 @@ def _read_archive(
         posixpath.join(work_dir, PASSPHRASE_FILE),
         staging_dir=staging_dir,
         work_dir=work_dir,
+        pieces=list(manifest.pieces()),
     )
     stdout = run_in_container(
         container,

@@ -344,7 +344,7 @@ class BackupObserver(ops.Object):
             ]
             for backup_id in doomed:
                 event.log(f"retention: deleting {backup_id}")
-                client.delete_objects(backup.backup_object_names(backup_id))
+                client.delete_backup_objects(backup_id)
         except backup.S3Error as exc:
             logger.error("retention failed: %s", exc)
             return {"retention-error": str(exc)}

@@ -18,7 +18,11 @@ DATABASE_WORDS = ' ${database[@]+"${database[@]}"}'
 
 
 def split_backup_pipeline(text: str) -> list[list[str]]:
-    """Split the backup pipeline into its commands' words: tar, gpg, digest, aws.
+    """Split the backup pipeline into its commands' words: tar, gpg, upload, aws.
+
+    The last element of the pipeline is the upload program, which hashes the
+    stream and runs aws for each piece of the archive: its words are split
+    where the aws command starts (the word after the piece infix).
 
     Args:
         text: the pipeline, from ``{ tar --create`` to its end (words may hold
@@ -36,7 +40,10 @@ def split_backup_pipeline(text: str) -> list[list[str]]:
             commands.append([])
         else:
             commands[-1].append(word)
-    return commands
+    upload = commands[-1]
+    assert upload[:2] == ["python3", "-c"], upload[:2]
+    aws_start = upload.index(".part-") + 1  # after: record, piece size, infix
+    return [*commands[:-1], upload[:aws_start], upload[aws_start:]]
 
 
 def database_words(script: str) -> list[str]:

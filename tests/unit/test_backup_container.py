@@ -669,12 +669,73 @@ def test_run_backup(
     assert document["sha256"] == SHA256
     assert (document["type"], document["parent"]) == ("full", "")
     assert document["database-path"] == "/data/homeserver.db"
-    s3_client.delete_objects.assert_not_called()
+    s3_client.delete_backup_objects.assert_not_called()
     assert logs[:2] == [
         "making a full backup: there is no full backup to build on",
         "full backup of 7 paths, about 4096 bytes",
     ]
     assert logs[-1] == "writing the manifest"
+
+
+@pytest.mark.usefixtures("tools_present")
+@pytest.mark.parametrize(
+    ("uploaded", "message"),
+    [
+        pytest.param([500, 500, 234], None, id="complete"),
+        pytest.param(
+            [500, 500, 233],
+            f"the uploaded object {BACKUP_ID}.part-0002 has 233 bytes, the pipeline wrote 234",
+            id="last-piece-short",
+        ),
+        pytest.param(
+            [500, None],
+            f"the uploaded object {BACKUP_ID}.part-0001 has None bytes",
+            id="piece-missing",
+        ),
+    ],
+)
+def test_run_backup_checks_every_piece(
+    ctx: testing.Context,
+    synapse_data: pathlib.Path,
+    s3_client: mock.MagicMock,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    uploaded: list[int | None],
+    message: str | None,
+):
+    """An archive larger than a piece is checked piece by piece before the commit.
+
+    Arrange: pieces of 500 bytes (instead of 64 GiB); the pipeline wrote 1234.
+    Act: run_backup.
+    Assert: each piece's size is checked; a complete upload is committed with
+        its piece size in the manifest; a short or missing piece fails the
+        backup, which is discarded.
+    """
+    monkeypatch.setattr(backup, "ARCHIVE_PIECE_SIZE", 500)
+    s3_client.object_size.side_effect = [None, None, None, *uploaded]
+
+    with live_container(ctx, synapse_data, execs=[DU, PIPELINE_OK]) as container:
+        if message is None:
+            manifest = backup.run_backup(container, _params(), BACKUP_ID, PASSPHRASE)
+        else:
+            with pytest.raises(backup.BackupError) as exc_info:
+                backup.run_backup(container, _params(), BACKUP_ID, PASSPHRASE)
+        script = ctx.exec_history["synapse"][1].command[2]
+
+    pieces = [BACKUP_ID, f"{BACKUP_ID}.part-0001", f"{BACKUP_ID}.part-0002"]
+    assert s3_client.object_size.call_args_list[3:] == [
+        mock.call(name) for name in pieces[: len(uploaded)]
+    ]
+    assert " 500 .part- aws s3 cp " in script
+    if message is None:
+        assert manifest.piece_size == 500
+        assert manifest.pieces() == dict(zip(pieces, [500, 500, 234], strict=True))
+        assert _put_manifest(s3_client)["piece-size"] == 500
+        s3_client.delete_backup_objects.assert_not_called()
+    else:
+        assert message in str(exc_info.value)
+        s3_client.put_text.assert_not_called()
+        s3_client.delete_backup_objects.assert_called_once_with(BACKUP_ID)
 
 
 def test_keep_state_command():
@@ -731,7 +792,7 @@ def test_run_backup_state_not_kept_is_only_logged(
     assert manifest.backup_id == BACKUP_ID
     assert ctx.exec_history["synapse"][-1].command == _keep_state_command()
     s3_client.put_text.assert_called_once()
-    s3_client.delete_objects.assert_not_called()
+    s3_client.delete_backup_objects.assert_not_called()
     assert (
         "keeping the snapshot state failed (exit code 1): cp: No space left on device"
         in caplog.text
@@ -846,7 +907,7 @@ def test_run_backup_incremental(
         mock.call(BACKUP_ID),
     ]
     assert logs[0] == f"incremental on {PARENT_ID} backup of 7 paths, about 4096 bytes"
-    s3_client.delete_objects.assert_not_called()
+    s3_client.delete_backup_objects.assert_not_called()
 
 
 WRONG_PASSPHRASE = testing.Exec(
@@ -909,7 +970,7 @@ def test_run_backup_auto_full_when_the_parent_cannot_be_used(
     assert commands[-1] == _keep_state_command()
     for line in logs:
         assert SECRET_KEY not in line
-    s3_client.delete_objects.assert_not_called()
+    s3_client.delete_backup_objects.assert_not_called()
 
 
 @pytest.mark.usefixtures("tools_present")
@@ -977,7 +1038,7 @@ def test_run_backup_incremental_fails_when_the_parent_cannot_be_used(
     commands = [call.command for call in ctx.exec_history["synapse"]]
     assert commands[1:] == [list(exec_.command_prefix) for exec_ in execs]
     s3_client.put_text.assert_not_called()
-    s3_client.delete_objects.assert_called_once_with(BACKUP_NAMES)
+    s3_client.delete_backup_objects.assert_called_once_with(BACKUP_ID)
 
 
 @pytest.mark.usefixtures("tools_present")
@@ -1158,7 +1219,7 @@ def test_run_backup_incremental_impossible(
     assert str(exc_info.value) == f"cannot make an incremental backup: {problem}"
     assert ctx.exec_history == {}
     s3_client.put_text.assert_not_called()
-    s3_client.delete_objects.assert_not_called()
+    s3_client.delete_backup_objects.assert_not_called()
 
 
 @pytest.mark.usefixtures("tools_present")
@@ -1219,14 +1280,14 @@ def test_run_backup_unknown_type(
             PIPELINE_OK,
             [None, None, None, 999],
             None,
-            "the uploaded object has 999 bytes, the pipeline wrote 1234",
+            f"the uploaded object {BACKUP_ID} has 999 bytes, the pipeline wrote 1234",
             id="size-mismatch",
         ),
         pytest.param(
             PIPELINE_OK,
             [None, None, None, None],
             None,
-            "the uploaded object has None bytes",
+            f"the uploaded object {BACKUP_ID} has None bytes",
             id="nothing-uploaded",
         ),
         pytest.param(
@@ -1267,7 +1328,7 @@ def test_run_backup_failure_discards(
 
     assert message in str(exc_info.value)
     assert SECRET_KEY not in str(exc_info.value)
-    s3_client.delete_objects.assert_called_once_with(BACKUP_NAMES)
+    s3_client.delete_backup_objects.assert_called_once_with(BACKUP_ID)
     # du and the pipeline; the state of a failed backup is not kept.
     assert len(ctx.exec_history["synapse"]) == 2
 
@@ -1277,7 +1338,7 @@ def test_run_backup_discard_failure_keeps_the_error(
     ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock
 ):
     """A cleanup that fails too is logged; the backup's own error is raised."""
-    s3_client.delete_objects.side_effect = backup.S3Error("cannot delete")
+    s3_client.delete_backup_objects.side_effect = backup.S3Error("cannot delete")
     failing = testing.Exec(["bash", "-c"], return_code=1, stderr="gpg: failed")
 
     with (
@@ -1286,7 +1347,7 @@ def test_run_backup_discard_failure_keeps_the_error(
     ):
         backup.run_backup(container, _params(), BACKUP_ID, PASSPHRASE)
 
-    s3_client.delete_objects.assert_called_once_with(BACKUP_NAMES)
+    s3_client.delete_backup_objects.assert_called_once_with(BACKUP_ID)
 
 
 @pytest.mark.usefixtures("tools_present")
@@ -1330,7 +1391,7 @@ def test_run_backup_never_touches_an_existing_backup(
 
     assert ctx.exec_history == {}
     s3_client.list_backups.assert_not_called()
-    s3_client.delete_objects.assert_not_called()
+    s3_client.delete_backup_objects.assert_not_called()
     s3_client.put_text.assert_not_called()
 
 
@@ -1415,7 +1476,7 @@ def test_run_backup_refuses_paths_outside_data(
     )
     assert ctx.exec_history == {}
     s3_client.put_text.assert_not_called()
-    s3_client.delete_objects.assert_not_called()
+    s3_client.delete_backup_objects.assert_not_called()
 
 
 DEPLOYMENT = "3f9c0d1e-0000-4000-8000-000000000001/synapse"

@@ -15,6 +15,7 @@ import tarfile
 
 import pydantic
 import pytest
+from s3transfer.utils import ChunksizeAdjuster
 
 import backup
 from tests.unit.pipeline import (
@@ -450,8 +451,9 @@ def test_build_backup_command_shape():
     assert gpg[0] == "gpg"
     assert gpg[gpg.index("--passphrase-file") + 1] == PASSPHRASE_FILE
     assert "--symmetric" in gpg
+    # The upload program hashes the stream and runs aws for each piece.
     assert digest[:2] == ["python3", "-c"]
-    assert digest[-1] == f"{WORK_DIR}/digest"
+    assert digest[3:] == [f"{WORK_DIR}/digest", str(backup.ARCHIVE_PIECE_SIZE), ".part-"]
     assert aws[:3] == ["aws", "s3", "cp"]
     assert aws[aws.index("--expected-size") + 1] == "12345"
     assert aws[-2:] == ["-", "s3://synapse-backups/prod/synapse/20250101T000000Z"]
@@ -566,7 +568,62 @@ def test_build_backup_command_work_dir_defaults_to_passphrase_dir():
 
     tar, _, digest, _ = _pipeline_words(command[2])
     assert f"--index-file={WORK_DIR}/index" in tar
-    assert digest[-1] == f"{WORK_DIR}/digest"
+    assert digest[3] == f"{WORK_DIR}/digest"
+
+
+PIECE = backup.ARCHIVE_PIECE_SIZE
+
+
+@pytest.mark.parametrize(
+    ("expected_size", "piece_size", "announced"),
+    [
+        pytest.param(10 * 2**40, PIECE, PIECE, id="10-tib"),
+        pytest.param(5000, PIECE, 5000, id="small"),
+        pytest.param(5000, 4096, 4096, id="small-pieces"),
+    ],
+)
+def test_build_backup_command_pieces(expected_size: int, piece_size: int, announced: int):
+    """The aws CLI is told the size of one piece at most, the program the piece size."""
+    command = backup.build_backup_command(
+        _params(),
+        "20250101T000000Z",
+        ["/data/homeserver.yaml"],
+        PASSPHRASE_FILE,
+        expected_size=expected_size,
+        piece_size=piece_size,
+    )
+
+    _, _, upload, aws = _pipeline_words(command[2])
+    assert upload[4:] == [str(piece_size), ".part-"]
+    assert aws[aws.index("--expected-size") + 1] == str(announced)
+
+
+@pytest.mark.parametrize("piece_size", [0, -1])
+def test_build_backup_command_rejects_piece_size(piece_size: int):
+    """A piece size that could hold nothing is refused."""
+    with pytest.raises(backup.BackupError, match="piece size must be positive"):
+        backup.build_backup_command(
+            _params(), "20250101T000000Z", ["/x"], PASSPHRASE_FILE, piece_size=piece_size
+        )
+
+
+def test_aws_keeps_its_part_size_for_any_archive():
+    """The real aws CLI's part sizing keeps 8 MiB parts for what it is told.
+
+    s3transfer (the aws CLI's transfer library) doubles the part size, and the
+    memory of the buffered parts with it, when the announced size needs more
+    than 10,000 parts. The most a backup announces is one piece.
+    """
+    command = backup.build_backup_command(
+        _params(), "20250101T000000Z", ["/x"], PASSPHRASE_FILE, expected_size=100 * 2**40
+    )
+    aws = _pipeline_words(command[2])[-1]
+    announced = int(aws[aws.index("--expected-size") + 1])
+    adjuster = ChunksizeAdjuster()
+    chunk = backup.S3_MULTIPART_CHUNKSIZE
+    assert adjuster.adjust_chunksize(chunk, announced) == chunk
+    # ...whereas announcing the whole 100 TiB would have grown the parts.
+    assert adjuster.adjust_chunksize(chunk, 100 * 2**40) > chunk
 
 
 def _stub(directory: pathlib.Path, name: str, body: str) -> None:

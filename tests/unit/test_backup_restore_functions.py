@@ -105,6 +105,42 @@ def test_manifest_from_json_defaults_and_extra_keys():
     assert manifest.metadata == {"server-name": "example.com", "answer": "42"}
 
 
+def test_manifest_piece_size_round_trip():
+    """A manifest of an archive in pieces keeps its piece size; an old one has none."""
+    manifest = _manifest(size=2500, piece_size=1000)
+
+    document = json.loads(manifest.to_json())
+    assert document["piece-size"] == 1000
+    assert backup.BackupManifest.from_json(manifest.to_json()) == manifest
+    assert manifest.pieces() == {
+        BACKUP_ID: 1000,
+        f"{BACKUP_ID}.part-0001": 1000,
+        f"{BACKUP_ID}.part-0002": 500,
+    }
+    assert "piece-size" not in json.loads(_manifest().to_json())
+    assert _manifest(size=2500).pieces() == {BACKUP_ID: 2500}
+
+
+@pytest.mark.parametrize(
+    ("size", "piece_size", "expected"),
+    [
+        pytest.param(0, 0, [0], id="empty-one-object"),
+        pytest.param(10**15, 0, [10**15], id="no-pieces"),
+        pytest.param(999, 1000, [999], id="smaller-than-a-piece"),
+        pytest.param(1000, 1000, [1000], id="exactly-one-piece"),
+        pytest.param(1001, 1000, [1000, 1], id="one-byte-more"),
+        pytest.param(3000, 1000, [1000, 1000, 1000], id="exact-multiple"),
+    ],
+)
+def test_archive_pieces(size: int, piece_size: int, expected: list[int]):
+    """Pieces are full but the last, which is never empty; the first keeps the id."""
+    pieces = backup.archive_pieces(BACKUP_ID, size, piece_size)
+
+    assert list(pieces.values()) == expected
+    later = [f"{BACKUP_ID}.part-{index:04d}" for index in range(1, len(pieces))]
+    assert list(pieces) == [BACKUP_ID, *later]
+
+
 def _document(**changes: Any) -> str:
     document = json.loads(_manifest().to_json())
     for name, value in changes.items():
@@ -133,6 +169,12 @@ def _document(**changes: Any) -> str:
         pytest.param(_document(sha256="AB" * 32), "bad sha256", id="sha-uppercase"),
         pytest.param(_document(sha256="zz" * 32), "bad sha256", id="sha-not-hex"),
         pytest.param(_document(sha256="ab" * 32 + "\n"), "bad sha256", id="sha-newline"),
+        pytest.param(_document(size=-1), "bad size or piece size", id="negative-size"),
+        pytest.param(_document(piece_size=-5), "bad size or piece size", id="negative-piece"),
+        pytest.param(
+            _document(size=10**12, piece_size=1), "bad size or piece size", id="too-many-pieces"
+        ),
+        pytest.param(_document(piece_size="big"), "invalid literal", id="piece-not-a-number"),
         pytest.param("not json", "invalid backup manifest", id="not-json"),
         pytest.param("", "invalid backup manifest", id="empty"),
         pytest.param(b"\xff\xfe\x00", "invalid backup manifest", id="not-utf8"),
@@ -646,6 +688,59 @@ def test_build_restore_command_runs(tmp_path: pathlib.Path, extract: bool):
         if path.is_file()
     }
     assert extracted == (members if extract else {})
+
+
+def test_build_restore_command_downloads_pieces_in_order():
+    """An archive in pieces is downloaded piece after piece into the one stream."""
+    pieces = [BACKUP_ID, f"{BACKUP_ID}.part-0001", f"{BACKUP_ID}.part-0002"]
+    command = backup.build_restore_command(
+        _params(path="prod"), BACKUP_ID, PASSPHRASE_FILE, work_dir=WORK_DIR, pieces=pieces
+    )
+
+    script = command[2]
+    _bash_syntax_ok(script)
+    start = script.index("{ env AWS_CONFIG_FILE=")
+    group, rest = script[start:].split(" 3>&1 >/dev/null | ", 1)
+    downloads = [shlex.split(text) for text in group[2:].removesuffix("; }").split(" && ")]
+    assert [words[-2:] for words in downloads] == [
+        [f"--key=prod/{piece}", "/dev/fd/3"] for piece in pieces
+    ]
+    assert rest.startswith("python3 -c ")
+
+
+@pytest.mark.skipif(not shutil.which("tar"), reason="needs GNU tar")
+def test_build_restore_command_fails_when_a_later_piece_fails(tmp_path: pathlib.Path):
+    """The second piece's download fails: the script fails and the third is not fetched."""
+    archive = _archive({"data/homeserver.yaml": b"server_name: example.com\n"})
+    (tmp_path / "archive").write_bytes(archive)
+    calls = tmp_path / "calls"
+    env = _stub_tools(
+        tmp_path,
+        "import sys\n"
+        f"open({str(calls)!r}, 'a').write(sys.argv[-2] + '\\n')\n"
+        "if sys.argv[-2].endswith('.part-0001'):\n"
+        "    sys.stderr.write('NoSuchKey\\n')\n"
+        "    sys.exit(1)\n"
+        f"open(sys.argv[-1], 'wb').write(open({str(tmp_path / 'archive')!r}, 'rb').read())\n",
+    )
+    work_dir = tmp_path / "work"
+    work_dir.mkdir()
+    pieces = [BACKUP_ID, f"{BACKUP_ID}.part-0001", f"{BACKUP_ID}.part-0002"]
+    command = backup.build_restore_command(
+        _params(path="prod"),
+        BACKUP_ID,
+        str(work_dir / "passphrase"),
+        work_dir=str(work_dir),
+        pieces=pieces,
+    )
+
+    result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+
+    assert result.returncode != 0
+    assert "NoSuchKey" in result.stderr
+    assert calls.read_text().split() == [f"--key=prod/{piece}" for piece in pieces[:2]]
+    with pytest.raises(backup.BackupError):
+        backup._parse_digest(result.stdout)
 
 
 @pytest.mark.skipif(not shutil.which("tar"), reason="needs GNU tar")

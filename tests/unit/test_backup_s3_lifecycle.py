@@ -90,8 +90,10 @@ class FakeS3:
         with self._lock:
             self.calls.append((operation, key))
 
-    def get_paginator(self, operation: str) -> FakeS3:
-        """Return the list_objects_v2 paginator (this object)."""
+    def get_paginator(self, operation: str) -> Any:
+        """Return the list_objects_v2 paginator (this object) or list_multipart_uploads'."""
+        if operation == "list_multipart_uploads":
+            return _NoUploads(self)
         assert operation == "list_objects_v2"
         return self
 
@@ -131,6 +133,19 @@ class FakeS3:
             raise _client_error("AccessDenied", "DeleteObject", 403)
         self.objects.pop(Key, None)
         return {}
+
+
+class _NoUploads:
+    """FakeS3's list_multipart_uploads paginator: the bucket has no unfinished uploads."""
+
+    def __init__(self, fake: FakeS3):
+        self._fake = fake
+
+    def paginate(self, *, Bucket: str, Prefix: str) -> Iterator[dict[str, Any]]:  # noqa: N803
+        """Yield one empty page."""
+        assert Bucket == BUCKET
+        self._fake._record("list_multipart_uploads", Prefix)
+        yield {}
 
 
 def _backup_objects(manifest: backup.BackupManifest, archive_size: int | None = None) -> dict:
@@ -317,6 +332,44 @@ def test_list_backups_strict_still_skips_what_is_not_a_backup():
     client, _ = _fake_client(objects)
 
     assert [m.backup_id for m in client.list_backups(strict=True)] == ["20250101T000000Z"]
+
+
+def _pieced_objects(manifest: backup.BackupManifest) -> dict[str, bytes]:
+    """The objects of a backup stored in pieces: each of its size, and the manifest."""
+    objects = {f"{PREFIX}/{name}": b"x" * size for name, size in manifest.pieces().items()}
+    objects[f"{PREFIX}/{manifest.backup_id}{backup.MANIFEST_SUFFIX}"] = manifest.to_json().encode()
+    return objects
+
+
+@pytest.mark.parametrize(
+    ("damage", "complete"),
+    [
+        pytest.param({}, True, id="all-pieces"),
+        pytest.param({"20250101T000000Z.part-0001": None}, False, id="middle-missing"),
+        pytest.param({"20250101T000000Z.part-0002": b"x" * 9}, False, id="last-short"),
+        pytest.param({"20250101T000000Z.part-0002": b"x" * 11}, False, id="last-long"),
+        pytest.param({"20250101T000000Z": b"x" * 9}, False, id="first-short"),
+    ],
+)
+def test_a_backup_in_pieces_is_complete_only_with_every_piece(
+    damage: dict[str, bytes | None], complete: bool
+):
+    """list_backups and get_manifest check each piece's size against the manifest."""
+    manifest = _manifest("20250101T000000Z", size=30, piece_size=10)
+    objects = _pieced_objects(manifest)
+    for name, body in damage.items():
+        if body is None:
+            del objects[f"{PREFIX}/{name}"]
+        else:
+            objects[f"{PREFIX}/{name}"] = body
+    client, _ = _fake_client(objects)
+
+    assert client.list_backups() == ([manifest] if complete else [])
+    if complete:
+        assert client.get_manifest(manifest.backup_id) == manifest
+    else:
+        with pytest.raises(backup.S3Error, match="is incomplete"):
+            client.get_manifest(manifest.backup_id)
 
 
 def test_list_backups_empty_bucket():

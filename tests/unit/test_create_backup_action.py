@@ -512,10 +512,15 @@ OLDER = [
 
 @pytest.fixture
 def s3_retention() -> Iterator[tuple[mock.MagicMock, mock.MagicMock]]:
-    """Patch S3Client.list_backups and delete_objects, which retention calls."""
+    """Patch S3Client.list_backups and delete_objects, which retention calls.
+
+    The backups have no archive pieces beyond the first: listing them in S3
+    (_piece_names) is tested against SeaweedFS in tests/workload.
+    """
     with (
         mock.patch.object(backup.S3Client, "list_backups", autospec=True) as list_backups,
         mock.patch.object(backup.S3Client, "delete_objects", autospec=True) as delete_objects,
+        mock.patch.object(backup.S3Client, "_piece_names", autospec=True, return_value=[]),
     ):
         yield list_backups, delete_objects
 

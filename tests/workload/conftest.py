@@ -26,6 +26,8 @@ from tests.helpers.synapse_data import make_synapse_data
 
 SERVER_NAME = "demo.example"
 PASSPHRASE = "correct horse battery staple 'quoted' $(not run)"
+# Pebble service starts and stops: ("start_services" or "stop_services", names).
+ServiceCalls = list[tuple[str, tuple[str, ...]]]
 
 
 @pytest.fixture(scope="session")
@@ -152,3 +154,20 @@ def decrypt_and_extract(encrypted: bytes, passphrase: str, target: Path) -> None
         check=True,
         capture_output=True,
     )
+
+
+@pytest.fixture
+def service_calls(monkeypatch: pytest.MonkeyPatch) -> ServiceCalls:
+    """Record the Pebble service starts and stops (Harness only simulates them)."""
+    from ops._private.harness import _TestingPebbleClient
+
+    calls: ServiceCalls = []
+    for name in ("start_services", "stop_services"):
+        original = getattr(_TestingPebbleClient, name)
+
+        def record(self, services, *args, _original=original, _name=name, **kwargs):  # type: ignore[no-untyped-def]
+            calls.append((_name, tuple(services)))
+            return _original(self, services, *args, **kwargs)
+
+        monkeypatch.setattr(_TestingPebbleClient, name, record)
+    return calls

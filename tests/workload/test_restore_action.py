@@ -36,23 +36,6 @@ def backed_up_view(data: Path) -> dict[str, object]:
     }
 
 
-@pytest.fixture
-def service_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, tuple[str, ...]]]:
-    """Record the Pebble service starts and stops (Harness only simulates them)."""
-    from ops._private.harness import _TestingPebbleClient
-
-    calls: list[tuple[str, tuple[str, ...]]] = []
-    for name in ("start_services", "stop_services"):
-        original = getattr(_TestingPebbleClient, name)
-
-        def record(self, services, *args, _original=original, _name=name, **kwargs):  # type: ignore[no-untyped-def]
-            calls.append((_name, tuple(services)))
-            return _original(self, services, *args, **kwargs)
-
-        monkeypatch.setattr(_TestingPebbleClient, name, record)
-    return calls
-
-
 def test_backup_break_restore_round_trip(
     harness: testing.Harness[SynapseCharm],
     s3_server: SeaweedServer,

@@ -30,10 +30,9 @@ from charm import SynapseCharm
 from tests.helpers.sandbox import Sandbox, mount_small_fs
 from tests.helpers.seaweed import SeaweedServer
 from tests.helpers.synapse_data import SYNAPSE_GID, SYNAPSE_UID, make_synapse_data, tree_snapshot
-from tests.workload.conftest import PASSPHRASE, SERVER_NAME
+from tests.workload.conftest import PASSPHRASE, SERVER_NAME, ServiceCalls
 from tests.workload.test_charm_action import configure
 
-ServiceCalls = list[tuple[str, tuple[str, ...]]]
 START = ("start_services", ("synapse",))
 STOP = ("stop_services", ("synapse",))
 S3_PATH = "homeserver/backups"  # what configure() sets, normalised
@@ -48,23 +47,6 @@ SWAPPED = (
     "media_store/local_thumbnails",
 )
 LEFTOVER_PATTERNS = (f"{backup.RESTORE_STAGING_PREFIX}*", f"{backup.PREVIOUS_DATA_PREFIX}*")
-
-
-@pytest.fixture
-def service_calls(monkeypatch: pytest.MonkeyPatch) -> ServiceCalls:
-    """Record the Pebble service starts and stops (Harness only simulates them)."""
-    from ops._private.harness import _TestingPebbleClient
-
-    calls: ServiceCalls = []
-    for name in ("start_services", "stop_services"):
-        original = getattr(_TestingPebbleClient, name)
-
-        def record(self, services, *args, _original=original, _name=name, **kwargs):  # type: ignore[no-untyped-def]
-            calls.append((_name, tuple(services)))
-            return _original(self, services, *args, **kwargs)
-
-        monkeypatch.setattr(_TestingPebbleClient, name, record)
-    return calls
 
 
 @dataclasses.dataclass

@@ -20,7 +20,6 @@ from tests.helpers.synapse_data import SYNAPSE_GID, SYNAPSE_UID, tree_snapshot
 from tests.workload.test_restore_faults import (  # noqa: F401 - fixtures
     Scene,
     scene,
-    service_calls,
 )
 
 
