@@ -135,12 +135,14 @@ with open(sys.argv[1], "w") as out:
 # Uploads the encrypted stream from stdin in pieces of at most argv[2] bytes,
 # hashing it on the way, and writes its SHA-256 and size to the file argv[1].
 # argv[4:] is the upload command with the first piece's URL last; piece N > 0
-# goes to that URL + argv[3] + N in 4 digits. A failed upload kills the others
-# and fails the program, so that no piece is left to pass for a whole one.
+# goes to that URL + argv[3] + N in 4 digits. A failed upload, or SIGTERM,
+# kills the running aws (which would otherwise complete a cut-off piece at the
+# end of its input) and fails the program.
 _UPLOAD_PROGRAM = """
-import fcntl, hashlib, subprocess, sys
+import fcntl, hashlib, signal, subprocess, sys
 record, piece_size, infix, *upload = sys.argv[1:]
 piece_size, url = int(piece_size), upload.pop()
+signal.signal(signal.SIGTERM, lambda *_: sys.exit("the upload was terminated"))
 def bigger_pipe(stream):  # fewer wake-ups for every stage
     try:
         fcntl.fcntl(stream, fcntl.F_SETPIPE_SZ, 1 << 20)
@@ -154,8 +156,9 @@ def start(index):
 def finish(piece, index):
     try:
         piece.stdin.close()
-    except BrokenPipeError:
-        pass
+    except BrokenPipeError:  # aws stopped reading before the end of its piece
+        piece.wait()
+        sys.exit(f"the upload of archive piece {index} stopped before its end")
     if piece.wait():
         sys.exit(f"the upload of archive piece {index} failed")
 bigger_pipe(0)
@@ -176,11 +179,12 @@ try:
                 piece.stdin.write(part)
             except BrokenPipeError:
                 finish(piece, index)
-                raise
+                sys.exit(f"the upload of archive piece {index} stopped before its end")
             room -= len(part)
     finish(piece, index)
 except BaseException:
     piece.kill()
+    piece.wait()
     raise
 with open(record, "w") as out:
     out.write(f"{digest.hexdigest()} {size}\\n")
@@ -669,7 +673,7 @@ class S3Client:
             for name, size in manifest.pieces().items()
         ):
             raise S3Error(
-                f"backup {backup_id} is incomplete: its object does not match its manifest",
+                f"backup {backup_id} is incomplete: its objects do not match its manifest",
                 option="backup-id",
             )
         return manifest
@@ -1993,7 +1997,13 @@ def run_backup(
             if parent and "unchanged" in stdout.splitlines():
                 log(f"the database has not changed since {parent.backup_id}: not copied again")
             sha256, archive_size, file_count = _parse_digest(stdout)
-            for name, piece in archive_pieces(backup_key, archive_size, piece_size).items():
+            pieces = archive_pieces(backup_key, archive_size, piece_size)
+            if len(pieces) > MAX_ARCHIVE_PIECES:
+                raise BackupError(
+                    f"the archive has {len(pieces)} pieces of {piece_size} bytes, "
+                    f"more than the {MAX_ARCHIVE_PIECES} a manifest may name"
+                )
+            for name, piece in pieces.items():
                 uploaded = client.object_size(name)
                 if uploaded != piece:
                     raise BackupError(

@@ -738,6 +738,30 @@ def test_run_backup_checks_every_piece(
         s3_client.delete_backup_objects.assert_called_once_with(BACKUP_ID)
 
 
+@pytest.mark.usefixtures("tools_present")
+def test_run_backup_refuses_more_pieces_than_a_manifest_may_name(
+    ctx: testing.Context,
+    synapse_data: pathlib.Path,
+    s3_client: mock.MagicMock,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """An archive needing more pieces than a manifest may name is not committed.
+
+    (With 64 GiB pieces that is 640 TiB; here 2 pieces of 500 bytes for 1234.)
+    """
+    monkeypatch.setattr(backup, "ARCHIVE_PIECE_SIZE", 500)
+    monkeypatch.setattr(backup, "MAX_ARCHIVE_PIECES", 2)
+
+    with (
+        live_container(ctx, synapse_data, execs=[DU, PIPELINE_OK]) as container,
+        pytest.raises(backup.BackupError, match="the archive has 3 pieces of 500 bytes"),
+    ):
+        backup.run_backup(container, _params(), BACKUP_ID, PASSPHRASE)
+
+    s3_client.put_text.assert_not_called()
+    s3_client.delete_backup_objects.assert_called_once_with(BACKUP_ID)
+
+
 def test_keep_state_command():
     """The new state replaces the kept one atomically, in a private directory.
 

@@ -514,13 +514,18 @@ OLDER = [
 def s3_retention() -> Iterator[tuple[mock.MagicMock, mock.MagicMock]]:
     """Patch S3Client.list_backups and delete_objects, which retention calls.
 
-    The backups have no archive pieces beyond the first: listing them in S3
-    (_piece_names) is tested against SeaweedFS in tests/workload.
+    Each backup has a second archive piece, <id>.part-0001, that only a
+    listing finds (_piece_names, tested against SeaweedFS in tests/workload):
+    retention must delete it too.
     """
+
+    def piece_names(client: backup.S3Client, backup_id: str) -> list[str]:
+        return [f"{backup_id}.part-0001"]
+
     with (
         mock.patch.object(backup.S3Client, "list_backups", autospec=True) as list_backups,
         mock.patch.object(backup.S3Client, "delete_objects", autospec=True) as delete_objects,
-        mock.patch.object(backup.S3Client, "_piece_names", autospec=True, return_value=[]),
+        mock.patch.object(backup.S3Client, "_piece_names", autospec=True, side_effect=piece_names),
     ):
         yield list_backups, delete_objects
 
@@ -593,7 +598,8 @@ def test_retention_after_backup(
     assert ctx.action_results["retention-removed"] == (" ".join(removed) or "none")
     assert "retention-error" not in ctx.action_results
     assert _deleted_names(delete_objects) == [
-        [f"{name}.manifest.json", name, f"{name}.snar.gpg"] for name in removed
+        [f"{name}.manifest.json", name, f"{name}.part-0001", f"{name}.snar.gpg"]
+        for name in removed
     ]
     (client,) = list_backups.call_args.args
     assert list_backups.call_args.kwargs == {"strict": True}
@@ -671,8 +677,9 @@ def test_retention_never_deletes_the_new_backups_chain(
     )
 
     assert results["retention-removed"] == "20241201T000000Z"
+    name = "20241201T000000Z"
     assert _deleted_names(delete_objects) == [
-        ["20241201T000000Z.manifest.json", "20241201T000000Z", "20241201T000000Z.snar.gpg"]
+        [f"{name}.manifest.json", name, f"{name}.part-0001", f"{name}.snar.gpg"]
     ]
 
 
@@ -715,7 +722,8 @@ def test_retention_only_deletes_this_deployments_chains(
     removed = ["20250202T000000Z", "20250201T000000Z", "20241201T000000Z"]
     assert results["retention-removed"] == " ".join(removed)
     assert _deleted_names(delete_objects) == [
-        [f"{name}.manifest.json", name, f"{name}.snar.gpg"] for name in removed
+        [f"{name}.manifest.json", name, f"{name}.part-0001", f"{name}.snar.gpg"]
+        for name in removed
     ]
 
 
