@@ -2680,11 +2680,13 @@ def run_restore(
     keep_previous: bool = False,
     service: str = "synapse",
     log: Callable[[str], None] = logger.info,
+    synapse_version: str | None = None,
 ) -> RestoreResult:
     """Check, stage and swap in a backup; Synapse is started again in every outcome.
 
-    Pre-flight: the backup exists, its server name is ``server_name`` (unless
-    ``force``), the passphrase decrypts it, the staging area has room. Then
+    Pre-flight: the backup exists, its server name is ``server_name`` and no
+    backup of its chain was made by a newer Synapse than ``synapse_version``
+    (unless ``force``), the passphrase decrypts it, the staging area has room. Then
     the archive is downloaded, decrypted and extracted into a staging
     directory beside the live data and checked against the manifest. Only
     then is Synapse stopped and the staged data renamed into place; the
@@ -2697,10 +2699,14 @@ def run_restore(
         backup_key: the backup to restore.
         passphrase: its passphrase.
         server_name: this homeserver's name.
-        force: restore a backup of another server name.
+        force: restore a backup of another server name, or one made by a
+            newer Synapse.
         keep_previous: keep the replaced data in the data directory.
         service: the Pebble service to stop and start.
         log: receives progress messages.
+        synapse_version: the version of the Synapse that will run the
+            restored data; None skips the check, and one that cannot be
+            read ("unknown") skips it with a note in the log.
 
     Returns:
         What was restored.
@@ -2714,12 +2720,9 @@ def run_restore(
     except S3Error as exc:
         raise BackupError(str(exc)) from exc
     manifest = chain[-1]
-    backed_up_name = manifest.metadata.get("server-name", "")
-    if not force and backed_up_name != server_name:
-        raise BackupError(
-            f"backup {backup_key} is of server {backed_up_name!r}, "
-            f"not {server_name or 'this unknown server'!r}; use force=true to restore it anyway"
-        )
+    if not force:
+        _check_server_name(manifest, server_name)
+        _check_synapse_version(chain, synapse_version, log)
     check_tools(container)
     _swap_paths(container, manifest)  # refuses a manifest naming paths outside /data
     token = secrets.token_hex(4)
@@ -2762,6 +2765,77 @@ def run_restore(
         restored_paths=tuple(paths),
         previous_dir=previous_dir if keep_previous else None,
     )
+
+
+def _check_server_name(manifest: BackupManifest, server_name: str | None) -> None:
+    """Refuse a backup of another homeserver.
+
+    Args:
+        manifest: the backup to restore.
+        server_name: this homeserver's name.
+
+    Raises:
+        BackupError: if the backup names another server.
+    """
+    backed_up_name = manifest.metadata.get("server-name", "")
+    if backed_up_name != server_name:
+        raise BackupError(
+            f"backup {manifest.backup_id} is of server {backed_up_name!r}, "
+            f"not {server_name or 'this unknown server'!r}; use force=true to restore it anyway"
+        )
+
+
+def _version_key(version: str) -> tuple[int, int, int] | None:
+    """Return the release numbers of a Synapse version, such as (1, 98, 0) for 1.98.0rc1.
+
+    Args:
+        version: the version.
+
+    Returns:
+        The numbers, or None when the version is not of that form.
+    """
+    match = re.match(r"([0-9]+)\.([0-9]+)\.([0-9]+)", version.strip())
+    if not match:
+        return None
+    major, minor, patch = (int(number) for number in match.groups())
+    return major, minor, patch
+
+
+def _check_synapse_version(
+    chain: Sequence[BackupManifest], running: str | None, log: Callable[[str], None]
+) -> None:
+    """Refuse a chain that a newer Synapse made than the one that would run it.
+
+    Synapse upgrades its database schema when it starts, and refuses to start
+    on a database that a newer Synapse upgraded: such a restore would swap the
+    data in and leave the homeserver down.
+
+    Args:
+        chain: the backups to restore, the full one first.
+        running: the version of the Synapse in the container; None (not
+            known to the caller) skips the check.
+        log: receives a note when the versions cannot be compared.
+
+    Raises:
+        BackupError: if a backup of the chain was made by a newer Synapse.
+    """
+    if running is None:
+        return
+    recorded = [manifest.metadata.get("synapse-version", "unknown") for manifest in chain]
+    ours = _version_key(running)
+    theirs = [(key, version) for version in recorded if (key := _version_key(version))]
+    if ours is None or len(theirs) < len(recorded):
+        log(
+            f"not comparing Synapse versions: the backup's is {recorded[-1]}, "
+            f"this unit's {running}"
+        )
+    newest = max(theirs, default=None)
+    if ours is not None and newest is not None and newest[0] > ours:
+        raise BackupError(
+            f"backup {chain[-1].backup_id} was made by Synapse {newest[1]}, newer than this "
+            f"unit's Synapse {running}, which may not start on its database; upgrade Synapse "
+            "first, or use force=true to restore it anyway"
+        )
 
 
 def _stage_chain(

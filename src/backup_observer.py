@@ -84,7 +84,7 @@ class RestoreParams(BackupIdParams):
     """Parameters of restore-backup.
 
     Attributes:
-        force: restore a backup of another server name.
+        force: restore a backup of another server name, or one made by a newer Synapse.
         keep_previous: keep the replaced data.
     """
 
@@ -470,6 +470,7 @@ class BackupObserver(ops.Object):
                 keep_previous=params.keep_previous,
                 service=synapse.SERVICE_NAME,
                 log=event.log,
+                synapse_version=synapse.version(container),
             )
         except backup.BackupError as exc:
             logger.error("restore of %s failed: %s", params.backup_id, exc)

@@ -696,6 +696,40 @@ def test_restore_backup_call(
     assert ctx.action_logs == [f"restoring backup {BACKUP_ID}"]
 
 
+VERSION_COMMAND = ["python3", "-c", "import synapse; print(synapse.__version__)"]
+
+
+@pytest.mark.parametrize(
+    ("execs", "version"),
+    [
+        pytest.param(
+            [testing.Exec(VERSION_COMMAND, stdout="1.98.0\n")],
+            "1.98.0",
+            id="read",
+        ),
+        pytest.param(
+            [testing.Exec(VERSION_COMMAND, return_code=1)],
+            "unknown",
+            id="unreadable",
+        ),
+    ],
+)
+def test_restore_backup_passes_the_running_synapse_version(
+    ctx: testing.Context,
+    configured_data_dir: pathlib.Path,
+    patched: Patched,
+    execs: list[testing.Exec],
+    version: str,
+):
+    """The container's Synapse version goes to run_restore, which refuses newer backups."""
+    patched.run_restore.return_value = _result()
+    state = make_state(configured_data_dir, CONFIG, execs=execs)
+
+    ctx.run(ctx.on.action("restore-backup", params={"backup-id": BACKUP_ID}), state)
+
+    assert patched.run_restore.call_args.kwargs["synapse_version"] == version
+
+
 @pytest.mark.parametrize(
     ("previous_dir", "previous_data"),
     [

@@ -372,6 +372,111 @@ def test_restore_server_check_skipped(
     assert result.backup_id == BACKUP_ID
 
 
+def _versions(*versions: str) -> list[backup.BackupManifest]:
+    """A chain whose backups were made by these Synapse versions ("" records none)."""
+    chain = []
+    for index, version in enumerate(versions):
+        metadata = {"server-name": SERVER_NAME}
+        if version:
+            metadata["synapse-version"] = version
+        last = index == len(versions) - 1
+        chain.append(
+            _manifest(
+                backup_id=BACKUP_ID if last else f"2025010{index}T000000Z",
+                metadata=metadata,
+                backup_type="incremental" if index else "full",
+                parent=f"2025010{index - 1}T000000Z" if index else "",
+            )
+        )
+    return chain
+
+
+@pytest.mark.parametrize(
+    ("versions", "running", "newer"),
+    [
+        pytest.param(("1.120.0",), "1.98.0", "1.120.0", id="newer-minor"),
+        pytest.param(("1.98.1",), "1.98.0", "1.98.1", id="newer-patch"),
+        pytest.param(("2.0.0",), "1.150.3", "2.0.0", id="newer-major"),
+        pytest.param(("1.99.0rc1",), "1.98.0", "1.99.0rc1", id="newer-rc"),
+        pytest.param(("1.10.0",), "1.9.0", "1.10.0", id="numeric-not-text-order"),
+        pytest.param(("1.120.0", "1.98.0"), "1.98.0", "1.120.0", id="newer-full-backup"),
+    ],
+)
+def test_restore_refuses_a_backup_of_a_newer_synapse(
+    ctx: testing.Context,
+    synapse_data: pathlib.Path,
+    s3_client: mock.MagicMock,
+    tools_present: mock.MagicMock,
+    versions: tuple[str, ...],
+    running: str,
+    newer: str,
+):
+    """A database from a newer Synapse would keep this one from starting: refused first.
+
+    Synapse runs schema migrations forward only. The check looks at every
+    backup of the chain (the database may come from any of them) and runs
+    before anything in the container.
+    """
+    s3_client.chain.return_value = _versions(*versions)
+    before = _snapshot(synapse_data)
+
+    with (
+        live_container(ctx, synapse_data, execs=RESTORE_EXECS) as container,
+        pytest.raises(backup.BackupError) as exc_info,
+    ):
+        _restore(container, synapse_version=running)
+
+    assert str(exc_info.value) == (
+        f"backup {BACKUP_ID} was made by Synapse {newer}, newer than this unit's Synapse "
+        f"{running}, which may not start on its database; upgrade Synapse first, "
+        "or use force=true to restore it anyway"
+    )
+    assert _commands(ctx) == []
+    tools_present.assert_not_called()
+    assert _snapshot(synapse_data) == before
+
+
+OURS_UNKNOWN = "the backup's is 1.98.0, this unit's unknown"
+
+
+@pytest.mark.parametrize(
+    ("versions", "running", "note"),
+    [
+        pytest.param(("1.98.0",), "1.98.0", None, id="same"),
+        pytest.param(("1.98.0",), "1.120.0", None, id="older-backup"),
+        pytest.param(("1.9.0",), "1.10.0", None, id="numeric-not-text-order"),
+        pytest.param(("1.98.0",), "unknown", OURS_UNKNOWN, id="unknown-running"),
+        pytest.param(("1.98.0",), "", OURS_UNKNOWN.replace(" unknown", " "), id="empty"),
+        pytest.param(("1.98.0",), None, None, id="not-given"),
+        pytest.param(("",), "1.98.0", "the backup's is unknown, this unit's 1.98.0", id="old"),
+        pytest.param(("1.120.0",), "1.98.0", None, id="forced"),
+    ],
+)
+def test_restore_synapse_version_check_passes(
+    ctx: testing.Context,
+    synapse_data: pathlib.Path,
+    s3_client: mock.MagicMock,
+    request: pytest.FixtureRequest,
+    versions: tuple[str, ...],
+    running: str | None,
+    note: str | None,
+):
+    """Same or older backups restore; versions that cannot be compared are said, not fatal.
+
+    A caller that gives no version (None) asks for no check.
+    """
+    s3_client.chain.return_value = _versions(*versions)
+    force = request.node.callspec.id == "forced"
+    logs: list[str] = []
+
+    with live_container(ctx, synapse_data, execs=RESTORE_EXECS) as container:
+        result = _restore(container, logs, synapse_version=running, force=force)
+
+    assert result.backup_id == BACKUP_ID
+    notes = [line for line in logs if line.startswith("not comparing Synapse versions")]
+    assert notes == ([f"not comparing Synapse versions: {note}"] if note else [])
+
+
 def test_restore_refuses_paths_outside_data(
     ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock
 ):
