@@ -1997,19 +1997,7 @@ def run_backup(
             if parent and "unchanged" in stdout.splitlines():
                 log(f"the database has not changed since {parent.backup_id}: not copied again")
             sha256, archive_size, file_count = _parse_digest(stdout)
-            pieces = archive_pieces(backup_key, archive_size, piece_size)
-            if len(pieces) > MAX_ARCHIVE_PIECES:
-                raise BackupError(
-                    f"the archive has {len(pieces)} pieces of {piece_size} bytes, "
-                    f"more than the {MAX_ARCHIVE_PIECES} a manifest may name"
-                )
-            for name, piece in pieces.items():
-                uploaded = client.object_size(name)
-                if uploaded != piece:
-                    raise BackupError(
-                        f"the uploaded object {name} has {uploaded} bytes, "
-                        f"the pipeline wrote {piece}"
-                    )
+            _check_uploaded(client, archive_pieces(backup_key, archive_size, piece_size))
             manifest = BackupManifest(
                 backup_id=backup_key,
                 created_at=created_at,
@@ -2038,6 +2026,32 @@ def run_backup(
             _remove_quietly(container, _database_copy_dir(backup_key))
         if not committed:
             _discard(client, backup_key)
+
+
+def _check_uploaded(client: S3Client, pieces: Mapping[str, int]) -> None:
+    """Check that S3 holds each piece of an archive with the size the pipeline wrote.
+
+    Args:
+        client: the S3 client.
+        pieces: each piece's name and the bytes written into it.
+
+    Raises:
+        BackupError: if a piece is missing or of another size, or there are
+            more than a manifest may name.
+        S3Error: if S3 cannot be asked.
+    """
+    if len(pieces) > MAX_ARCHIVE_PIECES:
+        piece_size = next(iter(pieces.values()))
+        raise BackupError(
+            f"the archive has {len(pieces)} pieces of {piece_size} bytes, "
+            f"more than the {MAX_ARCHIVE_PIECES} a manifest may name"
+        )
+    for name, size in pieces.items():
+        uploaded = client.object_size(name)
+        if uploaded != size:
+            raise BackupError(
+                f"the uploaded object {name} has {uploaded} bytes, the pipeline wrote {size}"
+            )
 
 
 def _discard(client: S3Client, backup_key: str) -> None:
