@@ -26,7 +26,7 @@ import re
 import secrets
 import shlex
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -108,6 +108,8 @@ SYNAPSE_GROUP_ID = 991
 # Backup ids are UTC timestamps: sortable, and safe in a shell word or S3 key.
 BACKUP_ID_FORMAT = "%Y%m%dT%H%M%SZ"
 BACKUP_ID_PATTERN = re.compile(r"^[0-9]{8}T[0-9]{6}Z$")
+# The name of any object of a backup: its id, then nothing or a suffix.
+_BACKUP_OBJECT_PATTERN = re.compile(r"([0-9]{8}T[0-9]{6}Z)(\..*)?", re.DOTALL)
 _KEY_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 EXEC_TIMEOUT = 24 * 60 * 60.0
 GPG_S2K_COUNT = 65011712  # the most passphrase hashing OpenPGP can encode
@@ -778,6 +780,9 @@ class S3Client:
     def delete_backup(self, backup_id: str, *, chain: bool = False) -> list[str]:
         """Delete a backup: its manifest first (so it stops counting), then its objects.
 
+        An id with objects but no manifest (what a failed backup left when
+        S3 could not be reached to remove it) has its objects removed.
+
         Args:
             backup_id: the backup.
             chain: also delete the incremental backups that depend on it.
@@ -791,7 +796,16 @@ class S3Client:
         """
         validate_backup_key(backup_id)
         if self.object_size(backup_id + MANIFEST_SUFFIX) is None:
-            raise S3Error(f"there is no backup {backup_id}", option="backup-id")
+            # No manifest, no backup: remove whatever is left under its id, if anything.
+            leftovers = [
+                name
+                for name in self._names_starting(backup_id)
+                if _BACKUP_OBJECT_PATTERN.fullmatch(name)
+            ]
+            if not leftovers:
+                raise S3Error(f"there is no backup {backup_id}", option="backup-id")
+            self.delete_objects(leftovers)
+            return [backup_id]
         dependants = dependants_of(backup_id, self.list_backups(strict=True))
         if dependants and not chain:
             raise S3Error(
@@ -831,19 +845,55 @@ class S3Client:
         Raises:
             S3Error: if the bucket cannot be listed.
         """
-        bucket, base = self._parameters.bucket, self._parameters.object_key(backup_id)
-        prefix = base + ARCHIVE_PIECE_INFIX
+        return self._names_starting(backup_id + ARCHIVE_PIECE_INFIX)
+
+    def incomplete_backups(self, complete: Collection[str]) -> list[str]:
+        """Return the ids that have objects (or unfinished uploads) but no complete backup.
+
+        They are what failed backups left when their objects could not be
+        removed, backups whose objects were changed or deleted behind the
+        charm's back, and backups being made right now.
+
+        Args:
+            complete: the ids of the complete backups (see list_backups).
+
+        Returns:
+            The ids, newest first.
+
+        Raises:
+            S3Error: if the bucket cannot be listed.
+        """
+        ids = {
+            match.group(1)
+            for name in self._names_starting("")
+            if (match := _BACKUP_OBJECT_PATTERN.fullmatch(name))
+        }
+        return sorted(ids - set(complete), reverse=True)
+
+    def _names_starting(self, start: str) -> list[str]:
+        """Return the names directly under the configured path that start with a text.
+
+        Args:
+            start: the start of the names.
+
+        Returns:
+            The names of the objects and of the unfinished multipart uploads, sorted.
+
+        Raises:
+            S3Error: if the bucket cannot be listed.
+        """
+        bucket, base = self._parameters.bucket, self._parameters.object_key("")
         keys: set[str] = set()
         try:
             objects = self._client.get_paginator("list_objects_v2")
-            for page in objects.paginate(Bucket=bucket, Prefix=prefix):
+            for page in objects.paginate(Bucket=bucket, Prefix=base + start):
                 keys.update(item["Key"] for item in page.get("Contents", []))
             uploads = self._client.get_paginator("list_multipart_uploads")
-            for upload_page in uploads.paginate(Bucket=bucket, Prefix=prefix):
+            for upload_page in uploads.paginate(Bucket=bucket, Prefix=base + start):
                 keys.update(item["Key"] for item in upload_page.get("Uploads", []))
         except (ClientError, BotoCoreError) as exc:
             raise S3Error(f"cannot list the backups: {_client_error(exc)}") from exc
-        return sorted(backup_id + key[len(base) :] for key in keys if "/" not in key[len(base) :])
+        return sorted(key[len(base) :] for key in keys if "/" not in key[len(base) :])
 
     def delete_objects(self, names: Iterable[str]) -> None:
         """Delete objects and abort unfinished multipart uploads of them.

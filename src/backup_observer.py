@@ -366,7 +366,9 @@ class BackupObserver(ops.Object):
             return
         event.log(f"listing {config.s3.object_url('')}")
         try:
-            manifests = backup.S3Client(config.s3).list_backups()
+            client = backup.S3Client(config.s3)
+            manifests = client.list_backups()
+            incomplete = client.incomplete_backups([m.backup_id for m in manifests])
         except backup.S3Error as exc:
             event.fail(f"cannot list backups: {exc}")
             return
@@ -375,10 +377,17 @@ class BackupObserver(ops.Object):
                 manifests, self._config.backup_retention_count, "99999999T999999Z"
             )
         )
+        formatted = format_backups(manifests, expiring)
+        if incomplete:
+            formatted += (
+                f"\nincomplete, not backups (a failed or running backup, or objects changed "
+                f"behind the charm's back; delete-backup removes them): {', '.join(incomplete)}"
+            )
         event.set_results(
             {
-                "formatted": format_backups(manifests, expiring),
+                "formatted": formatted,
                 "count": len(manifests),
+                "incomplete": " ".join(incomplete) or "none",
                 "backups": {
                     str(index): {
                         "id": manifest.backup_id,

@@ -60,6 +60,7 @@ class Patched:
     delete_backup: mock.MagicMock
     run_restore: mock.MagicMock
     verify_backup: mock.MagicMock
+    incomplete_backups: mock.MagicMock
 
     def for_action(self, action: str) -> mock.MagicMock:
         """Return the function an action calls."""
@@ -79,10 +80,12 @@ def patched() -> Iterator[Patched]:
         mock.patch.object(backup.S3Client, "delete_backup", autospec=True) as delete_backup,
         mock.patch.object(backup, "run_restore", autospec=True) as run_restore,
         mock.patch.object(backup, "verify_backup", autospec=True) as verify_backup,
+        mock.patch.object(backup.S3Client, "incomplete_backups", autospec=True) as incomplete,
     ):
         list_backups.return_value = []
         delete_backup.return_value = [BACKUP_ID]
-        yield Patched(list_backups, delete_backup, run_restore, verify_backup)
+        incomplete.return_value = []
+        yield Patched(list_backups, delete_backup, run_restore, verify_backup, incomplete)
 
 
 def _manifest(
@@ -354,6 +357,7 @@ def test_list_backups(ctx: testing.Context, data_dir: pathlib.Path, patched: Pat
     assert ctx.action_results == {
         "formatted": format_backups([newer, older]),
         "count": 2,
+        "incomplete": "none",
         "backups": {
             "1": {
                 "id": "20250301T000000Z",
@@ -378,6 +382,32 @@ def test_list_backups(ctx: testing.Context, data_dir: pathlib.Path, patched: Pat
     assert ctx.action_logs == ["listing s3://synapse-backups/synapse/prod/"]
     (client,) = patched.list_backups.call_args.args
     assert client._parameters.secret_key == SECRET_KEY
+    # What is not a complete backup is looked for among the rest.
+    assert patched.incomplete_backups.call_args.args[1] == [
+        "20250301T000000Z",
+        "20250201T000000Z",
+    ]
+
+
+def test_list_backups_names_incomplete_ids(
+    ctx: testing.Context, data_dir: pathlib.Path, patched: Patched
+):
+    """Ids with objects but no complete backup are named, apart from the backups."""
+    backups = [_manifest("20250301T000000Z")]
+    patched.list_backups.return_value = backups
+    patched.incomplete_backups.return_value = ["20250302T000000Z", "20250101T000000Z"]
+
+    ctx.run(ctx.on.action("list-backups"), make_state(data_dir, CONFIG))
+
+    results = ctx.action_results
+    assert results is not None
+    assert results["count"] == 1
+    assert results["incomplete"] == "20250302T000000Z 20250101T000000Z"
+    assert results["formatted"] == (
+        format_backups(backups) + "\nincomplete, not backups (a failed or running backup, "
+        "or objects changed behind the charm's back; delete-backup removes them): "
+        "20250302T000000Z, 20250101T000000Z"
+    )
 
 
 @pytest.mark.parametrize(
@@ -456,7 +486,12 @@ def test_list_backups_empty(ctx: testing.Context, data_dir: pathlib.Path, patche
     """With no backup the table says so and the count is 0."""
     ctx.run(ctx.on.action("list-backups"), make_state(data_dir, CONFIG))
 
-    assert ctx.action_results == {"formatted": "no backups", "count": 0, "backups": {}}
+    assert ctx.action_results == {
+        "formatted": "no backups",
+        "count": 0,
+        "incomplete": "none",
+        "backups": {},
+    }
 
 
 def test_list_backups_s3_error(ctx: testing.Context, data_dir: pathlib.Path, patched: Patched):

@@ -520,6 +520,60 @@ def test_exists_backup_raises_other_errors(client: backup.S3Client, stubber: Stu
 # --- deleting -------------------------------------------------------------------------------
 
 
+def _leftover_objects() -> dict[str, bytes]:
+    """A complete backup, and what failed backups left under other ids."""
+    objects = _backup_objects(_manifest("20250103T000000Z"))
+    objects.update(
+        {
+            f"{PREFIX}/20250101T000000Z": b"archive without a manifest",
+            f"{PREFIX}/20250101T000000Z.part-0001": b"its second piece",
+            f"{PREFIX}/20250101T000000Z.tmp": b"something else under its id",
+            f"{PREFIX}/20250101T000000Zx": b"not of that id",
+            f"{PREFIX}/20250102T000000Z.snar.gpg": b"a snapshot state alone",
+            f"{PREFIX}/20250104T000000Z.manifest.json": b"{not json",
+            f"{PREFIX}/notes.txt": b"not a backup",
+            f"{PREFIX}/nested/20250105T000000Z": b"another path",
+            "other/20250106T000000Z": b"outside the path",
+        }
+    )
+    return objects
+
+
+def test_incomplete_backups_are_the_ids_with_objects_but_no_backup():
+    """Every id with an object under the path but no complete backup, newest first."""
+    client, _ = _fake_client(_leftover_objects())
+
+    complete = [manifest.backup_id for manifest in client.list_backups()]
+
+    assert complete == ["20250103T000000Z"]
+    assert client.incomplete_backups(complete) == [
+        "20250104T000000Z",
+        "20250102T000000Z",
+        "20250101T000000Z",
+    ]
+
+
+def test_delete_backup_removes_what_a_failed_backup_left():
+    """An id without a manifest has every object under its id removed; nothing else is."""
+    objects = _leftover_objects()
+    client, fake = _fake_client(objects)
+
+    assert client.delete_backup("20250101T000000Z") == ["20250101T000000Z"]
+
+    removed = {key for key in objects if key.startswith(f"{PREFIX}/20250101T000000Z")}
+    removed.discard(f"{PREFIX}/20250101T000000Zx")
+    assert removed == {
+        f"{PREFIX}/20250101T000000Z",
+        f"{PREFIX}/20250101T000000Z.part-0001",
+        f"{PREFIX}/20250101T000000Z.tmp",
+    }
+    assert set(fake.objects) == set(objects) - removed
+    assert client.incomplete_backups(["20250103T000000Z"]) == [
+        "20250104T000000Z",
+        "20250102T000000Z",
+    ]
+
+
 def test_delete_backup_manifest_first():
     """The manifest is deleted before the archive, so a half-deleted backup stops counting."""
     objects = _backup_objects(_manifest("20250101T000000Z"))
@@ -536,8 +590,11 @@ def test_delete_backup_manifest_first():
 
 
 def test_delete_backup_missing(client: backup.S3Client, stubber: Stubber):
-    """A backup without a manifest is not found, and nothing is deleted."""
+    """An id with no manifest and no object is not found, and nothing is deleted."""
     stubber.add_client_error("head_object", "404", http_status_code=404)
+    listed = {"Bucket": BUCKET, "Prefix": f"{PREFIX}/20250101T000000Z"}
+    stubber.add_response("list_objects_v2", {"KeyCount": 0}, listed)
+    stubber.add_response("list_multipart_uploads", {}, listed)
 
     with pytest.raises(backup.S3Error, match="there is no backup 20250101T000000Z") as exc_info:
         client.delete_backup("20250101T000000Z")

@@ -15,6 +15,8 @@ import os
 import shutil
 import sqlite3
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -204,3 +206,55 @@ def test_a_failed_piece_fails_the_backup_and_leaves_nothing(
     assert client.list_objects_v2(Bucket=bucket).get("Contents", []) == []
     assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
     assert harness.run_action("list-backups").results["count"] == 0
+
+
+def test_an_outage_leaves_an_incomplete_backup_that_delete_backup_removes(
+    harness: testing.Harness[SynapseCharm],
+    service_calls: ServiceCalls,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """S3 dies mid-backup, so the failed backup cannot remove its pieces.
+
+    Once S3 is back, list-backups names the id as incomplete (not a backup),
+    and delete-backup removes its pieces and unfinished uploads.
+    """
+    monkeypatch.setattr(backup, "ARCHIVE_PIECE_SIZE", 4 * 1024 * 1024)
+    _add_media(harness.get_filesystem_root("synapse") / "data", 32 * 1024 * 1024)
+    with SeaweedServer(tmp_path / "s3") as server:
+        server.create_bucket("outage")
+        client = server.client()
+        killed = threading.Event()
+
+        def kill_after_the_second_piece() -> None:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                listing = client.list_objects_v2(Bucket="outage").get("Contents", [])
+                if any(item["Key"].endswith(".part-0001") for item in listing):
+                    server.kill()
+                    killed.set()
+                    return
+                time.sleep(0.02)
+
+        killer = threading.Thread(target=kill_after_the_second_piece)
+        killer.start()
+        try:
+            with pytest.raises(testing.ActionFailed):
+                make_scene(harness, server, "outage", service_calls)
+        finally:
+            killer.join()
+        assert killed.is_set(), "the backup ended before the server could be killed"
+        server.restart()
+        keys = [item["Key"] for item in client.list_objects_v2(Bucket="outage")["Contents"]]
+        backup_id = keys[0].rsplit("/", 1)[-1][:16]
+        assert f"{S3_PATH}/{backup_id}.part-0001" in keys
+        assert not [key for key in keys if key.endswith(backup.MANIFEST_SUFFIX)]
+
+        listed = harness.run_action("list-backups").results
+        assert (listed["count"], listed["incomplete"]) == (0, backup_id)
+
+        deleted = harness.run_action("delete-backup", {"backup-id": backup_id}).results
+        assert deleted == {"deleted": backup_id}
+        assert client.list_objects_v2(Bucket="outage").get("Contents", []) == []
+        assert client.list_multipart_uploads(Bucket="outage").get("Uploads", []) == []
+        assert harness.run_action("list-backups").results["incomplete"] == "none"

@@ -65,11 +65,13 @@ class Crowded:
         bucket: the bucket.
         newest_first: the complete backups' ids, newest first.
         debris: the ids that look like backups but are not complete ones.
+        incomplete: what list-backups gives as incomplete, newest first.
     """
 
     bucket: str
     newest_first: list[str]
     debris: dict[str, str]
+    incomplete: list[str]
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +146,10 @@ def crowded(s3_server: SeaweedServer) -> Crowded:
         "wrong-id": wrong_id,
         "bad-sha256": bad_sha,
     }
-    return Crowded(bucket, complete[::-1], named)
+    # Ids with objects but no complete backup: the named debris, and an odd
+    # object under a backup id (spare[3].tmp); not deeper, beside or above.
+    named_incomplete = sorted([*named.values(), spare[3]], reverse=True)
+    return Crowded(bucket, complete[::-1], named, named_incomplete)
 
 
 def test_list_backups_action_lists_exactly_the_complete_backups(
@@ -167,14 +172,17 @@ def test_list_backups_action_lists_exactly_the_complete_backups(
     # argument, at most 128 KiB) and says how many more `backups` has.
     lines = results["formatted"].splitlines()
     shown = FORMATTED_ROWS
-    assert len(lines) == shown + 2
+    assert len(lines) == shown + 3  # header, rows, "... and N older", incomplete ids
     assert len(results["formatted"].encode()) < 64 * 1024
     header = lines[0].split()
     assert header[0] == "backup-id"
     assert {"created-at", "size", "server-name"} <= set(header)
-    assert [line.split()[0] for line in lines[1:-1]] == crowded.newest_first[:shown]
-    assert all(SERVER_NAME in line.split() for line in lines[1:-1])
-    assert lines[-1] == f"... and {BACKUPS - shown} older backups (all are in the backups result)"
+    assert [line.split()[0] for line in lines[1:-2]] == crowded.newest_first[:shown]
+    assert all(SERVER_NAME in line.split() for line in lines[1:-2])
+    assert lines[-2] == f"... and {BACKUPS - shown} older backups (all are in the backups result)"
+    assert lines[-1].startswith("incomplete, not backups")
+    assert lines[-1].endswith(": " + ", ".join(crowded.incomplete))
+    assert results["incomplete"] == " ".join(crowded.incomplete)
 
 
 def test_s3_client_lists_exactly_the_complete_backups(
