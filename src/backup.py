@@ -777,15 +777,26 @@ class S3Client:
                 ) from exc
         return chain[::-1]
 
-    def delete_backup(self, backup_id: str, *, chain: bool = False) -> list[str]:
+    def delete_backup(
+        self,
+        backup_id: str,
+        *,
+        chain: bool = False,
+        force: bool = False,
+        now: datetime.datetime | None = None,
+    ) -> list[str]:
         """Delete a backup: its manifest first (so it stops counting), then its objects.
 
         An id with objects but no manifest (what a failed backup left when
-        S3 could not be reached to remove it) has its objects removed.
+        S3 could not be reached to remove it) has its objects removed,
+        unless it started so recently that it may still be running.
 
         Args:
             backup_id: the backup.
             chain: also delete the incremental backups that depend on it.
+            force: remove what a backup without a manifest left even if it
+                started less than EXEC_TIMEOUT ago.
+            now: the current time (default: now, UTC).
 
         Returns:
             The ids deleted, dependants first.
@@ -796,16 +807,7 @@ class S3Client:
         """
         validate_backup_key(backup_id)
         if self.object_size(backup_id + MANIFEST_SUFFIX) is None:
-            # No manifest, no backup: remove whatever is left under its id, if anything.
-            leftovers = [
-                name
-                for name in self._names_starting(backup_id)
-                if _BACKUP_OBJECT_PATTERN.fullmatch(name)
-            ]
-            if not leftovers:
-                raise S3Error(f"there is no backup {backup_id}", option="backup-id")
-            self.delete_objects(leftovers)
-            return [backup_id]
+            return self._delete_leftovers(backup_id, force=force, now=now)
         dependants = dependants_of(backup_id, self.list_backups(strict=True))
         if dependants and not chain:
             raise S3Error(
@@ -817,6 +819,46 @@ class S3Client:
         for name in doomed:
             self.delete_backup_objects(name)
         return doomed
+
+    def _delete_leftovers(
+        self, backup_id: str, *, force: bool, now: datetime.datetime | None
+    ) -> list[str]:
+        """Delete whatever is under the id of a backup that has no manifest.
+
+        Args:
+            backup_id: the id.
+            force: even if the backup started less than EXEC_TIMEOUT ago.
+            now: the current time (default: now, UTC).
+
+        Returns:
+            The id.
+
+        Raises:
+            S3Error: if nothing is under that id, the backup was committed
+                meanwhile, it may still be running, or S3 fails.
+        """
+        leftovers = [
+            name
+            for name in self._names_starting(backup_id)
+            if (match := _BACKUP_OBJECT_PATTERN.fullmatch(name)) and match.group(1) == backup_id
+        ]
+        if not leftovers:
+            raise S3Error(f"there is no backup {backup_id}", option="backup-id")
+        if backup_id + MANIFEST_SUFFIX in leftovers:
+            raise S3Error(
+                f"backup {backup_id} was committed while it was being deleted; "
+                "delete it again if that is what you want",
+                option="backup-id",
+            )
+        if not force and may_be_running(backup_id, now):
+            raise S3Error(
+                f"backup {backup_id} has no manifest, but it started less than "
+                f"{EXEC_TIMEOUT / 3600:g} hours ago and may still be running on another unit; "
+                "make sure no unit is making it, then use force=true",
+                option="backup-id",
+            )
+        self.delete_objects(leftovers)
+        return [backup_id]
 
     def delete_backup_objects(self, backup_id: str) -> None:
         """Delete whatever a backup has in S3, complete or not: manifest first.
@@ -852,7 +894,8 @@ class S3Client:
 
         They are what failed backups left when their objects could not be
         removed, backups whose objects were changed or deleted behind the
-        charm's back, and backups being made right now.
+        charm's back, and backups being made right now. An id whose manifest
+        cannot be read now is left out, not taken for an incomplete backup.
 
         Args:
             complete: the ids of the complete backups (see list_backups).
@@ -863,12 +906,24 @@ class S3Client:
         Raises:
             S3Error: if the bucket cannot be listed.
         """
-        ids = {
-            match.group(1)
-            for name in self._names_starting("")
-            if (match := _BACKUP_OBJECT_PATTERN.fullmatch(name))
-        }
-        return sorted(ids - set(complete), reverse=True)
+        names = set(self._names_starting(""))
+        ids = {m.group(1) for name in names if (m := _BACKUP_OBJECT_PATTERN.fullmatch(name))}
+        incomplete = []
+        for backup_id in sorted(ids - set(complete), reverse=True):
+            if backup_id + MANIFEST_SUFFIX in names:
+                # Its manifest may just have failed to be read: ask again.
+                try:
+                    self.get_manifest(backup_id)
+                except BackupError:
+                    pass  # an invalid manifest
+                except S3Error as exc:
+                    if exc.option != "backup-id":
+                        logger.warning("cannot tell whether %s is complete: %s", backup_id, exc)
+                        continue
+                else:
+                    continue  # complete after all
+            incomplete.append(backup_id)
+        return incomplete
 
     def _names_starting(self, start: str) -> list[str]:
         """Return the names directly under the configured path that start with a text.
@@ -938,6 +993,27 @@ def archive_pieces(backup_id: str, size: int, piece_size: int) -> dict[str, int]
     names += [f"{backup_id}{ARCHIVE_PIECE_INFIX}{index:04d}" for index in range(1, count)]
     sizes = [piece_size] * (count - 1) + [size - piece_size * (count - 1)]
     return dict(zip(names, sizes, strict=True))
+
+
+def may_be_running(backup_id: str, now: datetime.datetime | None = None) -> bool:
+    """Tell whether a backup may still be running: it started less than EXEC_TIMEOUT ago.
+
+    Args:
+        backup_id: the backup (a UTC timestamp).
+        now: the current time (default: now, UTC).
+
+    Returns:
+        True when it started less than EXEC_TIMEOUT ago, in the future, or
+        at a time that is not a date.
+    """
+    try:
+        started = datetime.datetime.strptime(backup_id, BACKUP_ID_FORMAT).replace(
+            tzinfo=datetime.timezone.utc
+        )
+    except ValueError:
+        return True
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    return now - started < datetime.timedelta(seconds=EXEC_TIMEOUT)
 
 
 def backup_object_names(backup_id: str) -> list[str]:
@@ -2888,11 +2964,6 @@ def _check_synapse_version(
     recorded = [manifest.metadata.get("synapse-version", "unknown") for manifest in chain]
     ours = _version_key(running)
     theirs = [(key, version) for version in recorded if (key := _version_key(version))]
-    if ours is None or len(theirs) < len(recorded):
-        log(
-            f"not comparing Synapse versions: the backup's is {recorded[-1]}, "
-            f"this unit's {running}"
-        )
     newest = max(theirs, default=None)
     if ours is not None and newest is not None and newest[0] > ours:
         raise BackupError(
@@ -2900,6 +2971,10 @@ def _check_synapse_version(
             f"unit's Synapse {running}, which may not start on its database; upgrade Synapse "
             "first, or use force=true to restore it anyway"
         )
+    unknown = [version for version in recorded if not _version_key(version)]
+    if ours is None or unknown:
+        shown = unknown[-1] if unknown else recorded[-1]
+        log(f"not comparing Synapse versions: the backup's is {shown}, this unit's {running}")
 
 
 def _stage_chain(

@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 # Juju passes each result as one argument: keep the table well under 128 KiB.
 FORMATTED_ROWS = 100
+FORMATTED_INCOMPLETE = 20  # ids of incomplete backups named in the table; all are in a result
 NOT_CONFIGURED = (
     "backups are not configured: set s3-bucket, s3-endpoint (or s3-region), "
     "s3-credentials and backup-passphrase"
@@ -74,9 +75,12 @@ class DeleteParams(BackupIdParams):
 
     Attributes:
         chain: also delete the backups that depend on this one.
+        force: remove what a backup without a manifest left, even if it
+            started so recently that it may still be running.
     """
 
     chain: bool = False
+    force: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -379,9 +383,12 @@ class BackupObserver(ops.Object):
         )
         formatted = format_backups(manifests, expiring)
         if incomplete:
+            shown = ", ".join(incomplete[:FORMATTED_INCOMPLETE])
+            if len(incomplete) > FORMATTED_INCOMPLETE:
+                shown += f" and {len(incomplete) - FORMATTED_INCOMPLETE} more"
             formatted += (
-                f"\nincomplete, not backups (a failed or running backup, or objects changed "
-                f"behind the charm's back; delete-backup removes them): {', '.join(incomplete)}"
+                "\nincomplete, not backups (a failed backup, objects changed behind the "
+                "charm's back, or a backup still running; delete-backup removes them): " + shown
             )
         event.set_results(
             {
@@ -415,7 +422,7 @@ class BackupObserver(ops.Object):
             return
         try:
             deleted = backup.S3Client(config.s3).delete_backup(
-                params.backup_id, chain=params.chain
+                params.backup_id, chain=params.chain, force=params.force
             )
         except backup.S3Error as exc:
             event.fail(f"cannot delete backup {params.backup_id}: {exc}")

@@ -404,10 +404,27 @@ def test_list_backups_names_incomplete_ids(
     assert results["count"] == 1
     assert results["incomplete"] == "20250302T000000Z 20250101T000000Z"
     assert results["formatted"] == (
-        format_backups(backups) + "\nincomplete, not backups (a failed or running backup, "
-        "or objects changed behind the charm's back; delete-backup removes them): "
+        format_backups(backups) + "\nincomplete, not backups (a failed backup, objects changed "
+        "behind the charm's back, or a backup still running; delete-backup removes them): "
         "20250302T000000Z, 20250101T000000Z"
     )
+
+
+def test_list_backups_names_at_most_20_incomplete_ids_in_the_table(
+    ctx: testing.Context, data_dir: pathlib.Path, patched: Patched
+):
+    """The table names the newest 20 incomplete ids and counts the rest; the result has all."""
+    incomplete = [f"2025{month:02}01T000000Z" for month in range(12, 0, -1)]
+    incomplete += [f"2024{month:02}01T000000Z" for month in range(12, 0, -1)]
+    patched.incomplete_backups.return_value = incomplete
+
+    ctx.run(ctx.on.action("list-backups"), make_state(data_dir, CONFIG))
+
+    results = ctx.action_results
+    assert results is not None
+    assert results["incomplete"] == " ".join(incomplete)
+    last = results["formatted"].splitlines()[-1]
+    assert last.endswith(": " + ", ".join(incomplete[:20]) + " and 4 more")
 
 
 @pytest.mark.parametrize(
@@ -532,23 +549,25 @@ def test_delete_backup(ctx: testing.Context, data_dir: pathlib.Path, patched: Pa
     assert ctx.action_results == {"deleted": BACKUP_ID}
     (client, backup_id), kwargs = patched.delete_backup.call_args
     assert backup_id == BACKUP_ID
-    assert kwargs == {"chain": False}
+    assert kwargs == {"chain": False, "force": False}
     assert client._parameters.bucket == "synapse-backups"
 
 
 @pytest.mark.parametrize("chain", [True, False])
+@pytest.mark.parametrize("force", [True, False])
 def test_delete_backup_chain(
-    ctx: testing.Context, data_dir: pathlib.Path, patched: Patched, chain: bool
+    ctx: testing.Context, data_dir: pathlib.Path, patched: Patched, chain: bool, force: bool
 ):
-    """The chain param passes through; the result lists every backup deleted, dependants first."""
+    """The chain and force params pass through; the result lists every backup deleted."""
     deleted = ["20250104T000000Z", "20250103T000000Z", BACKUP_ID] if chain else [BACKUP_ID]
     patched.delete_backup.return_value = deleted
     state = make_state(data_dir, CONFIG)
+    params = {"backup-id": BACKUP_ID, "chain": chain, "force": force}
 
-    ctx.run(ctx.on.action("delete-backup", params={"backup-id": BACKUP_ID, "chain": chain}), state)
+    ctx.run(ctx.on.action("delete-backup", params=params), state)
 
     assert ctx.action_results == {"deleted": " ".join(deleted)}
-    assert patched.delete_backup.call_args.kwargs == {"chain": chain}
+    assert patched.delete_backup.call_args.kwargs == {"chain": chain, "force": force}
 
 
 @pytest.mark.parametrize(

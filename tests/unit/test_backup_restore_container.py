@@ -400,6 +400,7 @@ def _versions(*versions: str) -> list[backup.BackupManifest]:
         pytest.param(("1.99.0rc1",), "1.98.0", "1.99.0rc1", id="newer-rc"),
         pytest.param(("1.10.0",), "1.9.0", "1.10.0", id="numeric-not-text-order"),
         pytest.param(("1.120.0", "1.98.0"), "1.98.0", "1.120.0", id="newer-full-backup"),
+        pytest.param(("", "1.120.0"), "1.98.0", "1.120.0", id="one-unknown-one-newer"),
     ],
 )
 def test_restore_refuses_a_backup_of_a_newer_synapse(
@@ -419,12 +420,15 @@ def test_restore_refuses_a_backup_of_a_newer_synapse(
     """
     s3_client.chain.return_value = _versions(*versions)
     before = _snapshot(synapse_data)
+    logs: list[str] = []
 
     with (
         live_container(ctx, synapse_data, execs=RESTORE_EXECS) as container,
         pytest.raises(backup.BackupError) as exc_info,
     ):
-        _restore(container, synapse_version=running)
+        _restore(container, logs, synapse_version=running)
+
+    assert logs == []  # no "not comparing" note for a refusal
 
     assert str(exc_info.value) == (
         f"backup {BACKUP_ID} was made by Synapse {newer}, newer than this unit's Synapse "

@@ -9,6 +9,7 @@ in tests/workload.
 
 from __future__ import annotations
 
+import datetime
 import io
 import threading
 from collections.abc import Iterator
@@ -572,6 +573,66 @@ def test_delete_backup_removes_what_a_failed_backup_left():
         "20250104T000000Z",
         "20250102T000000Z",
     ]
+
+
+def test_incomplete_backups_asks_again_before_calling_a_backup_incomplete():
+    """A complete backup the listing missed is not called incomplete, nor is an unreadable one.
+
+    list-backups tolerates a manifest it cannot read, and would then leave a
+    complete backup out of the ids it gives as complete: before an id is
+    named incomplete (and offered for deletion), its manifest is read again.
+    """
+    client, fake = _fake_client(_leftover_objects())
+
+    assert "20250103T000000Z" not in client.incomplete_backups([])
+    fake.broken.add(f"{PREFIX}/20250103T000000Z{backup.MANIFEST_SUFFIX}")
+    assert "20250103T000000Z" not in client.incomplete_backups([])
+    fake.broken.clear()
+    fake.objects[f"{PREFIX}/20250103T000000Z"] = b"short"
+    assert "20250103T000000Z" in client.incomplete_backups([])
+
+
+def test_delete_backup_refuses_a_recent_incomplete_backup_without_force():
+    """An id without a manifest that started less than 24 hours ago may be running."""
+    client, fake = _fake_client(_leftover_objects())
+    started = datetime.datetime(2025, 1, 1, tzinfo=datetime.timezone.utc)
+    before = dict(fake.objects)
+
+    for age in (datetime.timedelta(hours=23, minutes=59), -datetime.timedelta(minutes=5)):
+        with pytest.raises(backup.S3Error, match="may still be running on another unit"):
+            client.delete_backup("20250101T000000Z", now=started + age)
+    assert fake.objects == before
+
+    assert client.delete_backup("20250101T000000Z", now=started, force=True) == [
+        "20250101T000000Z"
+    ]
+    assert not [key for key in fake.objects if key.startswith(f"{PREFIX}/20250101T000000Z.")]
+
+
+def test_delete_backup_of_leftovers_stops_at_a_manifest_written_meanwhile():
+    """A manifest that appears after the check (a commit) stops the deletion of leftovers."""
+    objects = _backup_objects(_manifest("20250101T000000Z"))
+    client, fake = _fake_client(objects)
+
+    with (
+        mock.patch.object(client, "object_size", return_value=None),
+        pytest.raises(backup.S3Error, match="was committed while it was being deleted"),
+    ):
+        client.delete_backup("20250101T000000Z")
+
+    assert fake.objects == objects
+
+
+@pytest.mark.parametrize("backup_id", ["2025", "20250101T00", "latest"])
+def test_delete_backup_of_a_part_of_an_id_deletes_nothing(backup_id: str):
+    """A key that only starts other ids never takes their objects with it."""
+    objects = _leftover_objects()
+    client, fake = _fake_client(objects)
+
+    with pytest.raises(backup.S3Error, match=f"there is no backup {backup_id}$"):
+        client.delete_backup(backup_id)
+
+    assert fake.objects == objects
 
 
 def test_delete_backup_manifest_first():

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from ops import testing
@@ -29,6 +30,7 @@ from tests.helpers.sandbox import Sandbox, default_path
 from tests.helpers.seaweed import SeaweedServer
 from tests.helpers.synapse_data import SYNAPSE_GID, SYNAPSE_UID, tree_snapshot
 from tests.workload.conftest import ServiceCalls
+from tests.workload.test_charm_action import configure
 from tests.workload.test_restore_action import EXCLUDED, backed_up_view
 from tests.workload.test_restore_faults import S3_PATH, Scene, assert_nothing_changed, make_scene
 
@@ -245,7 +247,7 @@ def test_an_outage_leaves_an_incomplete_backup_that_delete_backup_removes(
             killer.join()
         assert killed.is_set(), "the backup ended before the server could be killed"
         server.restart()
-        keys = [item["Key"] for item in client.list_objects_v2(Bucket="outage")["Contents"]]
+        keys = _keys(client, "outage")
         backup_id = keys[0].rsplit("/", 1)[-1][:16]
         assert f"{S3_PATH}/{backup_id}.part-0001" in keys
         assert not [key for key in keys if key.endswith(backup.MANIFEST_SUFFIX)]
@@ -253,8 +255,39 @@ def test_an_outage_leaves_an_incomplete_backup_that_delete_backup_removes(
         listed = harness.run_action("list-backups").results
         assert (listed["count"], listed["incomplete"]) == (0, backup_id)
 
-        deleted = harness.run_action("delete-backup", {"backup-id": backup_id}).results
+        # It started just now: it may be running on another unit, unless forced.
+        with pytest.raises(testing.ActionFailed, match="may still be running on another unit"):
+            harness.run_action("delete-backup", {"backup-id": backup_id})
+        assert f"{S3_PATH}/{backup_id}.part-0001" in _keys(client, "outage")
+        params = {"backup-id": backup_id, "force": True}
+        deleted = harness.run_action("delete-backup", params).results
         assert deleted == {"deleted": backup_id}
         assert client.list_objects_v2(Bucket="outage").get("Contents", []) == []
         assert client.list_multipart_uploads(Bucket="outage").get("Uploads", []) == []
         assert harness.run_action("list-backups").results["incomplete"] == "none"
+
+
+def _keys(client: Any, bucket: str) -> list[str]:
+    """The keys in a bucket, sorted."""
+    listing = client.list_objects_v2(Bucket=bucket).get("Contents", [])
+    return sorted(item["Key"] for item in listing)
+
+
+def test_an_unfinished_upload_alone_is_incomplete_and_deleted(
+    harness: testing.Harness[SynapseCharm], s3_server: SeaweedServer, bucket: str
+) -> None:
+    """An archive upload that was never completed, and nothing else, is still found."""
+    configure(harness, s3_server, bucket)
+    client = s3_server.client()
+    backup_id = "20250101T000000Z"  # long ago: no unit can still be making it
+    upload = client.create_multipart_upload(Bucket=bucket, Key=f"{S3_PATH}/{backup_id}")
+    assert (
+        client.list_multipart_uploads(Bucket=bucket)["Uploads"][0]["UploadId"]
+        == (upload["UploadId"])
+    )
+
+    assert harness.run_action("list-backups").results["incomplete"] == backup_id
+    harness.run_action("delete-backup", {"backup-id": backup_id})
+
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert harness.run_action("list-backups").results["incomplete"] == "none"
