@@ -932,10 +932,11 @@ class S3Client:
             start: the start of the names.
 
         Returns:
-            The names of the objects and of the unfinished multipart uploads, sorted.
+            The names of the objects and of the unfinished multipart uploads
+            (when the store lists them), sorted.
 
         Raises:
-            S3Error: if the bucket cannot be listed.
+            S3Error: if the objects cannot be listed.
         """
         bucket, base = self._parameters.bucket, self._parameters.object_key("")
         keys: set[str] = set()
@@ -943,11 +944,16 @@ class S3Client:
             objects = self._client.get_paginator("list_objects_v2")
             for page in objects.paginate(Bucket=bucket, Prefix=base + start):
                 keys.update(item["Key"] for item in page.get("Contents", []))
+        except (ClientError, BotoCoreError) as exc:
+            raise S3Error(f"cannot list the backups: {_client_error(exc)}") from exc
+        try:
             uploads = self._client.get_paginator("list_multipart_uploads")
             for upload_page in uploads.paginate(Bucket=bucket, Prefix=base + start):
                 keys.update(item["Key"] for item in upload_page.get("Uploads", []))
         except (ClientError, BotoCoreError) as exc:
-            raise S3Error(f"cannot list the backups: {_client_error(exc)}") from exc
+            # Some stores do not list uploads: an upload left behind costs
+            # room, not correctness; a bucket lifecycle rule can abort it.
+            logger.warning("cannot list unfinished uploads: %s", _client_error(exc))
         return sorted(key[len(base) :] for key in keys if "/" not in key[len(base) :])
 
     def delete_objects(self, names: Iterable[str]) -> None:

@@ -650,6 +650,21 @@ def test_delete_backup_manifest_first():
     assert set(fake.objects) == set(_backup_objects(_manifest("20250102T000000Z")))
 
 
+def test_a_store_that_does_not_list_uploads_still_lists_objects(
+    client: backup.S3Client, stubber: Stubber, caplog: pytest.LogCaptureFixture
+):
+    """list_multipart_uploads refused: the objects are still listed, with a warning."""
+    listed = {"Bucket": BUCKET, "Prefix": f"{PREFIX}/"}
+    contents = [{"Key": f"{PREFIX}/20250101T000000Z", "Size": 3}]
+    stubber.add_response("list_objects_v2", {"Contents": contents, "KeyCount": 1}, listed)
+    stubber.add_client_error(
+        "list_multipart_uploads", "NotImplemented", "not here", http_status_code=501
+    )
+
+    assert client.incomplete_backups([]) == ["20250101T000000Z"]
+    assert "cannot list unfinished uploads: NotImplemented" in caplog.text
+
+
 def test_delete_backup_missing(client: backup.S3Client, stubber: Stubber):
     """An id with no manifest and no object is not found, and nothing is deleted."""
     stubber.add_client_error("head_object", "404", http_status_code=404)
