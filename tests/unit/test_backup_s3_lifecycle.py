@@ -609,6 +609,23 @@ def test_delete_backup_refuses_a_recent_incomplete_backup_without_force():
     assert not [key for key in fake.objects if key.startswith(f"{PREFIX}/20250101T000000Z.")]
 
 
+@pytest.mark.parametrize(
+    ("backup_id", "running"),
+    [
+        pytest.param("20250101T000000Z", True, id="just-started"),
+        pytest.param("20241231T000001Z", True, id="23h59m59s-ago"),
+        pytest.param("20241231T000000Z", False, id="24h-ago"),
+        pytest.param("20250101T010000Z", True, id="in-the-future"),
+        pytest.param("20251399T999999Z", True, id="not-a-date"),
+    ],
+)
+def test_may_be_running(backup_id: str, running: bool):
+    """A backup may run up to EXEC_TIMEOUT; an id that is not a date cannot be ruled out."""
+    now = datetime.datetime(2025, 1, 1, tzinfo=datetime.timezone.utc)
+
+    assert backup.may_be_running(backup_id, now) is running
+
+
 def test_delete_backup_of_leftovers_stops_at_a_manifest_written_meanwhile():
     """A manifest that appears after the check (a commit) stops the deletion of leftovers."""
     objects = _backup_objects(_manifest("20250101T000000Z"))
