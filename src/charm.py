@@ -62,10 +62,16 @@ class SynapseCharm(ops.CharmBase):
         A restore that a dying charm left half swapped is rolled back first;
         if that fails nothing else happens (the unit is Blocked): generating
         a configuration or starting Synapse on half-restored data would harm it.
+        Then what a killed action left is swept: a work directory holds the
+        passphrase, and it should not wait in the container for the next
+        action. (Juju runs one hook or action of a unit at a time.)
         """
         if not self.container.can_connect():
             return
-        if backup.recover_interrupted_restore(self.container) or self._server_name_problem():
+        if backup.recover_interrupted_restore(self.container):
+            return
+        backup.sweep_leftovers(self.container)
+        if self._server_name_problem():
             return
         if synapse.configured_server_name(self.container) is None:
             logger.info("generating the Synapse configuration")

@@ -1,4 +1,4 @@
-"""sweep_leftovers: what killed backups and restores left, removed before each action.
+"""sweep_leftovers: what killed backups and restores left, removed by every action and hook.
 
 The container is the charm's own, taken from a live Scenario event. Its /data
 is a plain directory of Scenario's container filesystem, not a Mount: Scenario
@@ -91,6 +91,32 @@ def test_sweep_leftovers_removes_what_killed_runs_left(
     assert sorted(record.getMessage() for record in caplog.records) == sorted(
         f"removing {path}, left by an interrupted run" for path in LEFTOVERS
     )
+
+
+@pytest.mark.parametrize("event", ["update_status", "config_changed", "upgrade_charm"])
+def test_hooks_sweep_what_a_killed_action_left(
+    ctx: testing.Context, data_dir: pathlib.Path, event: str
+):
+    """A killed action's passphrase does not wait in /tmp for the next action.
+
+    Arrange: the leftovers of killed runs (work dirs with a passphrase file, a
+        database copy, staging) beside data that must stay.
+    Act: a hook that reconciles the workload (server-name unset: nothing else runs).
+    Assert: the leftovers are gone, the rest is there.
+    """
+    state = make_state(data_dir, {}, mount_data=False)
+    with ctx(getattr(ctx.on, event)(), state) as manager:
+        container = manager.charm.unit.get_container(synapse.CONTAINER_NAME)
+        container.make_dir("/data")
+        _leave_debris(container)
+
+        manager.run()
+
+        gone = [path for path in LEFTOVERS if container.exists(path)]
+        kept = [path for path in KEPT if container.exists(path)]
+
+    assert gone == []
+    assert kept == list(KEPT)
 
 
 def test_sweep_leftovers_does_nothing_while_a_journal_exists(
