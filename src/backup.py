@@ -114,15 +114,24 @@ _KEY_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 EXEC_TIMEOUT = 24 * 60 * 60.0
 GPG_S2K_COUNT = 65011712  # the most passphrase hashing OpenPGP can encode
 
-# Passes the encrypted stream from stdin to stdout and writes its SHA-256 and
-# size to a file, so that a restore hashes the archive while it downloads it.
-_DIGEST_PROGRAM = """
-import fcntl, hashlib, sys
-for stream in (0, 1):  # larger pipes: fewer wake-ups for every stage
+# The start of the stream programs below: 1 MiB pipes, fewer wake-ups for every stage.
+_BIGGER_PIPE = """
+import fcntl
+def bigger_pipe(stream):
     try:
         fcntl.fcntl(stream, fcntl.F_SETPIPE_SZ, 1 << 20)
     except OSError:
         pass
+"""
+
+# Passes the encrypted stream from stdin to stdout and writes its SHA-256 and
+# size to a file, so that a restore hashes the archive while it downloads it.
+_DIGEST_PROGRAM = (
+    _BIGGER_PIPE
+    + """
+import hashlib, sys
+bigger_pipe(0)
+bigger_pipe(1)
 digest, size = hashlib.sha256(), 0
 source, sink = sys.stdin.buffer, sys.stdout.buffer
 while chunk := source.read1(1 << 20):
@@ -133,6 +142,7 @@ sink.flush()
 with open(sys.argv[1], "w") as out:
     out.write(f"{digest.hexdigest()} {size}\\n")
 """
+)
 
 # Uploads the encrypted stream from stdin in pieces of at most argv[2] bytes,
 # hashing it on the way, and writes its SHA-256 and size to the file argv[1].
@@ -140,16 +150,13 @@ with open(sys.argv[1], "w") as out:
 # goes to that URL + argv[3] + N in 4 digits. A failed upload, or SIGTERM,
 # kills the running aws (which would otherwise complete a cut-off piece at the
 # end of its input) and fails the program.
-_UPLOAD_PROGRAM = """
-import fcntl, hashlib, signal, subprocess, sys
+_UPLOAD_PROGRAM = (
+    _BIGGER_PIPE
+    + """
+import hashlib, signal, subprocess, sys
 record, piece_size, infix, *upload = sys.argv[1:]
 piece_size, url = int(piece_size), upload.pop()
 signal.signal(signal.SIGTERM, lambda *_: sys.exit("the upload was terminated"))
-def bigger_pipe(stream):  # fewer wake-ups for every stage
-    try:
-        fcntl.fcntl(stream, fcntl.F_SETPIPE_SZ, 1 << 20)
-    except OSError:
-        pass
 def start(index):
     target = url + (f"{infix}{index:04d}" if index else "")
     piece = subprocess.Popen([*upload, target], stdin=subprocess.PIPE)
@@ -191,6 +198,7 @@ except BaseException:
 with open(record, "w") as out:
     out.write(f"{digest.hexdigest()} {size}\\n")
 """
+)
 
 # Counts the members in tar's verbose index: one line each (names are
 # escaped, so a newline in a name cannot add one), except the "tar: Deleting"
@@ -2952,9 +2960,9 @@ def _check_synapse_version(
 ) -> None:
     """Refuse a chain that a newer Synapse made than the one that would run it.
 
-    Synapse upgrades its database schema when it starts, and refuses to start
-    on a database that a newer Synapse upgraded: such a restore would swap the
-    data in and leave the homeserver down.
+    Synapse upgrades its database schema when it starts, and may refuse to
+    start on a database that a newer Synapse upgraded: such a restore would
+    swap the data in and leave the homeserver down.
 
     Args:
         chain: the backups to restore, the full one first.
@@ -2969,7 +2977,9 @@ def _check_synapse_version(
         return
     recorded = [manifest.metadata.get("synapse-version", "unknown") for manifest in chain]
     ours = _version_key(running)
-    theirs = [(key, version) for version in recorded if (key := _version_key(version))]
+    keys = [(_version_key(version), version) for version in recorded]
+    theirs = [(key, version) for key, version in keys if key]
+    unknown = [version for key, version in keys if not key]
     newest = max(theirs, default=None)
     if ours is not None and newest is not None and newest[0] > ours:
         raise BackupError(
@@ -2977,7 +2987,6 @@ def _check_synapse_version(
             f"unit's Synapse {running}, which may not start on its database; upgrade Synapse "
             "first, or use force=true to restore it anyway"
         )
-    unknown = [version for version in recorded if not _version_key(version)]
     if ours is None or unknown:
         shown = unknown[-1] if unknown else recorded[-1]
         log(f"not comparing Synapse versions: the backup's is {shown}, this unit's {running}")
