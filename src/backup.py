@@ -447,6 +447,11 @@ class BackupManifest:
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise BackupError(f"invalid backup manifest: {exc}") from exc
+        if manifest.version > MANIFEST_VERSION:
+            raise BackupError(
+                f"its manifest has version {manifest.version}, written by a newer charm "
+                f"(this one reads version {MANIFEST_VERSION}): upgrade the charm to use it"
+            )
         if not re.fullmatch(r"[0-9a-f]{64}", manifest.sha256):
             raise BackupError("invalid backup manifest: bad sha256")
         if manifest.backup_type not in ("full", "incremental") or (
@@ -496,6 +501,19 @@ class BackupManifest:
             indent=2,
             sort_keys=True,
         )
+
+
+@dataclasses.dataclass
+class UnlistedBackups:
+    """The ids under the path that are not complete backups (see S3Client.unlisted_backups).
+
+    Attributes:
+        incomplete: ids with objects but no complete backup, newest first.
+        unreadable: ids whose manifest cannot be read or used now, with why.
+    """
+
+    incomplete: list[str] = dataclasses.field(default_factory=list)
+    unreadable: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 class S3Client:
@@ -803,7 +821,8 @@ class S3Client:
             backup_id: the backup.
             chain: also delete the incremental backups that depend on it.
             force: remove what a backup without a manifest left even if it
-                started less than EXEC_TIMEOUT ago.
+                started less than EXEC_TIMEOUT ago, and delete a backup whose
+                manifest this charm cannot use (corrupt, or a newer charm's).
             now: the current time (default: now, UTC).
 
         Returns:
@@ -814,8 +833,49 @@ class S3Client:
                 ``chain`` is false, or it cannot be deleted.
         """
         validate_backup_key(backup_id)
-        if self.object_size(backup_id + MANIFEST_SUFFIX) is None:
-            return self._delete_leftovers(backup_id, force=force, now=now)
+        if not self.has_manifest(backup_id):
+            return self._delete_leftovers(backup_id, chain=chain, force=force, now=now)
+        if not force:
+            self._check_usable_or_incomplete(backup_id)
+        return self._delete_with_dependants(backup_id, chain=chain)
+
+    def _check_usable_or_incomplete(self, backup_id: str) -> None:
+        """Refuse to delete a backup whose manifest this charm cannot use.
+
+        Such a manifest may be a good backup's (one written by a newer charm,
+        say): only force deletes it. An incomplete backup may go.
+
+        Args:
+            backup_id: the backup, whose manifest exists.
+
+        Raises:
+            S3Error: if its manifest cannot be used, or S3 cannot tell.
+        """
+        try:
+            self.get_manifest(backup_id)
+        except BackupError as exc:
+            raise S3Error(
+                f"backup {backup_id} cannot be used by this charm ({exc}), but it may be "
+                "a good backup: use force=true to delete it anyway",
+                option="backup-id",
+            ) from exc
+        except S3Error as exc:
+            if exc.option != "backup-id":  # not "incomplete" or "missing": S3 failed
+                raise
+
+    def _delete_with_dependants(self, backup_id: str, *, chain: bool) -> list[str]:
+        """Delete a backup's objects, after the backups that depend on it if chain is set.
+
+        Args:
+            backup_id: the backup.
+            chain: also delete the incremental backups that depend on it.
+
+        Returns:
+            The ids deleted, dependants first.
+
+        Raises:
+            S3Error: if others depend on it and chain is false, or S3 fails.
+        """
         dependants = dependants_of(backup_id, self.list_backups(strict=True))
         if dependants and not chain:
             raise S3Error(
@@ -829,27 +889,29 @@ class S3Client:
         return doomed
 
     def _delete_leftovers(
-        self, backup_id: str, *, force: bool, now: datetime.datetime | None
+        self, backup_id: str, *, chain: bool, force: bool, now: datetime.datetime | None
     ) -> list[str]:
         """Delete whatever is under the id of a backup that has no manifest.
 
+        Complete backups that name it as their parent (its manifest was
+        deleted behind the charm's back) keep it unless chain is set: its
+        archive is what a repair by hand would need.
+
         Args:
             backup_id: the id.
+            chain: also delete the backups that depend on it.
             force: even if the backup started less than EXEC_TIMEOUT ago.
             now: the current time (default: now, UTC).
 
         Returns:
-            The id.
+            The ids deleted, dependants first.
 
         Raises:
             S3Error: if nothing is under that id, the backup was committed
-                meanwhile, it may still be running, or S3 fails.
+                meanwhile, it may still be running, others depend on it and
+                chain is false, or S3 fails.
         """
-        leftovers = [
-            name
-            for name in self._names_starting(backup_id)
-            if (match := _BACKUP_OBJECT_PATTERN.fullmatch(name)) and match.group(1) == backup_id
-        ]
+        leftovers = self.backup_names(backup_id)
         if not leftovers:
             raise S3Error(f"there is no backup {backup_id}", option="backup-id")
         if backup_id + MANIFEST_SUFFIX in leftovers:
@@ -865,8 +927,18 @@ class S3Client:
                 "make sure no unit is making it, then use force=true",
                 option="backup-id",
             )
+        dependants = dependants_of(backup_id, self.list_backups(strict=True))
+        if dependants and not chain:
+            raise S3Error(
+                f"backup {backup_id} has no manifest, but {', '.join(sorted(dependants))} "
+                "name it as their parent: its objects are what a repair would need; "
+                "use chain=true to delete it with them",
+                option="backup-id",
+            )
+        for name in sorted(dependants, reverse=True):
+            self.delete_backup_objects(name)
         self.delete_objects(leftovers)
-        return [backup_id]
+        return [*sorted(dependants, reverse=True), backup_id]
 
     def delete_backup_objects(self, backup_id: str) -> None:
         """Delete whatever a backup has in S3, complete or not: manifest first.
@@ -882,6 +954,38 @@ class S3Client:
         """
         manifest, archive, *others = backup_object_names(backup_id)
         self.delete_objects([manifest, archive, *self._piece_names(backup_id), *others])
+
+    def has_manifest(self, backup_id: str) -> bool:
+        """Tell whether a backup's manifest object exists (complete or not).
+
+        Args:
+            backup_id: the backup.
+
+        Returns:
+            True when the object exists.
+
+        Raises:
+            S3Error: if S3 cannot be asked.
+        """
+        return self.object_size(backup_id + MANIFEST_SUFFIX) is not None
+
+    def backup_names(self, backup_id: str) -> list[str]:
+        """Return the names of a backup's objects and unfinished uploads, of that id only.
+
+        Args:
+            backup_id: the backup.
+
+        Returns:
+            The names, sorted: the id itself, or the id and a suffix.
+
+        Raises:
+            S3Error: if the bucket cannot be listed.
+        """
+        return [
+            name
+            for name in self._names_starting(backup_id)
+            if (match := _BACKUP_OBJECT_PATTERN.fullmatch(name)) and match.group(1) == backup_id
+        ]
 
     def _piece_names(self, backup_id: str) -> list[str]:
         """Return the names of a backup's archive pieces after the first, uploaded or not.
@@ -900,10 +1004,8 @@ class S3Client:
     def incomplete_backups(self, complete: Collection[str]) -> list[str]:
         """Return the ids that have objects (or unfinished uploads) but no complete backup.
 
-        They are what failed backups left when their objects could not be
-        removed, backups whose objects were changed or deleted behind the
-        charm's back, and backups being made right now. An id whose manifest
-        cannot be read now is left out, not taken for an incomplete backup.
+        See unlisted_backups; an id whose manifest cannot be read or used is
+        not one of them.
 
         Args:
             complete: the ids of the complete backups (see list_backups).
@@ -914,24 +1016,47 @@ class S3Client:
         Raises:
             S3Error: if the bucket cannot be listed.
         """
+        return self.unlisted_backups(complete).incomplete
+
+    def unlisted_backups(self, complete: Collection[str]) -> UnlistedBackups:
+        """Return the ids under the path that are not complete backups, and why.
+
+        Incomplete ones are what failed backups left when their objects
+        could not be removed, backups whose objects were changed or deleted
+        behind the charm's back, and backups being made right now. Unreadable
+        ones have a manifest that cannot be read now (S3 refused or failed)
+        or cannot be used (corrupt, or written by a newer charm): they may be
+        good backups, so they are never called incomplete.
+
+        Args:
+            complete: the ids of the complete backups (see list_backups).
+
+        Returns:
+            The incomplete ids and the unreadable ones, newest first.
+
+        Raises:
+            S3Error: if the bucket cannot be listed.
+        """
         names = set(self._names_starting(""))
         ids = {m.group(1) for name in names if (m := _BACKUP_OBJECT_PATTERN.fullmatch(name))}
-        incomplete = []
+        found = UnlistedBackups()
         for backup_id in sorted(ids - set(complete), reverse=True):
             if backup_id + MANIFEST_SUFFIX in names:
                 # Its manifest may just have failed to be read: ask again.
                 try:
                     self.get_manifest(backup_id)
-                except BackupError:
-                    pass  # an invalid manifest
+                except BackupError as exc:
+                    found.unreadable[backup_id] = str(exc)
+                    continue
                 except S3Error as exc:
                     if exc.option != "backup-id":
                         logger.warning("cannot tell whether %s is complete: %s", backup_id, exc)
+                        found.unreadable[backup_id] = str(exc)
                         continue
                 else:
                     continue  # complete after all
-            incomplete.append(backup_id)
-        return incomplete
+            found.incomplete.append(backup_id)
+        return found
 
     def _names_starting(self, start: str) -> list[str]:
         """Return the names directly under the configured path that start with a text.
@@ -967,6 +1092,9 @@ class S3Client:
     def delete_objects(self, names: Iterable[str]) -> None:
         """Delete objects and abort unfinished multipart uploads of them.
 
+        Credentials that may not list unfinished uploads still delete the
+        objects (a warning is logged; a bucket lifecycle rule can abort them).
+
         Args:
             names: the objects' names under the configured path.
 
@@ -974,11 +1102,21 @@ class S3Client:
             S3Error: if an object cannot be deleted.
         """
         bucket = self._parameters.bucket
+        list_uploads = True
         for name in names:
             key = self._parameters.object_key(name)
+            unfinished: list[Any] = []
             try:
-                uploads = self._client.list_multipart_uploads(Bucket=bucket, Prefix=key)
-                for upload in uploads.get("Uploads", []):
+                if list_uploads:
+                    listed = self._client.list_multipart_uploads(Bucket=bucket, Prefix=key)
+                    unfinished = list(listed.get("Uploads", []))
+            except (ClientError, BotoCoreError) as exc:
+                # As in _names_starting: credentials without
+                # s3:ListBucketMultipartUploads (or a store without it) still delete.
+                logger.warning("cannot list unfinished uploads: %s", _client_error(exc))
+                list_uploads = False
+            try:
+                for upload in unfinished:
                     if upload.get("Key") == key:
                         self._client.abort_multipart_upload(
                             Bucket=bucket, Key=key, UploadId=upload["UploadId"]
@@ -2049,8 +2187,9 @@ def _client_for_new_backup(s3_parameters: S3Parameters, backup_key: str) -> S3Cl
     try:
         client = S3Client(s3_parameters)
         client.check_bucket()
-        if any(client.object_size(name) is not None for name in backup_object_names(backup_key)):
-            raise BackupError(f"a backup named {backup_key} exists already")
+        # Objects and unfinished uploads: another unit may be making it right now.
+        if client.backup_names(backup_key):
+            raise BackupError(f"a backup named {backup_key} exists already, or is being made")
     except S3Error as exc:
         raise BackupError(str(exc)) from exc
     return client
@@ -2151,6 +2290,11 @@ def run_backup(
                 parent=parent.backup_id if parent else "",
                 piece_size=piece_size,
             )
+            if client.has_manifest(backup_key):
+                raise BackupError(
+                    f"another backup named {backup_key} was committed while this one was "
+                    "made (two units backing up at once?): this one is not committed"
+                )
             log("writing the manifest")
             client.put_text(backup_key + MANIFEST_SUFFIX, manifest.to_json())
             committed = True
@@ -2197,11 +2341,21 @@ def _check_uploaded(client: S3Client, pieces: Mapping[str, int]) -> None:
 def _discard(client: S3Client, backup_key: str) -> None:
     """Remove what a failed backup left in S3, logging failures.
 
+    Nothing is removed when the id has a manifest: this run did not write
+    it, so another run with the same id (another unit) committed it.
+
     Args:
         client: the S3 client.
         backup_key: the backup that failed.
     """
     try:
+        if client.has_manifest(backup_key):
+            logger.error(
+                "not removing the objects of the failed backup %s: another run committed "
+                "a backup with that id",
+                backup_key,
+            )
+            return
         client.delete_backup_objects(backup_key)
     except S3Error as exc:
         logger.error("could not remove the partial backup: %s", exc)

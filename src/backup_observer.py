@@ -22,7 +22,10 @@ logger = logging.getLogger(__name__)
 
 # Juju passes each result as one argument: keep the table well under 128 KiB.
 FORMATTED_ROWS = 100
-FORMATTED_INCOMPLETE = 20  # ids of incomplete backups named in the table; all are in a result
+FORMATTED_INCOMPLETE = 20  # ids of incomplete backups named in the table
+# ... and all the results together well under the 2 MiB of one command line
+# (about 330 bytes a backup): the newest this many backups and ids are in results.
+RESULT_BACKUPS = 1000
 NOT_CONFIGURED = (
     "backups are not configured: set s3-bucket, s3-endpoint (or s3-region), "
     "s3-credentials and backup-passphrase"
@@ -126,8 +129,26 @@ def format_backups(manifests: list[backup.BackupManifest], expiring: Collection[
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
              for row in rows]  # fmt: skip
     if hidden > 0:
-        lines.append(f"... and {hidden} older backups (all are in the backups result)")
+        listed = "all" if len(manifests) <= RESULT_BACKUPS else f"the newest {RESULT_BACKUPS}"
+        lines.append(f"... and {hidden} older backups ({listed} are in the backups result)")
     return "\n".join(lines) if manifests else "no backups"
+
+
+def _some(ids: list[str], most: int, separator: str = ", ") -> str:
+    """Join at most some ids, saying how many more there are.
+
+    Args:
+        ids: the ids.
+        most: how many to name.
+        separator: what goes between them.
+
+    Returns:
+        The ids named, and "and N more" when some were left out.
+    """
+    shown = separator.join(ids[:most])
+    if len(ids) > most:
+        shown += f" and {len(ids) - most} more"
+    return shown
 
 
 class BackupObserver(ops.Object):
@@ -335,15 +356,16 @@ class BackupObserver(ops.Object):
         client = backup.S3Client(config.s3)
         deployment = self._deployment
         try:
+            everything = client.list_backups(strict=True)
             own = [
                 manifest
-                for manifest in client.list_backups(strict=True)
+                for manifest in everything
                 if manifest.metadata.get("deployment", deployment) == deployment
             ]
             roots = retention.chain_roots(own)
             doomed = [
                 backup_id
-                for backup_id in retention.expired(own, keep)
+                for backup_id in retention.expired(own, keep, everything=everything)
                 if roots[backup_id] != roots.get(new_backup)
             ]
             for backup_id in doomed:
@@ -372,29 +394,35 @@ class BackupObserver(ops.Object):
         try:
             client = backup.S3Client(config.s3)
             manifests = client.list_backups()
-            incomplete = client.incomplete_backups([m.backup_id for m in manifests])
+            unlisted = client.unlisted_backups([m.backup_id for m in manifests])
         except backup.S3Error as exc:
             event.fail(f"cannot list backups: {exc}")
             return
+        deployment = self._deployment
+        own = [m for m in manifests if m.metadata.get("deployment", deployment) == deployment]
         expiring = set(
             retention.expire_after_next_full(
-                manifests, self._config.backup_retention_count, "99999999T999999Z"
+                own, self._config.backup_retention_count, "99999999T999999Z", everything=manifests
             )
         )
         formatted = format_backups(manifests, expiring)
+        incomplete, unreadable = unlisted.incomplete, unlisted.unreadable
         if incomplete:
-            shown = ", ".join(incomplete[:FORMATTED_INCOMPLETE])
-            if len(incomplete) > FORMATTED_INCOMPLETE:
-                shown += f" and {len(incomplete) - FORMATTED_INCOMPLETE} more"
             formatted += (
                 "\nincomplete, not backups (a failed backup, objects changed behind the "
-                "charm's back, or a backup still running; delete-backup removes them): " + shown
+                "charm's back, or a backup still running; delete-backup removes them): "
+                + _some(incomplete, FORMATTED_INCOMPLETE)
             )
+        for backup_id, problem in list(unreadable.items())[:FORMATTED_INCOMPLETE]:
+            formatted += f"\nnot listed, its manifest cannot be used now: {backup_id}: {problem}"
+        if len(unreadable) > FORMATTED_INCOMPLETE:
+            formatted += f"\n... and {len(unreadable) - FORMATTED_INCOMPLETE} more not listed"
         event.set_results(
             {
                 "formatted": formatted,
                 "count": len(manifests),
-                "incomplete": " ".join(incomplete) or "none",
+                "incomplete": _some(incomplete, RESULT_BACKUPS, separator=" ") or "none",
+                "unreadable": _some(list(unreadable), RESULT_BACKUPS, separator=" ") or "none",
                 "backups": {
                     str(index): {
                         "id": manifest.backup_id,
@@ -405,7 +433,7 @@ class BackupObserver(ops.Object):
                         "parent": manifest.parent or "none",
                         "expires-after-next-full": manifest.backup_id in expiring,
                     }
-                    for index, manifest in enumerate(manifests, start=1)
+                    for index, manifest in enumerate(manifests[:RESULT_BACKUPS], start=1)
                 },
             }
         )

@@ -30,42 +30,83 @@ def chain_roots(manifests: Iterable[BackupManifest]) -> dict[str, str | None]:
     return roots
 
 
-def expired(manifests: Iterable[BackupManifest], keep_chains: int) -> list[str]:
+def expired(
+    manifests: Iterable[BackupManifest],
+    keep_chains: int,
+    *,
+    everything: Iterable[BackupManifest] | None = None,
+) -> list[str]:
     """Return the backups retention deletes to keep the newest complete chains.
 
     Chains are counted by their full backup, newest first. Only complete
     chains count and only chains older than the ``keep_chains``-th complete
     one are deleted, whole: a kept backup never loses what it depends on,
     and the newest complete chain always stays. Broken chains (a parent
-    missing) are left for the operator to look at.
+    missing) are left for the operator to look at. A chain that a backup
+    outside ``manifests`` builds on (another deployment's, which continued
+    a chain made before manifests named their deployment) is kept too.
 
     Args:
-        manifests: the complete backups.
+        manifests: the complete backups retention may delete.
         keep_chains: how many complete chains to keep; 0 keeps everything.
+        everything: all the complete backups under the path, when
+            ``manifests`` are only some of them.
 
     Returns:
         The ids to delete, newest first.
     """
     if keep_chains <= 0:
         return []
+    manifests = list(manifests)
     roots = chain_roots(manifests)
     complete_roots = sorted({root for root in roots.values() if root}, reverse=True)
     if len(complete_roots) <= keep_chains:
         return []
     doomed_roots = set(complete_roots[keep_chains:])
+    doomed = {backup_id for backup_id, root in roots.items() if root in doomed_roots}
+    needed = _ancestors_of_the_rest(doomed, [*manifests, *(everything or ())])
+    doomed_roots -= {roots[backup_id] for backup_id in doomed & needed}
     return sorted((backup_id for backup_id, root in roots.items() if root in doomed_roots),
                   reverse=True)  # fmt: skip
 
 
+def _ancestors_of_the_rest(doomed: set[str], manifests: Iterable[BackupManifest]) -> set[str]:
+    """Return the backups that the backups not doomed build on.
+
+    Args:
+        doomed: the backups to be deleted.
+        manifests: the backups to look at.
+
+    Returns:
+        The ids of every parent, grandparent and so on of a backup not doomed.
+    """
+    by_id = {manifest.backup_id: manifest for manifest in manifests}
+    needed: set[str] = set()
+    for manifest in by_id.values():
+        if manifest.backup_id in doomed:
+            continue
+        parent = manifest.parent
+        while parent and parent not in needed:
+            needed.add(parent)
+            ancestor = by_id.get(parent)
+            parent = ancestor.parent if ancestor is not None else ""
+    return needed
+
+
 def expire_after_next_full(
-    manifests: Iterable[BackupManifest], keep_chains: int, next_id: str
+    manifests: Iterable[BackupManifest],
+    keep_chains: int,
+    next_id: str,
+    *,
+    everything: Iterable[BackupManifest] | None = None,
 ) -> list[str]:
     """Return what retention would delete once the next full backup is made.
 
     Args:
-        manifests: the complete backups.
+        manifests: the complete backups retention may delete.
         keep_chains: how many complete chains to keep.
         next_id: an id newer than every backup, standing for the next full one.
+        everything: all the complete backups under the path (see expired).
 
     Returns:
         The ids that the next full backup's retention would delete.
@@ -83,4 +124,4 @@ def expire_after_next_full(
         sha256=template.sha256,
         duration=0,
     )
-    return expired([*manifests, future], keep_chains)
+    return expired([*manifests, future], keep_chains, everything=everything)

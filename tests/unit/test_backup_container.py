@@ -552,7 +552,9 @@ def s3_client() -> Iterator[mock.MagicMock]:
     """
     client = mock.create_autospec(backup.S3Client, instance=True)
     client.list_backups.return_value = []
-    client.object_size.side_effect = [None, None, None, 1234]
+    client.backup_names.return_value = []
+    client.has_manifest.return_value = False
+    client.object_size.side_effect = [1234]
     with mock.patch.object(backup, "S3Client", return_value=client):
         yield client
 
@@ -662,9 +664,9 @@ def test_run_backup(
     # Strictly: a manifest that cannot be read is not taken for a missing backup.
     s3_client.list_backups.assert_called_once_with(strict=True)
     s3_client.chain.assert_not_called()
-    assert s3_client.object_size.call_args_list == [
-        mock.call(name) for name in (*BACKUP_NAMES, BACKUP_ID)
-    ]
+    s3_client.backup_names.assert_called_once_with(BACKUP_ID)  # the id is free
+    assert s3_client.object_size.call_args_list == [mock.call(BACKUP_ID)]
+    s3_client.has_manifest.assert_called_once_with(BACKUP_ID)  # none committed meanwhile
     document = _put_manifest(s3_client)
     assert document["sha256"] == SHA256
     assert (document["type"], document["parent"]) == ("full", "")
@@ -712,7 +714,7 @@ def test_run_backup_checks_every_piece(
         backup, which is discarded.
     """
     monkeypatch.setattr(backup, "ARCHIVE_PIECE_SIZE", 500)
-    s3_client.object_size.side_effect = [None, None, None, *uploaded]
+    s3_client.object_size.side_effect = [*uploaded]
 
     with live_container(ctx, synapse_data, execs=[DU, PIPELINE_OK]) as container:
         if message is None:
@@ -723,7 +725,7 @@ def test_run_backup_checks_every_piece(
         script = ctx.exec_history["synapse"][1].command[2]
 
     pieces = [BACKUP_ID, f"{BACKUP_ID}.part-0001", f"{BACKUP_ID}.part-0002"]
-    assert s3_client.object_size.call_args_list[3:] == [
+    assert s3_client.object_size.call_args_list == [
         mock.call(name) for name in pieces[: len(uploaded)]
     ]
     assert " 500 .part- aws s3 cp " in script
@@ -850,7 +852,7 @@ def _incremental_s3(s3_client: mock.MagicMock, *, remote_state: bool = True) -> 
     s3_client.chain.return_value = chain
     s3_client.read_object.return_value = b"\x8c\x0d encrypted head"
     # The names are free, the parent's state is in S3 (or not), the upload has 1234 bytes.
-    s3_client.object_size.side_effect = [None, None, None, 321 if remote_state else None, 1234]
+    s3_client.object_size.side_effect = [321 if remote_state else None, 1234]
 
 
 def _keep_local_state(data_dir: pathlib.Path) -> None:
@@ -926,7 +928,6 @@ def test_run_backup_incremental(
     assert (document["type"], document["parent"]) == ("incremental", PARENT_ID)
     s3_client.chain.assert_called_once_with(PARENT_ID)
     assert s3_client.object_size.call_args_list == [
-        *(mock.call(name) for name in BACKUP_NAMES),
         mock.call(f"{PARENT_ID}.snar.gpg"),
         mock.call(BACKUP_ID),
     ]
@@ -1157,7 +1158,7 @@ def _no_parent_s3(s3_client: mock.MagicMock, listing: dict[str, Any], chain: Any
     else:
         s3_client.chain.return_value = chain
     # The names are free; no snapshot state in S3 (if asked); the upload has 1234 bytes.
-    sizes: list[int | None] = [None, None, None]
+    sizes: list[int | None] = []
     if chain and not isinstance(chain, Exception):
         sizes.append(None)
     s3_client.object_size.side_effect = [*sizes, 1234]
@@ -1288,35 +1289,35 @@ def test_run_backup_unknown_type(
     [
         pytest.param(
             testing.Exec(["bash", "-c"], return_code=1, stderr=f"aws: denied for {SECRET_KEY}\n"),
-            [None, None, None],
+            [],
             None,
             "the backup pipeline failed (exit code 1): aws: denied for ***",
             id="pipeline-fails",
         ),
         pytest.param(
             testing.Exec(["bash", "-c"], stdout="no digest\n"),
-            [None, None, None],
+            [],
             None,
             "did not report the archive's digest",
             id="no-digest",
         ),
         pytest.param(
             PIPELINE_OK,
-            [None, None, None, 999],
+            [999],
             None,
             f"the uploaded object {BACKUP_ID} has 999 bytes, the pipeline wrote 1234",
             id="size-mismatch",
         ),
         pytest.param(
             PIPELINE_OK,
-            [None, None, None, None],
+            [None],
             None,
             f"the uploaded object {BACKUP_ID} has None bytes",
             id="nothing-uploaded",
         ),
         pytest.param(
             PIPELINE_OK,
-            [None, None, None, 1234],
+            [1234],
             backup.S3Error("cannot write object x: AccessDenied"),
             "cannot write object x: AccessDenied",
             id="manifest-not-written",
@@ -1376,15 +1377,23 @@ def test_run_backup_discard_failure_keeps_the_error(
 
 @pytest.mark.usefixtures("tools_present")
 @pytest.mark.parametrize(
-    ("check_error", "sizes", "message"),
+    ("check_error", "names", "message"),
     [
         pytest.param(
-            None, [10], f"a backup named {BACKUP_ID} exists already", id="manifest-exists"
+            None,
+            [f"{BACKUP_ID}.manifest.json"],
+            f"a backup named {BACKUP_ID} exists already",
+            id="manifest-exists",
         ),
-        pytest.param(None, [None, 2], "exists already", id="archive-exists"),
-        pytest.param(None, [None, None, 3], "exists already", id="snapshot-state-exists"),
+        pytest.param(None, [BACKUP_ID], "exists already", id="archive-exists"),
         pytest.param(
-            None, [backup.S3Error("cannot read object")], "cannot read object", id="s3-error"
+            None, [f"{BACKUP_ID}.snar.gpg"], "exists already", id="snapshot-state-exists"
+        ),
+        pytest.param(
+            None, [f"{BACKUP_ID}.part-0001"], "or is being made", id="upload-under-way-elsewhere"
+        ),
+        pytest.param(
+            None, backup.S3Error("cannot list the backups"), "cannot list", id="s3-error"
         ),
         pytest.param(
             backup.S3Error("access to bucket synapse-backups denied", option="s3-credentials"),
@@ -1400,12 +1409,19 @@ def test_run_backup_never_touches_an_existing_backup(
     s3_client: mock.MagicMock,
     *,
     check_error: backup.S3Error | None,
-    sizes: list[Any],
+    names: list[str] | backup.S3Error,
     message: str,
 ):
-    """A backup id in use (or S3 refusing) stops before anything runs or is deleted."""
+    """A backup id in use, even by a backup being made on another unit, stops everything.
+
+    The id's objects and unfinished uploads are looked for (or S3 refuses):
+    nothing runs and nothing is deleted.
+    """
     s3_client.check_bucket.side_effect = check_error
-    s3_client.object_size.side_effect = sizes
+    if isinstance(names, Exception):
+        s3_client.backup_names.side_effect = names
+    else:
+        s3_client.backup_names.return_value = names
 
     with (
         live_container(ctx, synapse_data, execs=[DU, PIPELINE_OK]) as container,
@@ -1417,6 +1433,27 @@ def test_run_backup_never_touches_an_existing_backup(
     s3_client.list_backups.assert_not_called()
     s3_client.delete_backup_objects.assert_not_called()
     s3_client.put_text.assert_not_called()
+
+
+@pytest.mark.usefixtures("tools_present")
+def test_run_backup_never_overwrites_nor_discards_a_backup_committed_meanwhile(
+    ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock
+):
+    """Two units that start a backup in the same second get the same id.
+
+    When the other one commits first, this one fails without writing its
+    manifest over the other's, and without deleting the other's objects.
+    """
+    s3_client.has_manifest.return_value = True
+
+    with (
+        live_container(ctx, synapse_data, execs=[DU, PIPELINE_OK]) as container,
+        pytest.raises(backup.BackupError, match=r"another backup named .* was committed"),
+    ):
+        backup.run_backup(container, _params(), BACKUP_ID, PASSPHRASE)
+
+    s3_client.put_text.assert_not_called()
+    s3_client.delete_backup_objects.assert_not_called()
 
 
 @pytest.mark.parametrize(

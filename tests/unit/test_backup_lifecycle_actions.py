@@ -28,6 +28,7 @@ import synapse
 from backup_observer import (
     FORMATTED_ROWS,
     NOT_CONFIGURED,
+    RESULT_BACKUPS,
     BackupIdParams,
     DeleteParams,
     RestoreParams,
@@ -60,7 +61,7 @@ class Patched:
     delete_backup: mock.MagicMock
     run_restore: mock.MagicMock
     verify_backup: mock.MagicMock
-    incomplete_backups: mock.MagicMock
+    unlisted_backups: mock.MagicMock
 
     def for_action(self, action: str) -> mock.MagicMock:
         """Return the function an action calls."""
@@ -80,12 +81,12 @@ def patched() -> Iterator[Patched]:
         mock.patch.object(backup.S3Client, "delete_backup", autospec=True) as delete_backup,
         mock.patch.object(backup, "run_restore", autospec=True) as run_restore,
         mock.patch.object(backup, "verify_backup", autospec=True) as verify_backup,
-        mock.patch.object(backup.S3Client, "incomplete_backups", autospec=True) as incomplete,
+        mock.patch.object(backup.S3Client, "unlisted_backups", autospec=True) as unlisted,
     ):
         list_backups.return_value = []
         delete_backup.return_value = [BACKUP_ID]
-        incomplete.return_value = []
-        yield Patched(list_backups, delete_backup, run_restore, verify_backup, incomplete)
+        unlisted.return_value = backup.UnlistedBackups()
+        yield Patched(list_backups, delete_backup, run_restore, verify_backup, unlisted)
 
 
 def _manifest(
@@ -358,6 +359,7 @@ def test_list_backups(ctx: testing.Context, data_dir: pathlib.Path, patched: Pat
         "formatted": format_backups([newer, older]),
         "count": 2,
         "incomplete": "none",
+        "unreadable": "none",
         "backups": {
             "1": {
                 "id": "20250301T000000Z",
@@ -383,7 +385,7 @@ def test_list_backups(ctx: testing.Context, data_dir: pathlib.Path, patched: Pat
     (client,) = patched.list_backups.call_args.args
     assert client._parameters.secret_key == SECRET_KEY
     # What is not a complete backup is looked for among the rest.
-    assert patched.incomplete_backups.call_args.args[1] == [
+    assert patched.unlisted_backups.call_args.args[1] == [
         "20250301T000000Z",
         "20250201T000000Z",
     ]
@@ -395,7 +397,9 @@ def test_list_backups_names_incomplete_ids(
     """Ids with objects but no complete backup are named, apart from the backups."""
     backups = [_manifest("20250301T000000Z")]
     patched.list_backups.return_value = backups
-    patched.incomplete_backups.return_value = ["20250302T000000Z", "20250101T000000Z"]
+    patched.unlisted_backups.return_value = backup.UnlistedBackups(
+        incomplete=["20250302T000000Z", "20250101T000000Z"]
+    )
 
     ctx.run(ctx.on.action("list-backups"), make_state(data_dir, CONFIG))
 
@@ -416,7 +420,7 @@ def test_list_backups_names_at_most_20_incomplete_ids_in_the_table(
     """The table names the newest 20 incomplete ids and counts the rest; the result has all."""
     incomplete = [f"2025{month:02}01T000000Z" for month in range(12, 0, -1)]
     incomplete += [f"2024{month:02}01T000000Z" for month in range(12, 0, -1)]
-    patched.incomplete_backups.return_value = incomplete
+    patched.unlisted_backups.return_value = backup.UnlistedBackups(incomplete=incomplete)
 
     ctx.run(ctx.on.action("list-backups"), make_state(data_dir, CONFIG))
 
@@ -499,6 +503,80 @@ def test_list_backups_many(ctx: testing.Context, data_dir: pathlib.Path, patched
     assert lines[-1] == "... and 236 older backups (all are in the backups result)"
 
 
+def _action_set_arguments(results: dict[str, object], prefix: str = "") -> list[str]:
+    """Return the key=value arguments ops gives action-set for nested results."""
+    arguments = []
+    for key, value in results.items():
+        if isinstance(value, dict):
+            arguments += _action_set_arguments(value, f"{prefix}{key}.")
+        else:
+            arguments.append(f"{prefix}{key}={value}")
+    return arguments
+
+
+def test_list_backups_results_fit_one_command_line(
+    ctx: testing.Context, data_dir: pathlib.Path, patched: Patched
+):
+    """Thousands of backups (hourly ones for a year) still list: results stay small.
+
+    Juju's action-set gets every result on one command line, which Linux
+    limits to 2 MiB in all: 7,000 backups made it fail. The newest
+    RESULT_BACKUPS are in the results, and count says how many there are.
+    """
+    manifests = [
+        _manifest(f"{year}{month:02}{day:02}T{hour:02}0000Z")
+        for year in (2025, 2024)
+        for month in range(12, 0, -1)
+        for day in range(28, 0, -1)
+        for hour in range(23, 12, -1)
+    ]
+    incomplete = [
+        f"2023{month:02}{day:02}T000000Z" for month in range(12, 0, -1) for day in range(28, 0, -1)
+    ]
+    patched.list_backups.return_value = manifests
+    patched.unlisted_backups.return_value = backup.UnlistedBackups(incomplete=incomplete * 5)
+
+    ctx.run(ctx.on.action("list-backups"), make_state(data_dir, CONFIG))
+
+    results = ctx.action_results
+    assert results is not None
+    assert results["count"] == len(manifests) == 7392
+    assert [entry["id"] for entry in results["backups"].values()] == [
+        manifest.backup_id for manifest in manifests[:RESULT_BACKUPS]
+    ]
+    assert results["incomplete"].endswith(f" and {len(incomplete) * 5 - RESULT_BACKUPS} more")
+    last = results["formatted"].splitlines()[-2]
+    hidden = 7392 - FORMATTED_ROWS
+    assert last == f"... and {hidden} older backups (the newest 1000 are in the backups result)"
+    assert sum(len(argument) + 1 for argument in _action_set_arguments(results)) < 1024 * 1024
+
+
+def test_list_backups_names_unreadable_manifests(
+    ctx: testing.Context, data_dir: pathlib.Path, patched: Patched
+):
+    """A backup whose manifest cannot be used now is named with why, never silently left out."""
+    patched.list_backups.return_value = [_manifest("20250301T000000Z")]
+    patched.unlisted_backups.return_value = backup.UnlistedBackups(
+        unreadable={
+            "20250302T000000Z": "cannot read object 20250302T000000Z.manifest.json: SlowDown",
+            "20250201T000000Z": "its manifest has version 2, written by a newer charm",
+        }
+    )
+
+    ctx.run(ctx.on.action("list-backups"), make_state(data_dir, CONFIG))
+
+    results = ctx.action_results
+    assert results is not None
+    assert results["count"] == 1
+    assert results["unreadable"] == "20250302T000000Z 20250201T000000Z"
+    assert results["formatted"].splitlines()[-2:] == [
+        "not listed, its manifest cannot be used now: 20250302T000000Z: "
+        "cannot read object 20250302T000000Z.manifest.json: SlowDown",
+        "not listed, its manifest cannot be used now: 20250201T000000Z: "
+        "its manifest has version 2, written by a newer charm",
+    ]
+
+
 def test_list_backups_empty(ctx: testing.Context, data_dir: pathlib.Path, patched: Patched):
     """With no backup the table says so and the count is 0."""
     ctx.run(ctx.on.action("list-backups"), make_state(data_dir, CONFIG))
@@ -507,6 +585,7 @@ def test_list_backups_empty(ctx: testing.Context, data_dir: pathlib.Path, patche
         "formatted": "no backups",
         "count": 0,
         "incomplete": "none",
+        "unreadable": "none",
         "backups": {},
     }
 

@@ -315,7 +315,7 @@ def _many(count: int) -> list[backup.BackupManifest]:
         pytest.param(
             1200,
             FORMATTED_ROWS,
-            "... and 1100 older backups (all are in the backups result)",
+            "... and 1100 older backups (the newest 1000 are in the backups result)",
             id="1200",
         ),
     ],

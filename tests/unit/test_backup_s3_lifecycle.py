@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import io
+import json
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -76,6 +77,7 @@ class FakeS3:
         calls: (operation, key or prefix) in call order.
         broken: keys whose get_object fails.
         undeletable: keys whose delete_object is denied.
+        uploads_denied: listing unfinished uploads is denied (a minimal policy).
     """
 
     def __init__(self, objects: dict[str, bytes], page_size: int = 2):
@@ -85,6 +87,7 @@ class FakeS3:
         self.calls: list[tuple[str, str]] = []
         self.broken: set[str] = set()
         self.undeletable: set[str] = set()
+        self.uploads_denied = False
         self._lock = threading.Lock()
 
     def _record(self, operation: str, key: str) -> None:
@@ -123,8 +126,10 @@ class FakeS3:
         return {"ContentLength": len(self.objects[Key])}
 
     def list_multipart_uploads(self, *, Bucket: str, Prefix: str) -> dict[str, Any]:  # noqa: N803
-        """Return no unfinished uploads."""
+        """Return no unfinished uploads, or deny the listing."""
         self._record("list_multipart_uploads", Prefix)
+        if self.uploads_denied:
+            raise _client_error("AccessDenied", "ListMultipartUploads", 403)
         return {}
 
     def delete_object(self, *, Bucket: str, Key: str) -> dict[str, Any]:  # noqa: N803
@@ -143,9 +148,11 @@ class _NoUploads:
         self._fake = fake
 
     def paginate(self, *, Bucket: str, Prefix: str) -> Iterator[dict[str, Any]]:  # noqa: N803
-        """Yield one empty page."""
+        """Yield one empty page, or deny the listing."""
         assert Bucket == BUCKET
         self._fake._record("list_multipart_uploads", Prefix)
+        if self._fake.uploads_denied:
+            raise _client_error("AccessDenied", "ListMultipartUploads", 403)
         yield {}
 
 
@@ -592,6 +599,104 @@ def test_incomplete_backups_asks_again_before_calling_a_backup_incomplete():
     assert "20250103T000000Z" in client.incomplete_backups([])
 
 
+def _newer_charm_manifest(backup_id: str) -> bytes:
+    document = json.loads(_manifest(backup_id).to_json())
+    document["version"] = backup.MANIFEST_VERSION + 1
+    document["type"] = "differential"  # something this charm does not know
+    return json.dumps(document).encode()
+
+
+def test_a_manifest_from_a_newer_charm_is_refused_not_misread():
+    """A newer manifest format is not read as this one: its meaning may have changed."""
+    document = json.loads(_manifest("20250101T000000Z").to_json())
+    document["version"] = backup.MANIFEST_VERSION + 1
+
+    with pytest.raises(backup.BackupError, match=r"written by a newer charm .* upgrade the charm"):
+        backup.BackupManifest.from_json(json.dumps(document))
+
+
+def test_unreadable_manifests_are_named_apart_never_incomplete():
+    """A manifest that cannot be read or used may be a good backup's: never "incomplete".
+
+    list-backups names such ids apart, with the reason, so that a backup never
+    silently disappears from the listing (a newer charm's, or S3 refusing one
+    read), and delete-backup does not offer to remove them as leftovers.
+    """
+    objects = _backup_objects(_manifest("20250101T000000Z"))
+    objects.update(_backup_objects(_manifest("20250102T000000Z")))
+    objects[f"{PREFIX}/20250102T000000Z{backup.MANIFEST_SUFFIX}"] = _newer_charm_manifest(
+        "20250102T000000Z"
+    )
+    objects.update(_backup_objects(_manifest("20250103T000000Z")))
+    objects[f"{PREFIX}/20250104T000000Z"] = b"archive without a manifest"
+    client, fake = _fake_client(objects)
+    fake.broken.add(f"{PREFIX}/20250103T000000Z{backup.MANIFEST_SUFFIX}")
+
+    complete = [manifest.backup_id for manifest in client.list_backups()]
+    unlisted = client.unlisted_backups(complete)
+
+    assert complete == ["20250101T000000Z"]
+    assert unlisted.incomplete == ["20250104T000000Z"]
+    assert list(unlisted.unreadable) == ["20250103T000000Z", "20250102T000000Z"]
+    assert (
+        "cannot read object 20250103T000000Z.manifest.json"
+        in (unlisted.unreadable["20250103T000000Z"])
+    )
+    assert "written by a newer charm" in unlisted.unreadable["20250102T000000Z"]
+    assert client.incomplete_backups(complete) == ["20250104T000000Z"]
+
+
+def test_delete_backup_keeps_a_manifest_it_cannot_use_unless_forced():
+    """A newer charm's backup is not deleted as if it were broken; force deletes it."""
+    objects = _backup_objects(_manifest("20250102T000000Z"))
+    objects[f"{PREFIX}/20250102T000000Z{backup.MANIFEST_SUFFIX}"] = _newer_charm_manifest(
+        "20250102T000000Z"
+    )
+    client, fake = _fake_client(objects)
+
+    with pytest.raises(
+        backup.S3Error, match=r"cannot be used by this charm .* force=true"
+    ) as info:
+        client.delete_backup("20250102T000000Z")
+    assert info.value.option == "backup-id"
+    assert fake.objects == objects
+
+    assert client.delete_backup("20250102T000000Z", force=True) == ["20250102T000000Z"]
+    assert fake.objects == {}
+
+
+def test_delete_backup_of_an_incomplete_backup_with_a_manifest_needs_no_force():
+    """A manifest whose objects do not match is an incomplete backup: delete-backup removes it."""
+    objects = _backup_objects(_manifest("20250102T000000Z"), archive_size=7)
+    client, fake = _fake_client(objects)
+
+    assert client.delete_backup("20250102T000000Z") == ["20250102T000000Z"]
+    assert fake.objects == {}
+
+
+def test_delete_backup_of_leftovers_keeps_what_complete_backups_depend_on():
+    """An archive whose manifest went missing is kept while backups name it as parent.
+
+    Those backups are broken already, but its objects are what a repair by
+    hand would need; chain=true deletes it with them.
+    """
+    objects = _backup_objects(_manifest("20250101T000000Z"))
+    del objects[f"{PREFIX}/20250101T000000Z{backup.MANIFEST_SUFFIX}"]
+    child = _manifest("20250102T000000Z", backup_type="incremental", parent="20250101T000000Z")
+    objects.update(_backup_objects(child))
+    objects.update(_backup_objects(_manifest("20250103T000000Z")))
+    client, fake = _fake_client(objects)
+
+    with pytest.raises(backup.S3Error, match="20250102T000000Z name it as their parent"):
+        client.delete_backup("20250101T000000Z", force=True)
+    assert fake.objects == objects
+
+    deleted = client.delete_backup("20250101T000000Z", force=True, chain=True)
+
+    assert deleted == ["20250102T000000Z", "20250101T000000Z"]
+    assert set(fake.objects) == set(_backup_objects(_manifest("20250103T000000Z")))
+
+
 def test_delete_backup_refuses_a_recent_incomplete_backup_without_force():
     """An id without a manifest that started less than 24 hours ago may be running."""
     client, fake = _fake_client(_leftover_objects())
@@ -680,6 +785,31 @@ def test_a_store_that_does_not_list_uploads_still_lists_objects(
 
     assert client.incomplete_backups([]) == ["20250101T000000Z"]
     assert "cannot list unfinished uploads: NotImplemented" in caplog.text
+
+
+@pytest.mark.parametrize("manifest", [True, False], ids=["backup", "leftovers"])
+def test_delete_without_the_right_to_list_uploads(
+    manifest: bool, caplog: pytest.LogCaptureFixture
+):
+    """Credentials that may not list unfinished uploads still delete, with one warning.
+
+    AWS needs s3:ListBucketMultipartUploads for that listing, which a minimal
+    policy often leaves out; deleting must not depend on it.
+    """
+    objects = _backup_objects(_manifest("20250101T000000Z"))
+    objects["prod/20250101T000000Z.snar.gpg"] = b"state"
+    if not manifest:
+        del objects["prod/20250101T000000Z.manifest.json"]
+    objects.update(_backup_objects(_manifest("20250102T000000Z")))
+    client, fake = _fake_client(objects)
+    fake.uploads_denied = True
+
+    assert client.delete_backup("20250101T000000Z", force=True) == ["20250101T000000Z"]
+
+    assert set(fake.objects) == set(_backup_objects(_manifest("20250102T000000Z")))
+    listings = [call for call in fake.calls if call[0] == "list_multipart_uploads"]
+    assert len(listings) == 2  # once to find the pieces, once to delete: not per object
+    assert caplog.text.count("cannot list unfinished uploads: AccessDenied") == 2
 
 
 def test_delete_backup_missing(client: backup.S3Client, stubber: Stubber):

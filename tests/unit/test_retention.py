@@ -212,3 +212,36 @@ def test_expire_after_next_full_is_expired_with_one_more_full():
         assert retention.expire_after_next_full(iter(ALL), keep, NEXT_FULL) == retention.expired(
             [*ALL, _full(NEXT_FULL)], keep
         )
+
+
+def test_expired_keeps_a_chain_that_another_deployment_builds_on():
+    """A chain made before manifests named their deployment counts as every deployment's.
+
+    When deployment A continued such a chain and deployment B shares the path,
+    B's retention must not delete the chain under A's newest backup.
+    """
+    legacy_full, legacy_incremental = (
+        _full("20250101T000000Z"),
+        _incremental("20250102T000000Z", "20250101T000000Z"),
+    )
+    a_incremental = _incremental("20250103T000000Z", "20250102T000000Z")  # A's, not B's
+    b_full = _full("20250104T000000Z")
+    b_own = [b_full, legacy_incremental, legacy_full]
+    everything = [b_full, a_incremental, legacy_incremental, legacy_full]
+
+    assert retention.expired(b_own, 1) == ["20250102T000000Z", "20250101T000000Z"]
+    assert retention.expired(b_own, 1, everything=everything) == []
+    assert retention.expire_after_next_full(b_own, 2, NEXT_FULL, everything=everything) == []
+
+
+def test_expired_with_everything_still_deletes_what_no_one_else_needs():
+    """Other deployments' backups spare only the chains they build on."""
+    others = [_full("20250105T000000Z"), _incremental("20250106T000000Z", "20250105T000000Z")]
+    own = [_full("20250104T000000Z"), _full("20250103T000000Z"), _full("20250101T000000Z")]
+    own.append(_incremental("20250102T000000Z", "20250101T000000Z"))
+
+    assert retention.expired(own, 1, everything=[*own, *others]) == [
+        "20250103T000000Z",
+        "20250102T000000Z",
+        "20250101T000000Z",
+    ]

@@ -19,7 +19,7 @@ import pytest
 from ops import testing
 
 import backup
-from backup_observer import FORMATTED_ROWS
+from backup_observer import FORMATTED_ROWS, RESULT_BACKUPS
 from charm import SynapseCharm
 from tests.helpers.seaweed import SeaweedServer
 from tests.workload.conftest import SERVER_NAME, parameters_for
@@ -66,12 +66,14 @@ class Crowded:
         newest_first: the complete backups' ids, newest first.
         debris: the ids that look like backups but are not complete ones.
         incomplete: what list-backups gives as incomplete, newest first.
+        unreadable: what it gives as unreadable (a manifest that does not parse).
     """
 
     bucket: str
     newest_first: list[str]
     debris: dict[str, str]
     incomplete: list[str]
+    unreadable: list[str]
 
 
 @pytest.fixture(scope="module")
@@ -148,22 +150,24 @@ def crowded(s3_server: SeaweedServer) -> Crowded:
     }
     # Ids with objects but no complete backup: the named debris, and an odd
     # object under a backup id (spare[3].tmp); not deeper, beside or above.
-    named_incomplete = sorted([*named.values(), spare[3]], reverse=True)
-    return Crowded(bucket, complete[::-1], named, named_incomplete)
+    # A manifest that does not parse may be a good backup's: not incomplete.
+    unreadable = sorted([not_json, bad_sha], reverse=True)
+    named_incomplete = sorted({*named.values(), spare[3]} - set(unreadable), reverse=True)
+    return Crowded(bucket, complete[::-1], named, named_incomplete, unreadable)
 
 
 def test_list_backups_action_lists_exactly_the_complete_backups(
     harness: testing.Harness[SynapseCharm], s3_server: SeaweedServer, crowded: Crowded
 ) -> None:
-    """1,200 backups over two S3 pages: all listed, newest first; no debris."""
+    """1,200 backups over two S3 pages: all counted, the newest 1,000 listed; no debris."""
     configure(harness, s3_server, crowded.bucket)
 
     results = harness.run_action("list-backups").results
 
     assert results["count"] == BACKUPS
     listed = results["backups"]
-    assert list(listed) == [str(index) for index in range(1, BACKUPS + 1)]
-    assert [entry["id"] for entry in listed.values()] == crowded.newest_first
+    assert list(listed) == [str(index) for index in range(1, RESULT_BACKUPS + 1)]
+    assert [entry["id"] for entry in listed.values()] == crowded.newest_first[:RESULT_BACKUPS]
     newest = listed["1"]
     assert newest["server-name"] == SERVER_NAME
     assert newest["created-at"].startswith(crowded.newest_first[0][:4])
@@ -172,17 +176,25 @@ def test_list_backups_action_lists_exactly_the_complete_backups(
     # argument, at most 128 KiB) and says how many more `backups` has.
     lines = results["formatted"].splitlines()
     shown = FORMATTED_ROWS
-    assert len(lines) == shown + 3  # header, rows, "... and N older", incomplete ids
+    assert len(lines) == shown + 5  # header, rows, "... and N older", incomplete, 2 unreadable
     assert len(results["formatted"].encode()) < 64 * 1024
     header = lines[0].split()
     assert header[0] == "backup-id"
     assert {"created-at", "size", "server-name"} <= set(header)
-    assert [line.split()[0] for line in lines[1:-2]] == crowded.newest_first[:shown]
-    assert all(SERVER_NAME in line.split() for line in lines[1:-2])
-    assert lines[-2] == f"... and {BACKUPS - shown} older backups (all are in the backups result)"
-    assert lines[-1].startswith("incomplete, not backups")
-    assert lines[-1].endswith(": " + ", ".join(crowded.incomplete))
+    rows = lines[1 : 1 + shown]
+    assert [line.split()[0] for line in rows] == crowded.newest_first[:shown]
+    assert all(SERVER_NAME in line.split() for line in rows)
+    assert lines[-4] == (
+        f"... and {BACKUPS - shown} older backups (the newest 1000 are in the backups result)"
+    )
+    assert lines[-3].startswith("incomplete, not backups")
+    assert lines[-3].endswith(": " + ", ".join(crowded.incomplete))
     assert results["incomplete"] == " ".join(crowded.incomplete)
+    assert [line.split(": ")[1] for line in lines[-2:]] == crowded.unreadable
+    assert all(
+        line.startswith("not listed, its manifest cannot be used now: ") for line in lines[-2:]
+    )
+    assert results["unreadable"] == " ".join(crowded.unreadable)
 
 
 def test_s3_client_lists_exactly_the_complete_backups(
