@@ -30,7 +30,7 @@ from ops import testing
 
 from charm import SynapseCharm
 from tests.helpers.operator import configure_backups
-from tests.helpers.sandbox import Sandbox, honor_pebble_ownership
+from tests.helpers.sandbox import Sandbox, SynapseHealth, honor_pebble_ownership
 from tests.helpers.seaweed import SeaweedServer
 from tests.helpers.synapse_data import make_synapse_data
 
@@ -247,6 +247,8 @@ def main() -> int:
             total = sum(path.stat().st_size for path in data.rglob("*") if path.is_file())
             print(f"{sum(1 for _ in data.rglob('*'))} entries, {total} bytes")
             harness.handle_exec("synapse", [], handler=Sandbox(root).handle)
+            # No Synapse runs here (Harness stands in for Pebble): its /health answers.
+            SynapseHealth().answer_in(harness)
 
             configure(harness, server)
             say("juju run synapse/0 create-backup")

@@ -2422,7 +2422,12 @@ PREVIOUS_DATA_PREFIX = ".synapse-previous-"
 # Written before a swap and removed after it: a later hook rolls back what
 # a dying charm left half swapped.
 RESTORE_JOURNAL = f"{DATA_DIR}/.synapse-restore-journal.json"
+# How long a restored Synapse has to answer its health check before the
+# previous data is removed (Pebble's start only waits one second).
+RESTORE_HEALTH_TIMEOUT = 300.0
+RESTORE_HEALTH_INTERVAL = 5.0
 PASSPHRASE_PROBE_BYTES = 64 * 1024
+DISK_BLOCK = 4096  # what a file's last block may waste, counted per member when staging
 # Room the staging area needs beyond the archive's size.
 STAGING_HEADROOM = 64 * 1024 * 1024
 ROOT_USER_ID = 0
@@ -2841,6 +2846,11 @@ def _swap_in(
                 _move(container, path, previous_dir + path)
             if path in staged:
                 _move(container, staging_dir + path, path)
+        # The swap is done only once its journal is gone: a journal left with
+        # staging or previous removed would make a roll-back move live data
+        # into a directory about to be deleted. If it cannot be removed, the
+        # swap is undone now, while both are whole.
+        container.remove_path(RESTORE_JOURNAL)
     except (BackupError, ops.pebble.Error) as exc:
         problems = _roll_back(container, journal)
         if problems:
@@ -2849,7 +2859,6 @@ def _swap_in(
                 f"the previous data is in {previous_dir}, the restored data in {staging_dir}"
             ) from exc
         raise BackupError(f"the swap failed and was undone, nothing changed: {exc}") from exc
-    _remove_quietly(container, RESTORE_JOURNAL)
 
 
 class IncompleteRollbackError(BackupError):
@@ -2873,8 +2882,9 @@ def _roll_back(container: ops.Container, journal: Mapping[str, Any]) -> list[str
         journal: the swap's journal (staging, previous, paths, staged).
 
     Returns:
-        What could not be undone (empty when all is back); the journal is
-        removed only when all is back.
+        What could not be undone (empty when all is back and the journal is
+        removed); the journal is removed only when all is back, and while it
+        exists nobody may remove staging or previous.
     """
     staging, previous = str(journal["staging"]), str(journal["previous"])
     staged = set(journal["staged"])
@@ -2893,7 +2903,11 @@ def _roll_back(container: ops.Container, journal: Mapping[str, Any]) -> list[str
             logger.critical("could not undo the restore of %s: %s", path, exc)
             problems.append(str(exc))
     if not problems:
-        _remove_quietly(container, RESTORE_JOURNAL)
+        try:
+            container.remove_path(RESTORE_JOURNAL)
+        except ops.pebble.Error as exc:
+            logger.critical("the data is back, but the restore journal stays: %s", exc)
+            problems.append(f"cannot remove {RESTORE_JOURNAL}: {exc}")
     return problems
 
 
@@ -2945,6 +2959,13 @@ def recover_interrupted_restore(container: ops.Container) -> str | None:
         journal = json.loads(container.pull(RESTORE_JOURNAL).read())
     except (ops.pebble.Error, ValueError) as exc:
         return f"cannot read the journal of an interrupted restore: {exc}"
+    if not (
+        isinstance(journal, dict)
+        and all(isinstance(journal.get(key), str) for key in ("staging", "previous"))
+        and all(isinstance(journal.get(key), list) for key in ("paths", "staged"))
+        and all(isinstance(path, str) for path in (*journal["paths"], *journal["staged"]))
+    ):
+        return f"cannot read the journal of an interrupted restore: {RESTORE_JOURNAL} is damaged"
     logger.warning("rolling back an interrupted restore: %s", journal)
     problems = _roll_back(container, journal)
     if problems:
@@ -2989,6 +3010,7 @@ def run_restore(
     service: str = "synapse",
     log: Callable[[str], None] = logger.info,
     synapse_version: str | None = None,
+    healthy: Callable[[], bool] | None = None,
 ) -> RestoreResult:
     """Check, stage and swap in a backup; Synapse is started again in every outcome.
 
@@ -3015,6 +3037,9 @@ def run_restore(
         synapse_version: the version of the Synapse that will run the
             restored data; None skips the check, and one that cannot be
             read ("unknown") skips it with a note in the log.
+        healthy: tells whether Synapse answers its health check; when
+            given, the previous data is removed only once it does, within
+            RESTORE_HEALTH_TIMEOUT (else it is kept, and the restore fails).
 
     Returns:
         What was restored.
@@ -3063,9 +3088,9 @@ def run_restore(
         raise
     # Anything else (the charm dying) leaves all in place: the journal rolls it back.
     _remove_quietly(container, staging_dir)
-    if not keep_previous:
-        log("removing the previous data")
-        _remove_quietly(container, previous_dir)
+    _remove_previous(
+        container, previous_dir, keep_previous=keep_previous, healthy=healthy, log=log
+    )
     return RestoreResult(
         backup_id=backup_key,
         file_count=sum(check.file_count for check in checks),
@@ -3073,6 +3098,60 @@ def run_restore(
         restored_paths=tuple(paths),
         previous_dir=previous_dir if keep_previous else None,
     )
+
+
+def _remove_previous(
+    container: ops.Container,
+    previous_dir: str,
+    *,
+    keep_previous: bool,
+    healthy: Callable[[], bool] | None,
+    log: Callable[[str], None],
+) -> None:
+    """Remove the data a restore replaced, unless kept, once Synapse answers on the new data.
+
+    Args:
+        container: Synapse Container.
+        previous_dir: where the replaced data is.
+        keep_previous: keep it anyway.
+        healthy: tells whether Synapse answers its health check (None: do not ask).
+        log: receives progress messages.
+
+    Raises:
+        SynapseNotStartedError: if Synapse did not answer in time; the
+            previous data is then kept.
+    """
+    if healthy is not None and not _wait_until_healthy(healthy, log):
+        raise SynapseNotStartedError(
+            f"Synapse started on the restored data but did not answer its health check "
+            f"within {RESTORE_HEALTH_TIMEOUT:g} s; the restored data is in place, the "
+            f"previous data is kept in {previous_dir}"
+        )
+    if not keep_previous:
+        log("removing the previous data")
+        _remove_quietly(container, previous_dir)
+
+
+def _wait_until_healthy(healthy: Callable[[], bool], log: Callable[[str], None]) -> bool:
+    """Wait until Synapse answers its health check on the restored data.
+
+    Synapse checks its database schema and configuration after Pebble
+    counts it started, so a restore is not over until it answers.
+
+    Args:
+        healthy: tells whether Synapse answers.
+        log: receives progress messages.
+
+    Returns:
+        Whether it answered within RESTORE_HEALTH_TIMEOUT.
+    """
+    log("waiting for Synapse to answer its health check")
+    deadline = time.monotonic() + RESTORE_HEALTH_TIMEOUT
+    while not healthy():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(RESTORE_HEALTH_INTERVAL)
+    return True
 
 
 def _check_server_name(manifest: BackupManifest, server_name: str | None) -> None:
@@ -3178,7 +3257,10 @@ def _stage_chain(
     with prepared_container(container, s3_parameters, passphrase) as work_dir:
         log("checking the passphrase")
         _check_passphrase(container, client, chain[0].backup_id, work_dir)
-        needed = sum(link.size for link in chain) + STAGING_HEADROOM
+        # Each file takes whole blocks on disk: many small ones (thumbnails) take
+        # twice their archive's bytes, so a block per member is counted too.
+        needed = sum(link.size + link.file_count * DISK_BLOCK for link in chain)
+        needed += STAGING_HEADROOM
         available = _available_bytes(container, DATA_DIR)
         if available < needed:
             raise BackupError(

@@ -515,6 +515,7 @@ class BackupObserver(ops.Object):
                 service=synapse.SERVICE_NAME,
                 log=event.log,
                 synapse_version=synapse.version(container),
+                healthy=lambda: synapse.answers_health(container),
             )
         except backup.BackupError as exc:
             logger.error("restore of %s failed: %s", params.backup_id, exc)

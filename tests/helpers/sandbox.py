@@ -27,8 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ops import testing
 from ops._private.harness import _TestingPebbleClient
 from ops.testing import ExecArgs, ExecResult
+
+import synapse
 
 # Host top-level entries the sandbox never takes from the host.
 _HOST_EXCLUDED = frozenset({"proc", "dev", "sys", "tmp", "run", "root"})
@@ -488,8 +491,43 @@ def mount_small_fs(path: Path, size_bytes: int) -> Iterator[Path]:
             subprocess.run(["umount", "--lazy", str(path)], capture_output=True, check=False)
 
 
+class SynapseHealth:
+    """A stand-in for Synapse's /health endpoint (mocked: Harness runs no service).
+
+    Every other exec runs for real in the sandbox; the health probe answers
+    as ``answers`` says, and counts how often it was asked.
+    """
+
+    def __init__(self) -> None:
+        """Answer until told otherwise."""
+        self.answers = True
+        self.asked = 0
+
+    def handle(self, args: testing.ExecArgs) -> testing.ExecResult:
+        """Answer one probe.
+
+        Args:
+            args: the probe's exec.
+
+        Returns:
+            Success when Synapse is to answer.
+        """
+        self.asked += 1
+        return testing.ExecResult(exit_code=0 if self.answers else 1)
+
+    def answer_in(self, harness: testing.Harness[Any]) -> None:
+        """Answer the charm's health probes in a harness's synapse container.
+
+        Args:
+            harness: the harness.
+        """
+        probe = ["python3", "-c", synapse.HEALTH_PROBE]
+        harness.handle_exec("synapse", probe, handler=self.handle)
+
+
 __all__ = [
     "Sandbox",
+    "SynapseHealth",
     "exec_args",
     "honor_pebble_ownership",
     "mount_small_fs",

@@ -595,7 +595,8 @@ def test_restore_s3_error_reading_the_probe(
         pytest.param(
             testing.Exec(["df"], stdout="Avail\n1000\n"),
             "not enough room in /data to stage the restore: "
-            f"{1234 + backup.STAGING_HEADROOM} bytes needed, 1000 available",
+            f"{1234 + 6 * backup.DISK_BLOCK + backup.STAGING_HEADROOM} bytes needed, "
+            "1000 available",
             id="no-room",
         ),
         pytest.param(
@@ -1552,9 +1553,15 @@ def test_restore_chain(
 def test_restore_chain_needs_room_for_every_archive(
     ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock
 ):
-    """The staging area must hold the whole chain: nothing is downloaded otherwise."""
+    """The staging area must hold the whole chain: nothing is downloaded otherwise.
+
+    Each member may waste most of a disk block (3,000 small thumbnails took
+    2.2 times their archive's bytes): a block per member is counted too.
+    """
     s3_client.chain.return_value = _chain()
-    needed = 1000 + 200 + 1234 + backup.STAGING_HEADROOM
+    members = sum(link.file_count for link in _chain())
+    assert members > 0
+    needed = 1000 + 200 + 1234 + members * backup.DISK_BLOCK + backup.STAGING_HEADROOM
     df = testing.Exec(["df"], stdout=f"Avail\n{needed - 1}\n")
     before = _snapshot(synapse_data)
 
@@ -1732,3 +1739,123 @@ def test_restore_backup_is_a_forced_run_restore(ctx: testing.Context, synapse_da
         backup.restore_backup(container, _params(), BACKUP_ID, PASSPHRASE)
 
     run_restore.assert_called_once_with(container, _params(), BACKUP_ID, PASSPHRASE, force=True)
+
+
+def _journal_removal_fails(container: ops.Container, times: int) -> Any:
+    """Patch container.remove_path so that removing the restore journal fails some times."""
+    real_remove = container.remove_path
+    failures = [times]
+
+    def remove_path(path: str, *args: Any, **kwargs: Any) -> None:
+        if path == backup.RESTORE_JOURNAL and failures[0]:
+            failures[0] -= 1
+            raise ops.pebble.APIError({}, 500, "Internal Server Error", "unlink: I/O error")
+        real_remove(path, *args, **kwargs)
+
+    return mock.patch.object(container, "remove_path", side_effect=remove_path)
+
+
+@pytest.mark.parametrize("times", [1, 2, 3], ids=["once", "twice", "until-the-next-hook"])
+def test_restore_whose_journal_cannot_be_removed_never_loses_data(
+    ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock, times: int
+):
+    """A journal that outlives a swap must never meet a removed staging or previous dir.
+
+    Its roll-back would take every restored path for one moved in, and move
+    the live data into the staging dir about to be deleted: a wiped
+    homeserver. So a swap whose journal cannot be removed is undone at once,
+    while staging and previous are whole; while the journal stays, neither
+    is removed, and the next hook finishes the roll-back.
+
+    Arrange: removing the journal fails once (the swap's), twice (the
+        roll-back's too), or three times (and the next hook's first try too).
+    Act: run_restore, then recover_interrupted_restore in later events.
+    Assert: the restore fails saying nothing changed, or that the journal
+        stays; Synapse is started only when the journal is gone; in the end
+        /data is exactly as before the restore.
+    """
+    before = _snapshot(synapse_data)
+
+    with live_container(ctx, synapse_data, execs=RESTORE_EXECS) as container:
+        with (
+            staged_by_pipeline(container, synapse_data, STAGED),
+            moves_for_real(container, synapse_data),
+            _journal_removal_fails(container, times),
+            pytest.raises(backup.BackupError) as exc_info,
+        ):
+            _restore(container)
+        running = container.get_service(synapse.SERVICE_NAME).is_running()
+        journal_stays = container.exists(backup.RESTORE_JOURNAL)
+
+        if times == 1:
+            assert str(exc_info.value).startswith(
+                "the swap failed and was undone, nothing changed"
+            )
+            assert running
+            assert not journal_stays
+        else:
+            assert isinstance(exc_info.value, backup.IncompleteRollbackError)
+            assert f"cannot remove {backup.RESTORE_JOURNAL}" in str(exc_info.value)
+            assert not running
+            assert journal_stays
+            assert container.exists(STAGING_DIR)
+            assert container.exists(PREVIOUS_DIR)
+            with _journal_removal_fails(container, times - 2):
+                problem = backup.recover_interrupted_restore(container)
+            if times == 3:
+                assert problem is not None
+                assert "could not be rolled back" in problem
+                assert container.exists(STAGING_DIR)
+                assert backup.recover_interrupted_restore(container) is None
+
+    assert _snapshot(synapse_data) == before
+
+
+def test_recover_interrupted_restore_damaged_journal(
+    ctx: testing.Context, synapse_data: pathlib.Path
+):
+    """A journal that parses but lacks what a roll-back needs is reported, not half used."""
+    journal = synapse_data / backup.RESTORE_JOURNAL.removeprefix("/data/")
+    for text in ("{}", "null", '{"staging": "/data/x", "previous": "/data/y", "paths": [1]}'):
+        journal.write_text(text)
+
+        with live_container(ctx, synapse_data) as container:
+            problem = backup.recover_interrupted_restore(container)
+
+        assert problem == (
+            "cannot read the journal of an interrupted restore: "
+            f"{backup.RESTORE_JOURNAL} is damaged"
+        )
+    assert _commands(ctx) == []
+
+
+def test_restore_removes_the_previous_data_once_synapse_answers(
+    ctx: testing.Context,
+    synapse_data: pathlib.Path,
+    s3_client: mock.MagicMock,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """Pebble counts Synapse started after a second: the previous data waits for /health.
+
+    Arrange: Synapse answers its health check at the third question.
+    Act: run_restore with that check.
+    Assert: it was asked three times, with the interval between; then the
+        previous data was removed.
+    """
+    answers = iter([False, False, True])
+    sleeps: list[float] = []
+    monkeypatch.setattr(backup.time, "sleep", sleeps.append)
+    logs: list[str] = []
+
+    with live_container(ctx, synapse_data, execs=RESTORE_EXECS) as container:
+        with staged_by_pipeline(container, synapse_data, STAGED):
+            result = _restore(container, logs, healthy=lambda: next(answers))
+        assert not container.exists(PREVIOUS_DIR)
+
+    assert sleeps == [backup.RESTORE_HEALTH_INTERVAL] * 2
+    assert next(answers, "all asked") == "all asked"
+    assert logs[-2:] == [
+        "waiting for Synapse to answer its health check",
+        "removing the previous data",
+    ]
+    assert result.previous_dir is None

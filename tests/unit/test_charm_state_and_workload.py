@@ -143,6 +143,27 @@ def test_version(container: mock.MagicMock, stdout: str, expected: str):
 
 
 @pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        pytest.param(None, True, id="answers"),
+        pytest.param(ops.pebble.ExecError(["python3"], 1, "", "refused"), False, id="refused"),
+        pytest.param(ops.pebble.TimeoutError("timed out"), False, id="timeout"),
+        pytest.param(ops.pebble.APIError({}, 500, "error", "boom"), False, id="pebble-error"),
+    ],
+)
+def test_answers_health(container: mock.MagicMock, error: Exception | None, expected: bool):
+    """Synapse answers when one GET of /health, run in the container, succeeds."""
+    container.exec.return_value.wait_output.side_effect = error
+    container.exec.return_value.wait_output.return_value = ("", "")
+
+    assert synapse.answers_health(container) is expected
+
+    (command,), options = container.exec.call_args
+    assert command == ["python3", "-c", synapse.HEALTH_PROBE, synapse.HEALTH_URL]
+    assert options == {"timeout": 15}
+
+
+@pytest.mark.parametrize(
     ("content", "expected"),
     [
         pytest.param("1.2.3-abcdef\n", "1.2.3-abcdef", id="version-file"),

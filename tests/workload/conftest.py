@@ -20,7 +20,7 @@ from ops import testing
 
 from backup import S3Parameters
 from charm import SynapseCharm
-from tests.helpers.sandbox import Sandbox, honor_pebble_ownership
+from tests.helpers.sandbox import Sandbox, SynapseHealth, honor_pebble_ownership
 from tests.helpers.seaweed import SeaweedServer
 from tests.helpers.synapse_data import make_synapse_data
 
@@ -75,7 +75,15 @@ def s3_parameters(s3_server: SeaweedServer, bucket: str) -> S3Parameters:
 
 
 @pytest.fixture
-def harness(monkeypatch: pytest.MonkeyPatch) -> Iterator[testing.Harness[SynapseCharm]]:
+def synapse_health() -> SynapseHealth:
+    """Synapse's health endpoint as the charm's probe sees it."""
+    return SynapseHealth()
+
+
+@pytest.fixture
+def harness(
+    monkeypatch: pytest.MonkeyPatch, synapse_health: SynapseHealth
+) -> Iterator[testing.Harness[SynapseCharm]]:
     """The charm in Harness, with sample Synapse data and real exec."""
     honor_pebble_ownership(monkeypatch)
     harness = testing.Harness(SynapseCharm)
@@ -88,6 +96,7 @@ def harness(monkeypatch: pytest.MonkeyPatch) -> Iterator[testing.Harness[Synapse
     make_synapse_data(root, SERVER_NAME)
     sandbox = Sandbox(root)
     harness.handle_exec("synapse", [], handler=sandbox.handle)
+    synapse_health.answer_in(harness)
     yield harness
     harness.cleanup()
 

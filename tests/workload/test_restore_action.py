@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 from ops import testing
 
+import backup
 from charm import SynapseCharm
+from tests.helpers.sandbox import SynapseHealth
 from tests.helpers.seaweed import SeaweedServer
 from tests.helpers.synapse_data import tree_snapshot
 from tests.workload.test_charm_action import configure
@@ -41,6 +43,7 @@ def test_backup_break_restore_round_trip(
     s3_server: SeaweedServer,
     bucket: str,
     service_calls: list[tuple[str, tuple[str, ...]]],
+    synapse_health: SynapseHealth,
 ) -> None:
     """After a restore, /data is the backed-up tree byte for byte, and Synapse restarted."""
     configure(harness, s3_server, bucket)
@@ -77,6 +80,7 @@ def test_backup_break_restore_round_trip(
     restored.close()
     assert ("stop_services", ("synapse",)) in service_calls
     assert service_calls[-1] == ("start_services", ("synapse",))
+    assert synapse_health.asked  # the previous data went only once Synapse answered
     assert not list(data.glob(".synapse-restore-*")) + list(data.glob(".synapse-previous-*"))
     assert not list((root / "tmp").iterdir())
 
@@ -88,3 +92,39 @@ def test_backup_break_restore_round_trip(
     assert harness.run_action("list-backups").results["count"] == 0
     with pytest.raises(testing.ActionFailed, match="no backup"):
         harness.run_action("delete-backup", {"backup-id": backup_id})
+
+
+def test_restore_keeps_the_previous_data_when_synapse_does_not_answer(
+    harness: testing.Harness[SynapseCharm],
+    s3_server: SeaweedServer,
+    bucket: str,
+    synapse_health: SynapseHealth,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pebble counts Synapse started after one second; Synapse may fail after that.
+
+    It checks its database schema and configuration later (a newer backup
+    forced on, a configuration this image rejects): the data from before the
+    restore is kept until Synapse answers its health check, and the action
+    says where it is.
+    """
+    monkeypatch.setattr(backup, "RESTORE_HEALTH_TIMEOUT", 0.3)
+    monkeypatch.setattr(backup, "RESTORE_HEALTH_INTERVAL", 0.1)
+    configure(harness, s3_server, bucket)
+    harness.container_pebble_ready("synapse")
+    data = harness.get_filesystem_root("synapse") / "data"
+    backup_id = harness.run_action("create-backup").results["backup-id"]
+    (data / "homeserver.yaml").write_text((data / "homeserver.yaml").read_text() + "# edited\n")
+    edited = (data / "homeserver.yaml").read_bytes()
+    synapse_health.answers = False
+
+    with pytest.raises(testing.ActionFailed) as failure:
+        harness.run_action("restore-backup", {"backup-id": backup_id})
+
+    assert "did not answer its health check within 0.3 s" in failure.value.message
+    (previous,) = data.glob(".synapse-previous-*")
+    assert f"the previous data is kept in /data/{previous.name}" in failure.value.message
+    assert (previous / "data/homeserver.yaml").read_bytes() == edited
+    assert b"# edited" not in (data / "homeserver.yaml").read_bytes()
+    assert synapse_health.asked >= 2
+    assert not list(data.glob(".synapse-restore-*"))
