@@ -503,6 +503,20 @@ class BackupManifest:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class BackupListing:
+    """The complete backups under the path, and what each manifest builds on.
+
+    Attributes:
+        backups: the complete backups, newest first.
+        links: each backup's parent, for every manifest that names one,
+            including manifests this charm cannot use (a newer charm's).
+    """
+
+    backups: list[BackupManifest]
+    links: dict[str, str]
+
+
 @dataclasses.dataclass
 class UnlistedBackups:
     """The ids under the path that are not complete backups (see S3Client.unlisted_backups).
@@ -754,6 +768,65 @@ class S3Client:
             manifests = list(pool.map(read, candidates))
         return [manifest for manifest in manifests if manifest is not None]
 
+    def listing(self, *, strict: bool = False) -> BackupListing:
+        """List the complete backups, and what every manifest says it builds on.
+
+        A manifest this charm cannot use (one from a newer charm, say) still
+        protects its parent: it is read leniently for its parent's id.
+
+        Args:
+            strict: fail when a manifest cannot be read (see list_backups).
+
+        Returns:
+            The complete backups, newest first, and each backup's parent.
+
+        Raises:
+            S3Error: if the bucket cannot be listed (or, when strict, a manifest read).
+        """
+        backups = self.list_backups(strict=strict)
+        links = {manifest.backup_id: manifest.parent for manifest in backups if manifest.parent}
+        links.update(self._unusable_links({manifest.backup_id for manifest in backups}, strict))
+        return BackupListing(backups, links)
+
+    def _unusable_links(self, complete: Collection[str], strict: bool) -> dict[str, str]:
+        """Return the parent named by each manifest that does not parse as this charm's.
+
+        Args:
+            complete: the ids of the complete backups, whose manifests parse.
+            strict: fail when a manifest cannot be read.
+
+        Returns:
+            Each such manifest's id and the parent it names, when it names one.
+
+        Raises:
+            S3Error: if the bucket cannot be listed (or, when strict, a manifest read).
+        """
+        links = {}
+        for name in self._list_names():
+            backup_id = name.removesuffix(MANIFEST_SUFFIX)
+            if name == backup_id or backup_id in complete:
+                continue
+            if not BACKUP_ID_PATTERN.fullmatch(backup_id):
+                continue
+            try:
+                text = self.read_object(name)
+            except S3Error:
+                if strict:
+                    raise
+                continue
+            try:
+                BackupManifest.from_json(text)
+                continue  # usable, only incomplete: nothing builds on it
+            except BackupError:
+                pass
+            try:
+                parent = json.loads(text).get("parent")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(parent, str) and BACKUP_ID_PATTERN.fullmatch(parent):
+                links[backup_id] = parent
+        return links
+
     def exists_backup(self, backup_id: str) -> bool:
         """Tell whether a complete backup exists.
 
@@ -876,7 +949,7 @@ class S3Client:
         Raises:
             S3Error: if others depend on it and chain is false, or S3 fails.
         """
-        dependants = dependants_of(backup_id, self.list_backups(strict=True))
+        dependants = descendants(backup_id, self.listing(strict=True).links)
         if dependants and not chain:
             raise S3Error(
                 f"backup {backup_id} is needed by {', '.join(sorted(dependants))}; "
@@ -927,7 +1000,7 @@ class S3Client:
                 "make sure no unit is making it, then use force=true",
                 option="backup-id",
             )
-        dependants = dependants_of(backup_id, self.list_backups(strict=True))
+        dependants = descendants(backup_id, self.listing(strict=True).links)
         if dependants and not chain:
             raise S3Error(
                 f"backup {backup_id} has no manifest, but {', '.join(sorted(dependants))} "
@@ -1190,10 +1263,22 @@ def dependants_of(backup_id: str, manifests: Iterable[BackupManifest]) -> set[st
     Returns:
         The ids of its incremental descendants.
     """
+    return descendants(backup_id, {m.backup_id: m.parent for m in manifests if m.parent})
+
+
+def descendants(backup_id: str, links: Mapping[str, str]) -> set[str]:
+    """Return the backups whose chain goes through a backup.
+
+    Args:
+        backup_id: the backup.
+        links: each backup's parent (see S3Client.listing).
+
+    Returns:
+        The ids of its descendants.
+    """
     children: dict[str, list[str]] = {}
-    for manifest in manifests:
-        if manifest.parent:
-            children.setdefault(manifest.parent, []).append(manifest.backup_id)
+    for child, parent in links.items():
+        children.setdefault(parent, []).append(child)
     found: set[str] = set()
     todo = list(children.get(backup_id, []))
     while todo:
@@ -2424,7 +2509,7 @@ PREVIOUS_DATA_PREFIX = ".synapse-previous-"
 RESTORE_JOURNAL = f"{DATA_DIR}/.synapse-restore-journal.json"
 # How long a restored Synapse has to answer its health check before the
 # previous data is removed (Pebble's start only waits one second).
-RESTORE_HEALTH_TIMEOUT = 300.0
+RESTORE_HEALTH_TIMEOUT = 600.0
 RESTORE_HEALTH_INTERVAL = 5.0
 PASSPHRASE_PROBE_BYTES = 64 * 1024
 DISK_BLOCK = 4096  # what a file's last block may waste, counted per member when staging
@@ -2839,7 +2924,11 @@ def _swap_in(
     staged = [path for path in paths if container.exists(staging_dir + path)]
     journal = {"staging": staging_dir, "previous": previous_dir, "paths": list(paths),
                "staged": staged}  # fmt: skip
-    container.push(RESTORE_JOURNAL, json.dumps(journal), permissions=0o600, make_dirs=True)
+    try:
+        container.push(RESTORE_JOURNAL, json.dumps(journal), permissions=0o600, make_dirs=True)
+    except ops.pebble.Error:
+        _forget_unused_journal(container)
+        raise
     try:
         for path in paths:
             if container.exists(path):
@@ -2859,6 +2948,28 @@ def _swap_in(
                 f"the previous data is in {previous_dir}, the restored data in {staging_dir}"
             ) from exc
         raise BackupError(f"the swap failed and was undone, nothing changed: {exc}") from exc
+
+
+def _forget_unused_journal(container: ops.Container) -> None:
+    """Remove a journal whose write failed, before any move: it may exist all the same.
+
+    Args:
+        container: Synapse Container.
+
+    Raises:
+        IncompleteRollbackError: if it may exist and cannot be removed; staging
+            must then stay, and the next hook's roll-back (which moves
+            nothing, as nothing moved) removes it.
+    """
+    try:
+        container.remove_path(RESTORE_JOURNAL)
+    except ops.pebble.Error as exc:
+        if isinstance(exc, ops.pebble.PathError) and exc.kind == "not-found":
+            return
+        raise IncompleteRollbackError(
+            f"the restore journal could not be written nor removed: {exc}; nothing was "
+            "moved, and the next hook removes it"
+        ) from exc
 
 
 class IncompleteRollbackError(BackupError):
@@ -3088,6 +3199,8 @@ def run_restore(
         raise
     # Anything else (the charm dying) leaves all in place: the journal rolls it back.
     _remove_quietly(container, staging_dir)
+    if service not in container.get_plan().services:
+        healthy = None  # nothing was started to answer
     _remove_previous(
         container, previous_dir, keep_previous=keep_previous, healthy=healthy, log=log
     )
@@ -3124,8 +3237,9 @@ def _remove_previous(
     if healthy is not None and not _wait_until_healthy(healthy, log):
         raise SynapseNotStartedError(
             f"Synapse started on the restored data but did not answer its health check "
-            f"within {RESTORE_HEALTH_TIMEOUT:g} s; the restored data is in place, the "
-            f"previous data is kept in {previous_dir}"
+            f"within {RESTORE_HEALTH_TIMEOUT:g} s (see its log: it may still be migrating "
+            f"its database); the restored data is in place, the previous data is kept in "
+            f"{previous_dir}: remove it once Synapse runs"
         )
     if not keep_previous:
         log("removing the previous data")

@@ -134,18 +134,17 @@ def format_backups(manifests: list[backup.BackupManifest], expiring: Collection[
     return "\n".join(lines) if manifests else "no backups"
 
 
-def _some(ids: list[str], most: int, separator: str = ", ") -> str:
+def _some(ids: list[str], most: int) -> str:
     """Join at most some ids, saying how many more there are.
 
     Args:
         ids: the ids.
         most: how many to name.
-        separator: what goes between them.
 
     Returns:
         The ids named, and "and N more" when some were left out.
     """
-    shown = separator.join(ids[:most])
+    shown = ", ".join(ids[:most])
     if len(ids) > most:
         shown += f" and {len(ids) - most} more"
     return shown
@@ -356,16 +355,16 @@ class BackupObserver(ops.Object):
         client = backup.S3Client(config.s3)
         deployment = self._deployment
         try:
-            everything = client.list_backups(strict=True)
+            listing = client.listing(strict=True)
             own = [
                 manifest
-                for manifest in everything
+                for manifest in listing.backups
                 if manifest.metadata.get("deployment", deployment) == deployment
             ]
             roots = retention.chain_roots(own)
             doomed = [
                 backup_id
-                for backup_id in retention.expired(own, keep, everything=everything)
+                for backup_id in retention.expired(own, keep, links=listing.links)
                 if roots[backup_id] != roots.get(new_backup)
             ]
             for backup_id in doomed:
@@ -393,7 +392,8 @@ class BackupObserver(ops.Object):
         event.log(f"listing {config.s3.object_url('')}")
         try:
             client = backup.S3Client(config.s3)
-            manifests = client.list_backups()
+            listing = client.listing()
+            manifests = listing.backups
             unlisted = client.unlisted_backups([m.backup_id for m in manifests])
         except backup.S3Error as exc:
             event.fail(f"cannot list backups: {exc}")
@@ -402,7 +402,7 @@ class BackupObserver(ops.Object):
         own = [m for m in manifests if m.metadata.get("deployment", deployment) == deployment]
         expiring = set(
             retention.expire_after_next_full(
-                own, self._config.backup_retention_count, "99999999T999999Z", everything=manifests
+                own, self._config.backup_retention_count, "99999999T999999Z", links=listing.links
             )
         )
         formatted = format_backups(manifests, expiring)
@@ -421,8 +421,10 @@ class BackupObserver(ops.Object):
             {
                 "formatted": formatted,
                 "count": len(manifests),
-                "incomplete": _some(incomplete, RESULT_BACKUPS, separator=" ") or "none",
-                "unreadable": _some(list(unreadable), RESULT_BACKUPS, separator=" ") or "none",
+                "incomplete": " ".join(incomplete[:RESULT_BACKUPS]) or "none",
+                "incomplete-count": len(incomplete),
+                "unreadable": " ".join(list(unreadable)[:RESULT_BACKUPS]) or "none",
+                "unreadable-count": len(unreadable),
                 "backups": {
                     str(index): {
                         "id": manifest.backup_id,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from backup import BackupManifest
 
@@ -34,7 +34,7 @@ def expired(
     manifests: Iterable[BackupManifest],
     keep_chains: int,
     *,
-    everything: Iterable[BackupManifest] | None = None,
+    links: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Return the backups retention deletes to keep the newest complete chains.
 
@@ -44,13 +44,14 @@ def expired(
     and the newest complete chain always stays. Broken chains (a parent
     missing) are left for the operator to look at. A chain that a backup
     outside ``manifests`` builds on (another deployment's, which continued
-    a chain made before manifests named their deployment) is kept too.
+    a chain made before manifests named their deployment, or one whose
+    manifest this charm cannot use) is kept too.
 
     Args:
         manifests: the complete backups retention may delete.
         keep_chains: how many complete chains to keep; 0 keeps everything.
-        everything: all the complete backups under the path, when
-            ``manifests`` are only some of them.
+        links: each backup's parent, for every backup under the path (see
+            S3Client.listing), when ``manifests`` are only some of them.
 
     Returns:
         The ids to delete, newest first.
@@ -64,32 +65,32 @@ def expired(
         return []
     doomed_roots = set(complete_roots[keep_chains:])
     doomed = {backup_id for backup_id, root in roots.items() if root in doomed_roots}
-    needed = _ancestors_of_the_rest(doomed, [*manifests, *(everything or ())])
+    all_links = {manifest.backup_id: manifest.parent for manifest in manifests if manifest.parent}
+    all_links.update(links or {})
+    needed = _ancestors_of_the_rest(doomed, all_links)
     doomed_roots -= {roots[backup_id] for backup_id in doomed & needed}
     return sorted((backup_id for backup_id, root in roots.items() if root in doomed_roots),
                   reverse=True)  # fmt: skip
 
 
-def _ancestors_of_the_rest(doomed: set[str], manifests: Iterable[BackupManifest]) -> set[str]:
+def _ancestors_of_the_rest(doomed: set[str], links: Mapping[str, str]) -> set[str]:
     """Return the backups that the backups not doomed build on.
 
     Args:
         doomed: the backups to be deleted.
-        manifests: the backups to look at.
+        links: each backup's parent.
 
     Returns:
         The ids of every parent, grandparent and so on of a backup not doomed.
     """
-    by_id = {manifest.backup_id: manifest for manifest in manifests}
     needed: set[str] = set()
-    for manifest in by_id.values():
-        if manifest.backup_id in doomed:
+    for child, parent in links.items():
+        if child in doomed:
             continue
-        parent = manifest.parent
-        while parent and parent not in needed:
-            needed.add(parent)
-            ancestor = by_id.get(parent)
-            parent = ancestor.parent if ancestor is not None else ""
+        ancestor = parent
+        while ancestor and ancestor not in needed:
+            needed.add(ancestor)
+            ancestor = links.get(ancestor, "")
     return needed
 
 
@@ -98,7 +99,7 @@ def expire_after_next_full(
     keep_chains: int,
     next_id: str,
     *,
-    everything: Iterable[BackupManifest] | None = None,
+    links: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Return what retention would delete once the next full backup is made.
 
@@ -106,7 +107,7 @@ def expire_after_next_full(
         manifests: the complete backups retention may delete.
         keep_chains: how many complete chains to keep.
         next_id: an id newer than every backup, standing for the next full one.
-        everything: all the complete backups under the path (see expired).
+        links: each backup's parent, for every backup under the path (see expired).
 
     Returns:
         The ids that the next full backup's retention would delete.
@@ -124,4 +125,4 @@ def expire_after_next_full(
         sha256=template.sha256,
         duration=0,
     )
-    return expired([*manifests, future], keep_chains, everything=everything)
+    return expired([*manifests, future], keep_chains, links=links)

@@ -82,6 +82,7 @@ def patched() -> Iterator[Patched]:
         mock.patch.object(backup, "run_restore", autospec=True) as run_restore,
         mock.patch.object(backup, "verify_backup", autospec=True) as verify_backup,
         mock.patch.object(backup.S3Client, "unlisted_backups", autospec=True) as unlisted,
+        mock.patch.object(backup.S3Client, "_unusable_links", autospec=True, return_value={}),
     ):
         list_backups.return_value = []
         delete_backup.return_value = [BACKUP_ID]
@@ -359,7 +360,9 @@ def test_list_backups(ctx: testing.Context, data_dir: pathlib.Path, patched: Pat
         "formatted": format_backups([newer, older]),
         "count": 2,
         "incomplete": "none",
+        "incomplete-count": 0,
         "unreadable": "none",
+        "unreadable-count": 0,
         "backups": {
             "1": {
                 "id": "20250301T000000Z",
@@ -544,7 +547,8 @@ def test_list_backups_results_fit_one_command_line(
     assert [entry["id"] for entry in results["backups"].values()] == [
         manifest.backup_id for manifest in manifests[:RESULT_BACKUPS]
     ]
-    assert results["incomplete"].endswith(f" and {len(incomplete) * 5 - RESULT_BACKUPS} more")
+    assert results["incomplete"].split() == (incomplete * 5)[:RESULT_BACKUPS]
+    assert results["incomplete-count"] == len(incomplete) * 5
     last = results["formatted"].splitlines()[-2]
     hidden = 7392 - FORMATTED_ROWS
     assert last == f"... and {hidden} older backups (the newest 1000 are in the backups result)"
@@ -569,6 +573,7 @@ def test_list_backups_names_unreadable_manifests(
     assert results is not None
     assert results["count"] == 1
     assert results["unreadable"] == "20250302T000000Z 20250201T000000Z"
+    assert results["unreadable-count"] == 2
     assert results["formatted"].splitlines()[-2:] == [
         "not listed, its manifest cannot be used now: 20250302T000000Z: "
         "cannot read object 20250302T000000Z.manifest.json: SlowDown",
@@ -585,7 +590,9 @@ def test_list_backups_empty(ctx: testing.Context, data_dir: pathlib.Path, patche
         "formatted": "no backups",
         "count": 0,
         "incomplete": "none",
+        "incomplete-count": 0,
         "unreadable": "none",
+        "unreadable-count": 0,
         "backups": {},
     }
 

@@ -1859,3 +1859,67 @@ def test_restore_removes_the_previous_data_once_synapse_answers(
         "removing the previous data",
     ]
     assert result.previous_dir is None
+
+
+@pytest.mark.parametrize("removal_fails", [False, True], ids=["journal-removed", "journal-stays"])
+def test_restore_whose_journal_write_fails_after_writing_never_loses_data(
+    ctx: testing.Context,
+    synapse_data: pathlib.Path,
+    s3_client: mock.MagicMock,
+    removal_fails: bool,
+):
+    """Pebble may fail a push after the file is written (its client gives up after 5 s).
+
+    A journal left that way beside a removed staging dir would make the next
+    roll-back move the live data into it. So a failed write is followed by a
+    strict removal; if that fails too, staging is kept and Synapse stays
+    stopped until the next hook, whose roll-back moves nothing and cleans up.
+    """
+    before = _snapshot(synapse_data)
+
+    with live_container(ctx, synapse_data, execs=RESTORE_EXECS) as container:
+        real_push = container.push
+
+        def push(path: str, *args: Any, **kwargs: Any) -> None:
+            real_push(path, *args, **kwargs)
+            if path == backup.RESTORE_JOURNAL:
+                raise ops.pebble.ConnectionError("timed out waiting for Pebble")
+
+        with (
+            staged_by_pipeline(container, synapse_data, STAGED),
+            mock.patch.object(container, "push", side_effect=push),
+            _journal_removal_fails(container, 1 if removal_fails else 0),
+            pytest.raises(backup.BackupError) as exc_info,
+        ):
+            _restore(container)
+        running = container.get_service(synapse.SERVICE_NAME).is_running()
+
+        assert _moves(ctx) == []
+        if removal_fails:
+            assert isinstance(exc_info.value, backup.IncompleteRollbackError)
+            assert "nothing was moved, and the next hook removes it" in str(exc_info.value)
+            assert not running
+            assert container.exists(STAGING_DIR)
+        else:
+            assert str(exc_info.value) == "restore failed: timed out waiting for Pebble"
+            assert running
+        assert backup.recover_interrupted_restore(container) is None
+        assert not container.exists(backup.RESTORE_JOURNAL)
+
+    assert _snapshot(synapse_data) == before
+
+
+def test_restore_without_the_service_planned_does_not_wait_for_an_answer(
+    ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock
+):
+    """With no Synapse service in the plan nothing was started: nobody is asked."""
+    asked: list[bool] = []
+
+    with (
+        live_container(ctx, synapse_data, execs=RESTORE_EXECS, planned=False) as container,
+        staged_by_pipeline(container, synapse_data, STAGED),
+    ):
+        result = _restore(container, healthy=lambda: asked.append(True) or False)
+
+    assert asked == []
+    assert result.previous_dir is None

@@ -599,8 +599,9 @@ def test_incomplete_backups_asks_again_before_calling_a_backup_incomplete():
     assert "20250103T000000Z" in client.incomplete_backups([])
 
 
-def _newer_charm_manifest(backup_id: str) -> bytes:
+def _newer_charm_manifest(backup_id: str, parent: str = "") -> bytes:
     document = json.loads(_manifest(backup_id).to_json())
+    document["parent"] = parent
     document["version"] = backup.MANIFEST_VERSION + 1
     document["type"] = "differential"  # something this charm does not know
     return json.dumps(document).encode()
@@ -663,6 +664,54 @@ def test_delete_backup_keeps_a_manifest_it_cannot_use_unless_forced():
 
     assert client.delete_backup("20250102T000000Z", force=True) == ["20250102T000000Z"]
     assert fake.objects == {}
+
+
+def test_a_manifest_this_charm_cannot_use_still_protects_its_parent():
+    """A newer charm's incremental depends on its parent all the same.
+
+    Its manifest is left out of list_backups, but delete-backup and retention
+    (through listing's links) must not take its parent from under it.
+    """
+    objects = _backup_objects(_manifest("20250101T000000Z"))
+    newer = _manifest("20250102T000000Z", backup_type="incremental", parent="20250101T000000Z")
+    objects.update(_backup_objects(newer))
+    objects[f"{PREFIX}/20250102T000000Z{backup.MANIFEST_SUFFIX}"] = _newer_charm_manifest(
+        "20250102T000000Z", parent="20250101T000000Z"
+    )
+    objects[f"{PREFIX}/20250103T000000Z"] = b"x" * 100  # an incomplete backup on it
+    objects[f"{PREFIX}/20250103T000000Z{backup.MANIFEST_SUFFIX}"] = (
+        _manifest("20250103T000000Z", size=7, backup_type="incremental", parent="20250101T000000Z")
+        .to_json()
+        .encode()
+    )
+    objects[f"{PREFIX}/20250104T000000Z"] = b"x"
+    objects[f"{PREFIX}/20250104T000000Z{backup.MANIFEST_SUFFIX}"] = b"{not json"
+    client, fake = _fake_client(objects)
+
+    listing = client.listing(strict=True)
+
+    assert [m.backup_id for m in listing.backups] == ["20250101T000000Z"]
+    assert listing.links == {"20250102T000000Z": "20250101T000000Z"}
+    with pytest.raises(backup.S3Error, match="is needed by 20250102T000000Z"):
+        client.delete_backup("20250101T000000Z")
+    assert fake.objects == objects
+
+
+def test_listing_of_unusable_manifests_strict_or_not():
+    """A manifest read that fails: strict listings fail, others leave its link out."""
+    objects = _backup_objects(_manifest("20250101T000000Z"))
+    objects[f"{PREFIX}/20250102T000000Z"] = b"x"
+    objects[f"{PREFIX}/20250102T000000Z{backup.MANIFEST_SUFFIX}"] = _newer_charm_manifest(
+        "20250102T000000Z", parent="20250101T000000Z"
+    )
+    client, fake = _fake_client(objects)
+    fake.broken.add(f"{PREFIX}/20250102T000000Z{backup.MANIFEST_SUFFIX}")
+
+    assert client.listing().links == {}
+    with pytest.raises(
+        backup.S3Error, match=r"cannot read object 20250102T000000Z\.manifest\.json"
+    ):
+        client.listing(strict=True)
 
 
 def test_delete_backup_of_an_incomplete_backup_with_a_manifest_needs_no_force():

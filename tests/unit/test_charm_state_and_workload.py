@@ -149,6 +149,7 @@ def test_version(container: mock.MagicMock, stdout: str, expected: str):
         pytest.param(ops.pebble.ExecError(["python3"], 1, "", "refused"), False, id="refused"),
         pytest.param(ops.pebble.TimeoutError("timed out"), False, id="timeout"),
         pytest.param(ops.pebble.APIError({}, 500, "error", "boom"), False, id="pebble-error"),
+        pytest.param(ops.pebble.ConnectionError("gone"), False, id="pebble-gone"),
     ],
 )
 def test_answers_health(container: mock.MagicMock, error: Exception | None, expected: bool):

@@ -227,11 +227,19 @@ def test_expired_keeps_a_chain_that_another_deployment_builds_on():
     a_incremental = _incremental("20250103T000000Z", "20250102T000000Z")  # A's, not B's
     b_full = _full("20250104T000000Z")
     b_own = [b_full, legacy_incremental, legacy_full]
-    everything = [b_full, a_incremental, legacy_incremental, legacy_full]
+    links = {m.backup_id: m.parent for m in [b_full, a_incremental, *b_own] if m.parent}
 
     assert retention.expired(b_own, 1) == ["20250102T000000Z", "20250101T000000Z"]
-    assert retention.expired(b_own, 1, everything=everything) == []
-    assert retention.expire_after_next_full(b_own, 2, NEXT_FULL, everything=everything) == []
+    assert retention.expired(b_own, 1, links=links) == []
+    assert retention.expire_after_next_full(b_own, 2, NEXT_FULL, links=links) == []
+
+
+def test_expired_keeps_a_chain_that_an_unusable_manifest_builds_on():
+    """A newer charm's incremental (its manifest unusable here) still protects its parent."""
+    own = [_full("20250104T000000Z"), _full("20250101T000000Z")]
+
+    assert retention.expired(own, 1) == ["20250101T000000Z"]
+    assert retention.expired(own, 1, links={"20250102T000000Z": "20250101T000000Z"}) == []
 
 
 def test_expired_with_everything_still_deletes_what_no_one_else_needs():
@@ -240,7 +248,8 @@ def test_expired_with_everything_still_deletes_what_no_one_else_needs():
     own = [_full("20250104T000000Z"), _full("20250103T000000Z"), _full("20250101T000000Z")]
     own.append(_incremental("20250102T000000Z", "20250101T000000Z"))
 
-    assert retention.expired(own, 1, everything=[*own, *others]) == [
+    links = {m.backup_id: m.parent for m in [*own, *others] if m.parent}
+    assert retention.expired(own, 1, links=links) == [
         "20250103T000000Z",
         "20250102T000000Z",
         "20250101T000000Z",
