@@ -3017,8 +3017,9 @@ def _roll_back(container: ops.Container, journal: Mapping[str, Any]) -> list[str
         try:
             container.remove_path(RESTORE_JOURNAL)
         except ops.pebble.Error as exc:
-            logger.critical("the data is back, but the restore journal stays: %s", exc)
-            problems.append(f"cannot remove {RESTORE_JOURNAL}: {exc}")
+            if not (isinstance(exc, ops.pebble.PathError) and exc.kind == "not-found"):
+                logger.critical("the data is back, but the restore journal stays: %s", exc)
+                problems.append(f"cannot remove {RESTORE_JOURNAL}: {exc}")
     return problems
 
 
@@ -3199,7 +3200,7 @@ def run_restore(
         raise
     # Anything else (the charm dying) leaves all in place: the journal rolls it back.
     _remove_quietly(container, staging_dir)
-    if service not in container.get_plan().services:
+    if healthy is not None and not _service_planned(container, service):
         healthy = None  # nothing was started to answer
     _remove_previous(
         container, previous_dir, keep_previous=keep_previous, healthy=healthy, log=log
@@ -3211,6 +3212,23 @@ def run_restore(
         restored_paths=tuple(paths),
         previous_dir=previous_dir if keep_previous else None,
     )
+
+
+def _service_planned(container: ops.Container, service: str) -> bool:
+    """Tell whether Pebble's plan has a service (when Pebble cannot say: yes).
+
+    Args:
+        container: Synapse Container.
+        service: the service.
+
+    Returns:
+        False only when the plan is known to lack it.
+    """
+    try:
+        return service in container.get_plan().services
+    except ops.pebble.Error as exc:
+        logger.warning("cannot read Pebble's plan: %s", exc)
+        return True
 
 
 def _remove_previous(

@@ -1923,3 +1923,66 @@ def test_restore_without_the_service_planned_does_not_wait_for_an_answer(
 
     assert asked == []
     assert result.previous_dir is None
+
+
+def test_a_journal_removed_although_pebble_said_it_failed_counts_as_removed(
+    ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock
+):
+    """Pebble may fail a removal it did: the roll-back then finds no journal, which is fine.
+
+    Arrange: removing the journal at the end of the swap removes it, then fails.
+    Act: run_restore.
+    Assert: the swap is undone, the second removal's "not found" is no
+        problem: a plain "undone" error, Synapse running, /data as before.
+    """
+    before = _snapshot(synapse_data)
+
+    with live_container(ctx, synapse_data, execs=RESTORE_EXECS) as container:
+        real_remove = container.remove_path
+        failed: list[str] = []
+
+        def remove_path(path: str, *args: Any, **kwargs: Any) -> None:
+            real_remove(path, *args, **kwargs)
+            if path == backup.RESTORE_JOURNAL and not failed:
+                failed.append(path)
+                raise ops.pebble.APIError({}, 500, "Internal Server Error", "timed out")
+
+        with (
+            staged_by_pipeline(container, synapse_data, STAGED),
+            moves_for_real(container, synapse_data),
+            mock.patch.object(container, "remove_path", side_effect=remove_path),
+            pytest.raises(backup.BackupError) as exc_info,
+        ):
+            _restore(container)
+        running = container.get_service(synapse.SERVICE_NAME).is_running()
+
+    assert not isinstance(exc_info.value, backup.IncompleteRollbackError)
+    assert str(exc_info.value).startswith("the swap failed and was undone, nothing changed")
+    assert running
+    assert _snapshot(synapse_data) == before
+
+
+def test_restore_waits_for_an_answer_when_pebble_cannot_say_what_is_planned(
+    ctx: testing.Context, synapse_data: pathlib.Path, s3_client: mock.MagicMock
+):
+    """Reading the plan after the swap fails: the restore asks Synapse all the same."""
+    asked: list[bool] = []
+
+    with live_container(ctx, synapse_data, execs=RESTORE_EXECS) as container:
+        real_get_plan = container.get_plan
+        calls: list[bool] = []
+
+        def get_plan() -> Any:
+            calls.append(True)
+            if len(calls) > 1:  # the stop-and-swap reads it first
+                raise ops.pebble.ConnectionError("Pebble is restarting")
+            return real_get_plan()
+
+        with (
+            staged_by_pipeline(container, synapse_data, STAGED),
+            mock.patch.object(container, "get_plan", side_effect=get_plan),
+        ):
+            result = _restore(container, healthy=lambda: asked.append(True) or True)
+
+    assert asked == [True]
+    assert result.previous_dir is None
