@@ -582,6 +582,25 @@ def test_list_backups_names_unreadable_manifests(
     ]
 
 
+def test_list_backups_names_at_most_20_unreadable_manifests_in_the_table(
+    ctx: testing.Context, data_dir: pathlib.Path, patched: Patched
+):
+    """Past 20 unreadable manifests the table counts the rest; the result names them all."""
+    unreadable = {f"2025{month:02}01T000000Z": "SlowDown" for month in range(12, 0, -1)}
+    unreadable.update({f"2024{month:02}01T000000Z": "SlowDown" for month in range(12, 0, -1)})
+    patched.unlisted_backups.return_value = backup.UnlistedBackups(unreadable=unreadable)
+
+    ctx.run(ctx.on.action("list-backups"), make_state(data_dir, CONFIG))
+
+    results = ctx.action_results
+    assert results is not None
+    lines = results["formatted"].splitlines()
+    assert len([line for line in lines if line.startswith("not listed, ")]) == 20
+    assert lines[-1] == "... and 4 more not listed"
+    assert results["unreadable"].split() == list(unreadable)
+    assert results["unreadable-count"] == 24
+
+
 def test_list_backups_empty(ctx: testing.Context, data_dir: pathlib.Path, patched: Patched):
     """With no backup the table says so and the count is 0."""
     ctx.run(ctx.on.action("list-backups"), make_state(data_dir, CONFIG))

@@ -698,9 +698,11 @@ def test_a_manifest_this_charm_cannot_use_still_protects_its_parent():
 
 
 def test_listing_of_unusable_manifests_strict_or_not():
-    """A manifest read that fails: strict listings fail, others leave its link out."""
+    """A manifest read that fails: strict listings fail, others leave its link out.
+
+    Its archive is gone, so list_backups does not read it: the lenient read does.
+    """
     objects = _backup_objects(_manifest("20250101T000000Z"))
-    objects[f"{PREFIX}/20250102T000000Z"] = b"x"
     objects[f"{PREFIX}/20250102T000000Z{backup.MANIFEST_SUFFIX}"] = _newer_charm_manifest(
         "20250102T000000Z", parent="20250101T000000Z"
     )
@@ -712,6 +714,28 @@ def test_listing_of_unusable_manifests_strict_or_not():
         backup.S3Error, match=r"cannot read object 20250102T000000Z\.manifest\.json"
     ):
         client.listing(strict=True)
+
+
+def test_delete_backup_stops_when_s3_cannot_say_whether_the_manifest_is_usable():
+    """A manifest read that fails is no reason to delete, nor to call it incomplete."""
+    objects = _backup_objects(_manifest("20250102T000000Z"))
+    client, fake = _fake_client(objects)
+    fake.broken.add(f"{PREFIX}/20250102T000000Z{backup.MANIFEST_SUFFIX}")
+
+    with pytest.raises(backup.S3Error, match=r"cannot read object 20250102T000000Z\.manifest"):
+        client.delete_backup("20250102T000000Z")
+    assert fake.objects == objects
+
+
+def test_delete_backup_of_leftovers_when_the_bucket_cannot_be_listed(
+    client: backup.S3Client, stubber: Stubber
+):
+    """An id without a manifest whose objects cannot be listed: an S3 error, nothing deleted."""
+    stubber.add_client_error("head_object", "404", http_status_code=404)
+    stubber.add_client_error("list_objects_v2", "AccessDenied", "denied", http_status_code=403)
+
+    with pytest.raises(backup.S3Error, match="cannot list the backups: AccessDenied"):
+        client.delete_backup("20250101T000000Z", force=True)
 
 
 def test_delete_backup_of_an_incomplete_backup_with_a_manifest_needs_no_force():
