@@ -22,8 +22,10 @@ import signal
 import socket
 import subprocess
 import sysconfig
+import threading
 import time
 import weakref
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -404,3 +406,42 @@ class SeaweedServer:
         if self._finalizer is not None:
             self._finalizer.detach()
         _remove_sockets(list(self.ports.values()))
+
+
+@contextlib.contextmanager
+def killed_when(
+    server: SeaweedServer,
+    condition: Callable[[], bool],
+    *,
+    interval: float,
+    timeout: float = 120.0,
+) -> Iterator[threading.Event]:
+    """Kill the server from a watcher thread as soon as a condition holds.
+
+    Args:
+        server: the server to kill.
+        condition: checked every ``interval`` seconds while the block runs.
+        interval: seconds between checks.
+        timeout: stop watching after this many seconds.
+
+    Yields:
+        An event set once the server was killed.
+    """
+    killed, done = threading.Event(), threading.Event()
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        while not done.is_set() and time.monotonic() < deadline:
+            if condition():
+                server.kill()
+                killed.set()
+                return
+            time.sleep(interval)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        yield killed
+    finally:
+        done.set()
+        watcher.join()

@@ -15,8 +15,6 @@ import os
 import shutil
 import sqlite3
 import tempfile
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,7 @@ from ops import testing
 import backup
 from charm import SynapseCharm
 from tests.helpers.sandbox import Sandbox, default_path
-from tests.helpers.seaweed import SeaweedServer
+from tests.helpers.seaweed import SeaweedServer, killed_when
 from tests.helpers.synapse_data import SYNAPSE_GID, SYNAPSE_UID, tree_snapshot
 from tests.workload.conftest import ServiceCalls
 from tests.workload.test_charm_action import configure
@@ -226,25 +224,16 @@ def test_an_outage_leaves_an_incomplete_backup_that_delete_backup_removes(
     with SeaweedServer(tmp_path / "s3") as server:
         server.create_bucket("outage")
         client = server.client()
-        killed = threading.Event()
 
-        def kill_after_the_second_piece() -> None:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                listing = client.list_objects_v2(Bucket="outage").get("Contents", [])
-                if any(item["Key"].endswith(".part-0001") for item in listing):
-                    server.kill()
-                    killed.set()
-                    return
-                time.sleep(0.02)
+        def second_piece_started() -> bool:
+            listing = client.list_objects_v2(Bucket="outage").get("Contents", [])
+            return any(item["Key"].endswith(".part-0001") for item in listing)
 
-        killer = threading.Thread(target=kill_after_the_second_piece)
-        killer.start()
-        try:
-            with pytest.raises(testing.ActionFailed):
-                make_scene(harness, server, "outage", service_calls)
-        finally:
-            killer.join()
+        with (
+            killed_when(server, second_piece_started, interval=0.02) as killed,
+            pytest.raises(testing.ActionFailed),
+        ):
+            make_scene(harness, server, "outage", service_calls)
         assert killed.is_set(), "the backup ended before the server could be killed"
         server.restart()
         keys = _keys(client, "outage")

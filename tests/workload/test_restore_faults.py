@@ -15,7 +15,6 @@ import json
 import os
 import re
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,7 +27,7 @@ from ops.testing import ExecArgs, ExecResult
 import backup
 from charm import SynapseCharm
 from tests.helpers.sandbox import Sandbox, mount_small_fs
-from tests.helpers.seaweed import SeaweedServer
+from tests.helpers.seaweed import SeaweedServer, killed_when
 from tests.helpers.synapse_data import SYNAPSE_GID, SYNAPSE_UID, make_synapse_data, tree_snapshot
 from tests.workload.conftest import PASSPHRASE, SERVER_NAME, ServiceCalls
 from tests.workload.test_charm_action import configure
@@ -511,24 +510,16 @@ def _restore_while_s3_dies(
         server.create_bucket("outage")
         scene = make_scene(harness, server, "outage", service_calls)
         before = tree_snapshot(scene.data)
-        killed = threading.Event()
 
-        def kill_when_extracting() -> None:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                for staging in scene.data.glob(f"{backup.RESTORE_STAGING_PREFIX}*"):
-                    if any(path.is_file() for path in staging.rglob("*")):
-                        server.kill()
-                        killed.set()
-                        return
-                time.sleep(0.005)
+        def extracting() -> bool:
+            return any(
+                path.is_file()
+                for staging in scene.data.glob(f"{backup.RESTORE_STAGING_PREFIX}*")
+                for path in staging.rglob("*")
+            )
 
-        killer = threading.Thread(target=kill_when_extracting)
-        killer.start()
-        try:
+        with killed_when(server, extracting, interval=0.005) as killed:
             failure = scene.fail_restore(r"restore of \S+ failed: downloading and decrypting")
-        finally:
-            killer.join()
         assert killed.is_set(), "the restore ended before the server could be killed"
     return scene, before, failure
 
