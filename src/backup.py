@@ -51,6 +51,7 @@ BACKUP_FILE_PATTERNS = ["*.yaml", "*.signing.key", "*.log.config"]
 # url_cache* are caches that Synapse fetches again).
 LOCAL_DIR_PATTERN = "local_*"
 MEDIA_DIR = f"{DATA_DIR}/media_store"
+DEFAULT_DATABASE_PATH = f"{DATA_DIR}/homeserver.db"  # what --generate-config writes
 # The aws CLI keeps about one multipart chunk in memory per request in
 # flight (and, downloading to a pipe, the parts waiting for their turn):
 # these bound the pipeline's memory whatever the size of the data. Measured
@@ -255,6 +256,10 @@ if before is not None and before == fingerprint():
 
 class BackupError(Exception):
     """Generic backup Exception."""
+
+
+class SynapseConfigError(BackupError):
+    """homeserver.yaml is missing, not YAML, or not shaped as Synapse's configuration."""
 
 
 class S3Error(Exception):
@@ -1348,17 +1353,58 @@ def read_synapse_config(container: ops.Container) -> dict[str, Any]:
         The parsed homeserver.yaml.
 
     Raises:
-        BackupError: if it is missing or not a YAML mapping.
+        SynapseConfigError: if it is missing, not YAML or not a YAML mapping.
+        BackupError: if Pebble cannot be asked for it.
     """
     try:
         config = yaml.safe_load(container.pull(SYNAPSE_CONFIG_PATH).read())
-    except (ops.pebble.PathError, ops.pebble.APIError) as exc:
+    except ops.pebble.PathError as exc:
+        raise SynapseConfigError(f"cannot read {SYNAPSE_CONFIG_PATH}: {exc}") from exc
+    except ops.pebble.APIError as exc:
         raise BackupError(f"cannot read {SYNAPSE_CONFIG_PATH}: {exc}") from exc
     except yaml.YAMLError as exc:
-        raise BackupError(f"{SYNAPSE_CONFIG_PATH} is not valid YAML") from exc
+        raise SynapseConfigError(f"{SYNAPSE_CONFIG_PATH} is not valid YAML") from exc
     if not isinstance(config, dict):
-        raise BackupError(f"{SYNAPSE_CONFIG_PATH} is not a YAML mapping")
+        raise SynapseConfigError(f"{SYNAPSE_CONFIG_PATH} is not a YAML mapping")
     return config
+
+
+_YAML_KINDS: dict[type, str] = {str: "a string", dict: "a mapping", list: "a list"}
+
+
+def _config_value(config: Mapping[str, Any], key: str, kind: type) -> Any:
+    """Return one setting of homeserver.yaml (None when unset), refusing a wrong type.
+
+    Args:
+        config: a YAML mapping (homeserver.yaml or one of its sections).
+        key: the setting.
+        kind: the type it must have when set: str, dict or list.
+
+    Returns:
+        Its value, or None.
+
+    Raises:
+        SynapseConfigError: if it is set to something of another type.
+    """
+    value = config.get(key)
+    if value is not None and not isinstance(value, kind):
+        # Not the value: database args may hold a password.
+        raise SynapseConfigError(
+            f"{SYNAPSE_CONFIG_PATH}: {key} must be {_YAML_KINDS[kind]}, not {type(value).__name__}"
+        )
+    return value
+
+
+def _data_path(name: object) -> str:
+    """Return a path of homeserver.yaml as an absolute, normalised path (relative to DATA_DIR).
+
+    Args:
+        name: the configured path.
+
+    Returns:
+        The absolute path.
+    """
+    return posixpath.normpath(posixpath.join(DATA_DIR, str(name)))
 
 
 def get_database_path(container: ops.Container) -> str | None:
@@ -1417,13 +1463,28 @@ def _configured_database_path(container: ops.Container) -> str | None:
     Raises:
         BackupError: if the configuration cannot be read.
     """
-    database = read_synapse_config(container).get("database") or {}
+    return _database_in(read_synapse_config(container))
+
+
+def _database_in(config: Mapping[str, Any]) -> str | None:
+    """Return the SQLite database file a Synapse configuration names.
+
+    Args:
+        config: the parsed homeserver.yaml.
+
+    Returns:
+        The absolute path, or None when Synapse does not use an SQLite file.
+
+    Raises:
+        SynapseConfigError: if the database section is not shaped as Synapse's.
+    """
+    database = _config_value(config, "database", dict) or {}
     if database.get("name", "sqlite3") not in ("sqlite3", "sqlite"):
         return None
-    path = (database.get("args") or {}).get("database")
+    path = (_config_value(database, "args", dict) or {}).get("database")
     if not path or path == ":memory:":
         return None
-    return posixpath.normpath(posixpath.join(DATA_DIR, str(path)))
+    return _data_path(path)
 
 
 def get_media_dir(container: ops.Container) -> str:
@@ -1438,8 +1499,22 @@ def get_media_dir(container: ops.Container) -> str:
     Raises:
         BackupError: if the configuration cannot be read.
     """
-    path = read_synapse_config(container).get("media_store_path") or MEDIA_DIR
-    return posixpath.normpath(posixpath.join(DATA_DIR, str(path)))
+    return _media_dir_in(read_synapse_config(container))
+
+
+def _media_dir_in(config: Mapping[str, Any]) -> str:
+    """Return the media store directory a Synapse configuration names.
+
+    Args:
+        config: the parsed homeserver.yaml.
+
+    Returns:
+        The absolute ``media_store_path``, or MEDIA_DIR.
+
+    Raises:
+        SynapseConfigError: if media_store_path is not a string.
+    """
+    return _data_path(_config_value(config, "media_store_path", str) or MEDIA_DIR)
 
 
 def get_paths_to_backup(container: ops.Container) -> Iterable[str]:
@@ -1459,7 +1534,24 @@ def get_paths_to_backup(container: ops.Container) -> Iterable[str]:
     Raises:
         BackupError: if the configuration cannot be read.
     """
-    config = read_synapse_config(container)
+    return _paths_in_layout(container, read_synapse_config(container))
+
+
+def _paths_in_layout(container: ops.Container, config: Mapping[str, Any]) -> list[str]:
+    """Return the paths get_paths_to_backup names, for a given configuration.
+
+    Args:
+        container: Synapse Container.
+        config: the parsed homeserver.yaml; an empty mapping gives Synapse's
+            standard layout (the files matching BACKUP_FILE_PATTERNS and the
+            local media directories of MEDIA_DIR).
+
+    Returns:
+        The existing paths, sorted.
+
+    Raises:
+        SynapseConfigError: if a setting that names paths has a wrong type.
+    """
     paths: list[str] = []
     for pattern in BACKUP_FILE_PATTERNS:
         paths.extend(
@@ -1467,14 +1559,17 @@ def get_paths_to_backup(container: ops.Container) -> Iterable[str]:
             for info in container.list_files(DATA_DIR, pattern=pattern)
             if info.type == ops.pebble.FileType.FILE
         )
-    named = [config.get("signing_key_path"), config.get("log_config")]
-    named.extend(config.get("app_service_config_files") or [])
+    named = [
+        _config_value(config, "signing_key_path", str),
+        _config_value(config, "log_config", str),
+        *(_config_value(config, "app_service_config_files", list) or []),
+    ]
     for name in named:
         if name:
-            path = posixpath.normpath(posixpath.join(DATA_DIR, str(name)))
+            path = _data_path(name)
             if container.exists(path):
                 paths.append(path)
-    media_dir = get_media_dir(container)
+    media_dir = _media_dir_in(config)
     if container.isdir(media_dir):
         paths.extend(
             info.path
@@ -2852,15 +2947,23 @@ def _manifest_databases(manifest: BackupManifest) -> list[str]:
     return [path for path in manifest.paths if path.endswith(".db")]  # older manifests
 
 
-def _swap_paths(container: ops.Container, manifest: BackupManifest) -> list[str]:
+def _swap_paths(
+    container: ops.Container,
+    manifest: BackupManifest,
+    log: Callable[[str], None] = logger.info,
+) -> list[str]:
     """Return the live paths a restore replaces.
 
-    The backed-up paths, whatever of them exists now, and the SQLite
-    journal files of the live database (which must not meet the restored one).
+    The backed-up paths, the paths a backup would take now, and the SQLite
+    journal files of the live database (which must not meet the restored
+    one). When homeserver.yaml cannot be read or used, the live paths are
+    those of Synapse's standard layout instead: a restore is how an
+    operator repairs a broken configuration, so it must not need one.
 
     Args:
         container: Synapse Container.
         manifest: the backup's manifest.
+        log: receives a note when the standard layout stands in.
 
     Returns:
         The paths, sorted.
@@ -2872,8 +2975,15 @@ def _swap_paths(container: ops.Container, manifest: BackupManifest) -> list[str]
     bad = [path for path in paths if not _allowed_restore_path(path)]
     if bad:
         raise BackupError(f"the manifest names paths outside {DATA_DIR}: {bad[0]!r}")
-    paths.update(get_paths_to_backup(container))
-    database = get_database_path(container)
+    try:
+        config = read_synapse_config(container)
+        paths.update(_paths_in_layout(container, config))
+        database = _database_in(config)
+    except SynapseConfigError as exc:
+        log(f"{exc}: the restore replaces what the backup holds and Synapse's "
+            "standard layout; other paths the live configuration may name stay")  # fmt: skip
+        paths.update(_paths_in_layout(container, {}))
+        database = DEFAULT_DATABASE_PATH
     for name in (database, *_manifest_databases(manifest)):
         if name:
             paths.update({name, f"{name}-wal", f"{name}-shm", f"{name}-journal"})
@@ -3169,7 +3279,7 @@ def run_restore(
         _check_server_name(manifest, server_name)
         _check_synapse_version(chain, synapse_version, log)
     check_tools(container)
-    _swap_paths(container, manifest)  # refuses a manifest naming paths outside /data
+    _swap_paths(container, manifest, log)  # refuses a manifest naming paths outside /data
     token = secrets.token_hex(4)
     staging_dir = f"{DATA_DIR}/{RESTORE_STAGING_PREFIX}{backup_key}-{token}"
     previous_dir = f"{DATA_DIR}/{PREVIOUS_DATA_PREFIX}{backup_key}-{token}"

@@ -220,6 +220,68 @@ def test_read_synapse_config_errors(
         backup.read_synapse_config(container)
 
 
+def _paths(container: ops.Container) -> object:
+    return list(backup.get_paths_to_backup(container))
+
+
+@pytest.mark.parametrize(
+    ("changes", "reader", "message"),
+    [
+        pytest.param(
+            {"database": "sqlite3"},
+            backup.get_database_path,
+            "database must be a mapping, not str",
+            id="database",
+        ),
+        pytest.param(
+            {"database": {"name": "sqlite3", "args": ["homeserver.db", "db-password-5e1"]}},
+            backup.get_database_path,
+            "args must be a mapping, not list$",
+            id="database-args",
+        ),
+        pytest.param(
+            {"media_store_path": 5},
+            backup.get_media_dir,
+            "media_store_path must be a string, not int$",
+            id="media",
+        ),
+        pytest.param(
+            {"media_store_path": 5},
+            _paths,
+            "media_store_path must be a string, not int$",
+            id="paths",
+        ),
+        pytest.param(
+            {"signing_key_path": ["k"]}, _paths, "signing_key_path must be a string", id="key"
+        ),
+        pytest.param(
+            {"log_config": {"a": 1}}, _paths, "log_config must be a string", id="log-config"
+        ),
+        pytest.param(
+            {"app_service_config_files": "bridge.yaml"},
+            _paths,
+            "app_service_config_files must be a list",
+            id="appservices",
+        ),
+    ],
+)
+def test_misshapen_settings_are_refused_clearly(
+    ctx: testing.Context,
+    synapse_data: pathlib.Path,
+    changes: dict[str, Any],
+    reader: Any,
+    message: str,
+):
+    """A setting of the wrong type is a SynapseConfigError naming it, never a crash."""
+    _write_config(synapse_data, **changes)
+
+    with (
+        live_container(ctx, synapse_data) as container,
+        pytest.raises(backup.SynapseConfigError, match=message),
+    ):
+        reader(container)
+
+
 # --- commands in the container --------------------------------------------------------------
 
 

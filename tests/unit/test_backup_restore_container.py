@@ -22,6 +22,7 @@ from unittest import mock
 
 import ops
 import pytest
+import yaml
 from ops import testing
 
 import backup
@@ -232,6 +233,67 @@ def test_swap_paths(ctx: testing.Context, synapse_data: pathlib.Path):
         paths = backup._swap_paths(container, _manifest())
 
     assert paths == list(SWAP_PATHS)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        pytest.param("server_name: [example.com\n", id="not-yaml"),
+        pytest.param("- a list\n", id="not-a-mapping"),
+        pytest.param("database: sqlite3\n", id="database-not-a-mapping"),
+        pytest.param("media_store_path: 5\n", id="media-path-not-a-string"),
+        pytest.param("app_service_config_files: bridge.yaml\n", id="appservices-not-a-list"),
+    ],
+)
+def test_swap_paths_without_a_usable_configuration(
+    ctx: testing.Context, synapse_data: pathlib.Path, config: str
+):
+    """A restore repairs a broken homeserver.yaml: the standard layout stands in for it.
+
+    The live database and media are found where Synapse puts them by default,
+    and the operator is told which paths the restore could not know about.
+    """
+    (synapse_data / "homeserver.yaml").write_text(config)
+    (synapse_data / "media_store" / "local_thumbnails").mkdir()  # live only, standard place
+    logs: list[str] = []
+
+    with live_container(ctx, synapse_data) as container:
+        paths = backup._swap_paths(container, _manifest(), logs.append)
+
+    assert paths == sorted([*SWAP_PATHS, "/data/media_store/local_thumbnails"])
+    (note,) = logs
+    assert note.startswith("/data/homeserver.yaml")
+    assert "Synapse's standard layout" in note
+
+
+def test_swap_paths_does_not_guess_when_pebble_cannot_say(
+    ctx: testing.Context, synapse_data: pathlib.Path
+):
+    """Pebble failing to serve homeserver.yaml is not a broken file: no standard layout."""
+    logs: list[str] = []
+    with live_container(ctx, synapse_data) as container:
+        failing = ops.pebble.APIError({}, 500, "Internal Server Error", "pebble is restarting")
+        with (
+            mock.patch.object(container, "pull", side_effect=failing),
+            pytest.raises(backup.BackupError, match="pebble is restarting") as raised,
+        ):
+            backup._swap_paths(container, _manifest(), logs.append)
+
+    assert not isinstance(raised.value, backup.SynapseConfigError)
+    assert logs == []
+
+
+def test_swap_paths_with_a_database_elsewhere(ctx: testing.Context, synapse_data: pathlib.Path):
+    """A configured database outside the standard place is replaced with its journals."""
+    config = yaml.safe_load((synapse_data / "homeserver.yaml").read_text())
+    config["database"] = {"name": "sqlite3", "args": {"database": "db/synapse.db"}}
+    (synapse_data / "homeserver.yaml").write_text(yaml.safe_dump(config))
+
+    with live_container(ctx, synapse_data) as container:
+        paths = backup._swap_paths(container, _manifest())
+
+    assert "/data/db/synapse.db" in paths
+    assert "/data/db/synapse.db-wal" in paths
 
 
 @pytest.mark.parametrize(

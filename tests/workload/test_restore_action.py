@@ -128,3 +128,37 @@ def test_restore_keeps_the_previous_data_when_synapse_does_not_answer(
     assert b"# edited" not in (data / "homeserver.yaml").read_bytes()
     assert synapse_health.asked >= 2
     assert not list(data.glob(".synapse-restore-*"))
+
+
+def test_restore_repairs_a_homeserver_yaml_that_does_not_parse(
+    harness: testing.Harness[SynapseCharm],
+    s3_server: SeaweedServer,
+    bucket: str,
+    synapse_health: SynapseHealth,
+) -> None:
+    """A restore is how an operator repairs a broken configuration: it must not need one.
+
+    The live paths to replace come from Synapse's standard layout instead,
+    the action says so, and the homeserver comes back as it was backed up.
+    """
+    configure(harness, s3_server, bucket)
+    harness.container_pebble_ready("synapse")
+    data = harness.get_filesystem_root("synapse") / "data"
+    before = backed_up_view(data)
+    backup_id = harness.run_action("create-backup").results["backup-id"]
+    (data / "homeserver.yaml").write_text("server_name: [example.com\n  listeners: {{\n")
+    (data / "media_store/local_new_dir").mkdir()
+    (data / "media_store/local_new_dir/file").write_bytes(b"new")
+    harness.evaluate_status()
+    assert "configuration unreadable" in harness.model.unit.status.message
+    with pytest.raises(testing.ActionFailed, match=r"homeserver\.yaml is not valid YAML"):
+        harness.run_action("create-backup")  # never a backup of a broken configuration
+
+    output = harness.run_action("restore-backup", {"backup-id": backup_id})
+
+    assert any("standard layout" in line for line in output.logs)
+    assert backed_up_view(data) == before
+    assert not (data / "media_store/local_new_dir").exists()
+    assert synapse_health.asked
+    harness.evaluate_status()
+    assert "configuration unreadable" not in harness.model.unit.status.message
