@@ -238,6 +238,7 @@ def main() -> int:
 
             harness = testing.Harness(SynapseCharm)
             harness.set_can_connect("synapse", True)
+            harness.set_leader(True)  # a single unit is the leader
             harness.begin()
             root = harness.get_filesystem_root("synapse")
             (root / "tmp").mkdir(exist_ok=True)

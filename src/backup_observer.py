@@ -30,6 +30,12 @@ NOT_CONFIGURED = (
     "backups are not configured: set s3-bucket, s3-endpoint (or s3-region), "
     "s3-credentials and backup-passphrase"
 )
+# One unit writes the backups under s3-path: two would interleave chains of two
+# /data volumes, race on backup ids, and run retention against each other.
+NOT_LEADER = (
+    "cannot back up: this unit is not the leader; run create-backup on the leader "
+    "unit (marked * in juju status), which makes every backup of the application"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,6 +296,9 @@ class BackupObserver(ops.Object):
             event: the action event.
         """
         params = event.load_params(CreateParams, errors="fail")
+        if not self._charm.unit.is_leader():
+            event.fail(NOT_LEADER)
+            return
         ready = self._ready(event, "back up")
         if ready is None:
             return

@@ -136,6 +136,7 @@ def make_state(
     config: dict[str, Any],
     *,
     secrets: Iterable[testing.Secret] = ALL_SECRETS,
+    leader: bool = True,
     **container_options: Any,
 ) -> testing.State:
     """Return a State with the synapse container and the given config and secrets.
@@ -144,6 +145,7 @@ def make_state(
         data_dir: the local directory behind /data.
         config: the charm config.
         secrets: the secrets granted to the charm.
+        leader: whether the unit is the leader (a single unit is).
         container_options: passed to synapse_container.
 
     Returns:
@@ -151,6 +153,7 @@ def make_state(
     """
     return testing.State(
         config=config,
+        leader=leader,
         secrets=list(secrets),
         containers=[synapse_container(data_dir, **container_options)],
     )

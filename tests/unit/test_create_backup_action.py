@@ -21,7 +21,7 @@ from ops import testing
 
 import backup
 import synapse
-from backup_observer import NOT_CONFIGURED, CreateParams
+from backup_observer import NOT_CONFIGURED, NOT_LEADER, CreateParams
 from tests.unit.builders import (
     ALL_SECRETS,
     CREDENTIALS_WITHOUT_SECRET_KEY,
@@ -230,6 +230,46 @@ def test_container_not_connectable(
 
     assert exc_info.value.message == "cannot back up: the synapse container is not reachable yet"
     run_backup.assert_not_called()
+
+
+def test_only_the_leader_backs_up(
+    ctx: testing.Context, configured_data_dir: pathlib.Path, run_backup: mock.MagicMock
+):
+    """A non-leader unit refuses: one unit writes the backups under s3-path.
+
+    Arrange: valid backup options on a unit that is not the leader (scaled out).
+    Act: run create-backup.
+    Assert: the failure names the leader as the unit to use; no backup and
+    no retention ran, and nothing was executed in the container.
+    """
+    state = make_state(configured_data_dir, CONFIG, leader=False)
+
+    with pytest.raises(testing.ActionFailed) as exc_info:
+        ctx.run(ctx.on.action("create-backup"), state)
+
+    assert exc_info.value.message == NOT_LEADER
+    assert "leader unit" in NOT_LEADER
+    run_backup.assert_not_called()
+    assert ctx.exec_history == {}
+
+
+@pytest.mark.parametrize("action", ["list-backups", "delete-backup", "verify-backup"])
+def test_other_actions_run_on_any_unit(
+    ctx: testing.Context, configured_data_dir: pathlib.Path, action: str
+):
+    """Only create-backup needs the leader: reading, checking and deleting do not."""
+    state = make_state(configured_data_dir, CONFIG, leader=False)
+    params = {} if action == "list-backups" else {"backup-id": "20250101T000000Z"}
+
+    no_s3 = backup.S3Error("no S3 in unit tests")
+    with (
+        pytest.raises(testing.ActionFailed) as exc_info,
+        mock.patch.object(backup.S3Client, "__init__", side_effect=no_s3),
+    ):
+        ctx.run(ctx.on.action(action, params=params), state)
+
+    assert "no S3 in unit tests" in exc_info.value.message
+    assert exc_info.value.message != NOT_LEADER
 
 
 def test_not_configured_yet(

@@ -88,6 +88,7 @@ def harness(
     honor_pebble_ownership(monkeypatch)
     harness = testing.Harness(SynapseCharm)
     harness.set_can_connect("synapse", True)
+    harness.set_leader(True)  # a single unit is the leader
     harness.begin()
     root = harness.get_filesystem_root("synapse")
     tmp = root / "tmp"

@@ -141,6 +141,7 @@ def test_another_deployment_never_builds_on_our_chain(
     try:
         root = harness.get_filesystem_root("synapse")
         other.set_can_connect("synapse", True)
+        other.set_leader(True)
         other.begin()
         other_root = other.get_filesystem_root("synapse")
         subprocess.run(["cp", "-a", str(root / "data"), str(other_root)], check=True)
