@@ -51,7 +51,8 @@ BACKUP_FILE_PATTERNS = ["*.yaml", "*.signing.key", "*.log.config"]
 # url_cache* are caches that Synapse fetches again).
 LOCAL_DIR_PATTERN = "local_*"
 MEDIA_DIR = f"{DATA_DIR}/media_store"
-DEFAULT_DATABASE_PATH = f"{DATA_DIR}/homeserver.db"  # what --generate-config writes
+SQLITE_ENGINES = ("sqlite3", "sqlite")  # homeserver.yaml's database name
+POSTGRES_ENGINES = ("psycopg2", "psycopg")
 # The aws CLI keeps about one multipart chunk in memory per request in
 # flight (and, downloading to a pipe, the parts waiting for their turn):
 # these bound the pipeline's memory whatever the size of the data. Measured
@@ -1359,11 +1360,20 @@ def read_synapse_config(container: ops.Container) -> dict[str, Any]:
     try:
         config = yaml.safe_load(container.pull(SYNAPSE_CONFIG_PATH).read())
     except ops.pebble.PathError as exc:
-        raise SynapseConfigError(f"cannot read {SYNAPSE_CONFIG_PATH}: {exc}") from exc
+        if exc.kind == "not-found":
+            raise SynapseConfigError(f"cannot read {SYNAPSE_CONFIG_PATH}: {exc}") from exc
+        raise BackupError(f"cannot read {SYNAPSE_CONFIG_PATH}: {exc}") from exc
     except ops.pebble.APIError as exc:
         raise BackupError(f"cannot read {SYNAPSE_CONFIG_PATH}: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise SynapseConfigError(
+            f"{SYNAPSE_CONFIG_PATH} is not UTF-8 (byte {exc.start} is not)"
+        ) from exc
     except yaml.YAMLError as exc:
-        raise SynapseConfigError(f"{SYNAPSE_CONFIG_PATH} is not valid YAML") from exc
+        # Never the text: PyYAML quotes the offending line, which may hold a secret.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise SynapseConfigError(f"{SYNAPSE_CONFIG_PATH} is not valid YAML{where}") from exc
     if not isinstance(config, dict):
         raise SynapseConfigError(f"{SYNAPSE_CONFIG_PATH} is not a YAML mapping")
     return config
@@ -1479,7 +1489,15 @@ def _database_in(config: Mapping[str, Any]) -> str | None:
         SynapseConfigError: if the database section is not shaped as Synapse's.
     """
     database = _config_value(config, "database", dict) or {}
-    if database.get("name", "sqlite3") not in ("sqlite3", "sqlite"):
+    name = _config_value(database, "name", str) or "sqlite3"
+    if name not in SQLITE_ENGINES + POSTGRES_ENGINES:
+        # Guessing "not SQLite" would make backups without the database, and
+        # retention would then delete the older backups that hold it.
+        raise SynapseConfigError(
+            f"{SYNAPSE_CONFIG_PATH}: database name must be one of "
+            f"{', '.join(SQLITE_ENGINES + POSTGRES_ENGINES)}"
+        )
+    if name not in SQLITE_ENGINES:
         return None
     path = (_config_value(database, "args", dict) or {}).get("database")
     if not path or path == ":memory:":
@@ -2956,35 +2974,38 @@ def _swap_paths(
 
     The backed-up paths, the paths a backup would take now, and the SQLite
     journal files of the live database (which must not meet the restored
-    one). When homeserver.yaml cannot be read or used, the live paths are
-    those of Synapse's standard layout instead: a restore is how an
-    operator repairs a broken configuration, so it must not need one.
+    one). When homeserver.yaml cannot be read or used, only what the backup
+    holds is replaced (with its database's journal files): a restore is how
+    an operator repairs a broken configuration, so it must not need one, and
+    what the live configuration named cannot be known, so it is left alone.
 
     Args:
         container: Synapse Container.
         manifest: the backup's manifest.
-        log: receives a note when the standard layout stands in.
+        log: receives a note when only the backup's paths are replaced.
 
     Returns:
         The paths, sorted.
 
     Raises:
-        BackupError: if the manifest names a path outside the data directory.
+        BackupError: if the manifest names a path outside the data directory,
+            or Pebble cannot serve homeserver.yaml.
     """
     paths = set(manifest.paths)
     bad = [path for path in paths if not _allowed_restore_path(path)]
     if bad:
         raise BackupError(f"the manifest names paths outside {DATA_DIR}: {bad[0]!r}")
+    databases = _manifest_databases(manifest)
     try:
         config = read_synapse_config(container)
-        paths.update(_paths_in_layout(container, config))
-        database = _database_in(config)
+        live = _paths_in_layout(container, config)
+        databases.append(_database_in(config) or "")
     except SynapseConfigError as exc:
-        log(f"{exc}: the restore replaces what the backup holds and Synapse's "
-            "standard layout; other paths the live configuration may name stay")  # fmt: skip
-        paths.update(_paths_in_layout(container, {}))
-        database = DEFAULT_DATABASE_PATH
-    for name in (database, *_manifest_databases(manifest)):
+        log(f"{exc}: the restore replaces only what the backup holds; other live paths "
+            "the configuration may name stay as they are")  # fmt: skip
+    else:
+        paths.update(live)
+    for name in databases:
         if name:
             paths.update({name, f"{name}-wal", f"{name}-shm", f"{name}-journal"})
     return sorted(path for path in paths if _allowed_restore_path(path))

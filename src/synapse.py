@@ -9,6 +9,7 @@ from typing import Any
 import ops
 import yaml
 
+import backup
 from backup import DATA_DIR, SYNAPSE_CONFIG_PATH, SYNAPSE_GROUP_ID, SYNAPSE_USER_ID
 
 logger = logging.getLogger(__name__)
@@ -100,12 +101,9 @@ def _load(container: ops.Container) -> dict[str, Any]:
         SynapseError: if it cannot be read or parsed.
     """
     try:
-        config = yaml.safe_load(container.pull(SYNAPSE_CONFIG_PATH).read())
-    except (ops.pebble.PathError, yaml.YAMLError) as exc:
-        raise SynapseError(f"cannot read {SYNAPSE_CONFIG_PATH}: {exc}") from exc
-    if not isinstance(config, dict):
-        raise SynapseError(f"{SYNAPSE_CONFIG_PATH} is not a mapping")
-    return config
+        return backup.read_synapse_config(container)  # never quotes the file's text
+    except backup.BackupError as exc:
+        raise SynapseError(str(exc)) from exc
 
 
 def generate_config(container: ops.Container, server_name: str) -> None:

@@ -204,13 +204,21 @@ def test_get_media_dir(
         pytest.param("a: [b", "is not valid YAML", id="invalid-yaml"),
         pytest.param("- a\n- b\n", "is not a YAML mapping", id="list"),
         pytest.param("", "is not a YAML mapping", id="empty"),
+        pytest.param(b"# caf\xe9\n", r"is not UTF-8 \(byte 5 is not\)", id="not-utf-8"),
+        pytest.param(
+            'macaroon_secret_key: "s3cr3t-value\n',
+            r"is not valid YAML \(line 2, column 1\)$",
+            id="never-quotes-the-text",
+        ),
     ],
 )
 def test_read_synapse_config_errors(
-    ctx: testing.Context, data_dir: pathlib.Path, content: str | None, message: str
+    ctx: testing.Context, data_dir: pathlib.Path, content: str | bytes | None, message: str
 ):
     """An unusable homeserver.yaml raises BackupError."""
-    if content is not None:
+    if isinstance(content, bytes):
+        (data_dir / "homeserver.yaml").write_bytes(content)
+    elif content is not None:
         (data_dir / "homeserver.yaml").write_text(content)
 
     with (
@@ -250,6 +258,18 @@ def _paths(container: ops.Container) -> object:
             _paths,
             "media_store_path must be a string, not int$",
             id="paths",
+        ),
+        pytest.param(
+            {"database": {"name": "postgres", "args": {"database": "homeserver.db"}}},
+            backup.get_database_path,
+            "database name must be one of sqlite3, sqlite, psycopg2, psycopg$",
+            id="database-engine",
+        ),
+        pytest.param(
+            {"database": {"name": ["sqlite3"]}},
+            backup.get_database_path,
+            "name must be a string, not list$",
+            id="database-engine-type",
         ),
         pytest.param(
             {"signing_key_path": ["k"]}, _paths, "signing_key_path must be a string", id="key"

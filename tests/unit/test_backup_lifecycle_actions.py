@@ -995,11 +995,13 @@ def test_restore_without_any_server_name_passes_none(
     [
         pytest.param(
             "server_name: [unclosed\n",
-            "cannot restore: cannot read /data/homeserver.yaml: ",
+            "cannot restore: /data/homeserver.yaml is not valid YAML (line 2, column 1)",
             id="invalid-yaml",
         ),
         pytest.param(
-            "- a list\n", "cannot restore: /data/homeserver.yaml is not a mapping", id="a-list"
+            "- a list\n",
+            "cannot restore: /data/homeserver.yaml is not a YAML mapping",
+            id="a-list",
         ),
     ],
 )

@@ -243,41 +243,62 @@ def test_swap_paths(ctx: testing.Context, synapse_data: pathlib.Path):
         pytest.param("database: sqlite3\n", id="database-not-a-mapping"),
         pytest.param("media_store_path: 5\n", id="media-path-not-a-string"),
         pytest.param("app_service_config_files: bridge.yaml\n", id="appservices-not-a-list"),
+        pytest.param(b"# caf\xe9\nserver_name: example.com\n", id="not-utf-8"),
+        pytest.param("database: {name: postgres}\n", id="unknown-database-engine"),
     ],
 )
 def test_swap_paths_without_a_usable_configuration(
-    ctx: testing.Context, synapse_data: pathlib.Path, config: str
+    ctx: testing.Context, synapse_data: pathlib.Path, config: str | bytes
 ):
-    """A restore repairs a broken homeserver.yaml: the standard layout stands in for it.
+    """A restore repairs a broken homeserver.yaml: it replaces what the backup holds.
 
-    The live database and media are found where Synapse puts them by default,
-    and the operator is told which paths the restore could not know about.
+    What the live configuration might have named beyond that is left where it
+    is (moved aside, it would be deleted after the restore), and the operator
+    is told.
     """
-    (synapse_data / "homeserver.yaml").write_text(config)
-    (synapse_data / "media_store" / "local_thumbnails").mkdir()  # live only, standard place
+    if isinstance(config, bytes):
+        (synapse_data / "homeserver.yaml").write_bytes(config)
+    else:
+        (synapse_data / "homeserver.yaml").write_text(config)
+    (synapse_data / "media_store" / "local_thumbnails").mkdir()  # live only
     logs: list[str] = []
 
     with live_container(ctx, synapse_data) as container:
         paths = backup._swap_paths(container, _manifest(), logs.append)
 
-    assert paths == sorted([*SWAP_PATHS, "/data/media_store/local_thumbnails"])
+    # What the backup holds, with its database's journals; extra.signing.key and
+    # local_thumbnails (what a backup would take now) stay: nothing it cannot know goes.
+    assert paths == sorted(
+        [*MANIFEST_PATHS, *(f"/data/homeserver.db-{end}" for end in ("journal", "shm", "wal"))]
+    )
     (note,) = logs
     assert note.startswith("/data/homeserver.yaml")
-    assert "Synapse's standard layout" in note
+    assert "replaces only what the backup holds" in note
 
 
+@pytest.mark.parametrize(
+    "failing",
+    [
+        pytest.param(
+            ops.pebble.APIError({}, 500, "Internal Server Error", "pebble is restarting"),
+            id="api-error",
+        ),
+        pytest.param(
+            ops.pebble.PathError("permission-denied", "pebble is restarting"), id="path-error"
+        ),
+    ],
+)
 def test_swap_paths_does_not_guess_when_pebble_cannot_say(
-    ctx: testing.Context, synapse_data: pathlib.Path
+    ctx: testing.Context, synapse_data: pathlib.Path, failing: ops.pebble.Error
 ):
-    """Pebble failing to serve homeserver.yaml is not a broken file: no standard layout."""
+    """Pebble failing to serve homeserver.yaml is not a broken file: the restore fails."""
     logs: list[str] = []
-    with live_container(ctx, synapse_data) as container:
-        failing = ops.pebble.APIError({}, 500, "Internal Server Error", "pebble is restarting")
-        with (
-            mock.patch.object(container, "pull", side_effect=failing),
-            pytest.raises(backup.BackupError, match="pebble is restarting") as raised,
-        ):
-            backup._swap_paths(container, _manifest(), logs.append)
+    with (
+        live_container(ctx, synapse_data) as container,
+        mock.patch.object(container, "pull", side_effect=failing),
+        pytest.raises(backup.BackupError, match="pebble is restarting") as raised,
+    ):
+        backup._swap_paths(container, _manifest(), logs.append)
 
     assert not isinstance(raised.value, backup.SynapseConfigError)
     assert logs == []

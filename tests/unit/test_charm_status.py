@@ -75,6 +75,12 @@ def _without(config: dict[str, str], *options: str) -> dict[str, str]:
             "unreadable",
             id="homeserver-yaml-not-a-mapping",
         ),
+        pytest.param(
+            {"server-name": SERVER_NAME},
+            'form_secret: "status-secret-9f3e\n',
+            "is not valid YAML (line 2, column 1)",
+            id="homeserver-yaml-secret-never-quoted",
+        ),
     ],
 )
 def test_server_name_blocks(
@@ -99,6 +105,7 @@ def test_server_name_blocks(
 
     assert isinstance(out.unit_status, ops.BlockedStatus)
     assert in_message in out.unit_status.message
+    assert "status-secret-9f3e" not in out.unit_status.message  # PyYAML would quote it
     assert out.get_container("synapse").plan.services == {}
     assert ctx.exec_history == {}
 

@@ -138,8 +138,8 @@ def test_restore_repairs_a_homeserver_yaml_that_does_not_parse(
 ) -> None:
     """A restore is how an operator repairs a broken configuration: it must not need one.
 
-    The live paths to replace come from Synapse's standard layout instead,
-    the action says so, and the homeserver comes back as it was backed up.
+    Only what the backup holds is replaced, the action says so, and the
+    homeserver comes back as it was backed up.
     """
     configure(harness, s3_server, bucket)
     harness.container_pebble_ready("synapse")
@@ -156,9 +156,12 @@ def test_restore_repairs_a_homeserver_yaml_that_does_not_parse(
 
     output = harness.run_action("restore-backup", {"backup-id": backup_id})
 
-    assert any("standard layout" in line for line in output.logs)
+    assert any("replaces only what the backup holds" in line for line in output.logs)
+    # What the backup holds is back; what only the live data had is left alone
+    # (the broken file could not say what it was; replaced, it would be deleted).
+    assert (data / "media_store/local_new_dir/file").read_bytes() == b"new"
+    shutil.rmtree(data / "media_store/local_new_dir")
     assert backed_up_view(data) == before
-    assert not (data / "media_store/local_new_dir").exists()
     assert synapse_health.asked
     harness.evaluate_status()
     assert "configuration unreadable" not in harness.model.unit.status.message
