@@ -376,7 +376,7 @@ class MatrixClient:
             Their bodies.
         """
         room = urllib.parse.quote(room_id)
-        answer = self.json("GET", f"/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=100")
+        answer = self.json("GET", f"/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=1000")
         return [
             event["content"]["body"]
             for event in reversed(answer["chunk"])

@@ -11,13 +11,16 @@ it again and waits for its real /health. Pebble is still Harness's stand-in
 
 Adjustments for a shared machine, in the test only: Synapse listens on a
 free port of 127.0.0.1 (the charm binds 0.0.0.0:8008 inside its pod), the
-charm's health URL points at that port, and Synapse has no trusted key
-server (the network stays on loopback).
+charm's health URL points at that port, Synapse has no trusted key server
+(the network stays on loopback), and its message rate limit lets a test
+thread write while the backup runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,6 +81,7 @@ def _listen_on_loopback(config_path: Path, port: int) -> str:
     listener["bind_addresses"] = ["127.0.0.1"]
     config["trusted_key_servers"] = []  # never asks matrix.org for keys: loopback only
     config["suppress_key_server_warning"] = True
+    config["rc_message"] = {"per_second": 100, "burst_count": 100}  # the writer thread
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     return str(config["registration_shared_secret"])
 
@@ -109,6 +113,37 @@ def _start(
     return client, shared_secret
 
 
+@contextlib.contextmanager
+def _writing(client: MatrixClient, room: str) -> Iterator[list[str]]:
+    """Send messages to a room from another thread until the block ends.
+
+    Yields:
+        The messages sent, in order (complete once the block ended).
+    """
+    writer = MatrixClient(client.base_url)
+    writer.token = client.token
+    sent: list[str] = []
+    stop = threading.Event()
+    started = threading.Event()
+
+    def write() -> None:
+        while not stop.is_set() and len(sent) < 500:  # messages() reads the last 1,000
+            text = f"during the backup {len(sent)}"
+            writer.send(room, text)
+            sent.append(text)
+            started.set()
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    assert started.wait(30), "the writer could not send"
+    try:
+        yield sent
+    finally:
+        stop.set()
+        thread.join(60)
+    assert len(sent) >= 2
+
+
 def _restore(
     harness: testing.Harness[SynapseCharm], services: RealServices, backup_id: str
 ) -> None:
@@ -128,11 +163,12 @@ def test_a_real_synapse_comes_back_from_each_backup_of_its_chain(
 ) -> None:
     """Each restore brings back what Synapse had at that backup, and only that.
 
-    A full backup and an incremental one are taken while Synapse runs and
-    writes, with messages and media added between them and after. Restoring
+    A full backup is taken while another client sends messages, an
+    incremental one after more messages and media, and more come after it. Restoring
     the incremental backup (its chain: the full one, then it) and then the
     full one gives each time a Synapse that answers /health and serves
-    exactly the messages and media of that moment.
+    exactly the messages and media of that moment (for the full backup, a
+    consistent cut of the messages sent while it ran).
     """
     harness, services = real_synapse
     configure(harness, s3_server, bucket)
@@ -143,7 +179,8 @@ def test_a_real_synapse_comes_back_from_each_backup_of_its_chain(
     first = os.urandom(300_000)
     first_uri = client.upload(first)
 
-    full = harness.run_action("create-backup").results
+    with _writing(client, room) as during:
+        full = harness.run_action("create-backup").results
     assert full["type"] == "full"
     assert services.is_running("synapse")  # a backup never stops Synapse
     client.send(room, "between the backups")
@@ -159,7 +196,7 @@ def test_a_real_synapse_comes_back_from_each_backup_of_its_chain(
 
     client.wait_until_up(30, lambda: services.is_running("synapse"))
     messages = client.messages(room)  # alice's token was issued before the first backup
-    assert messages == ["before the full backup", "between the backups"]
+    assert messages == ["before the full backup", *during, "between the backups"]
     assert client.download(first_uri) == (200, first)
     assert client.download(second_uri) == (200, second)
     assert client.download(lost_uri)[0] == 404
@@ -167,7 +204,8 @@ def test_a_real_synapse_comes_back_from_each_backup_of_its_chain(
     _restore(harness, services, full["backup-id"])
 
     client.wait_until_up(30, lambda: services.is_running("synapse"))
-    assert client.messages(room) == ["before the full backup"]
+    messages = client.messages(room)  # a consistent copy: what was sent up to some point
+    assert messages == ["before the full backup", *during[: len(messages) - 1]]
     assert client.download(first_uri) == (200, first)
     assert client.download(second_uri)[0] == 404
     parameters = parameters_for(s3_server, bucket, path="homeserver/backups")  # configure()'s
