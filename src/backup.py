@@ -85,6 +85,11 @@ STATE_DIR = f"{DATA_DIR}/.synapse-backup-state"
 SNAPSHOT_STATE_FILE = "snapshot.snar"
 DATABASE_STATE_FILE = "database.state"  # the database's fingerprint, see _SNAPSHOT_PROGRAM
 DATABASE_STATE_SUFFIX = ".db-state"
+# Which data this unit's /data holds: made at its first backup, taken over from
+# the backup a restore brings in, and recorded in each manifest as "data-id".
+# A chain grows only from the data it was made of (see _choose_parent).
+DATA_ID_FILE = f"{STATE_DIR}/data-id"
+_DATA_ID_PATTERN = re.compile(r"^[0-9a-f]{16,64}$")
 MANIFEST_VERSION = 1
 # Every command the backup and restore scripts run in the workload.
 REQUIRED_TOOLS = (
@@ -2202,11 +2207,16 @@ def _choose_parent(
     backup_type: str,
     log: Callable[[str], None],
     deployment: str | None,
+    *,
+    data_id: str | None = None,
 ) -> tuple[list[BackupManifest], bool]:
     """Choose the backup an incremental backup builds on.
 
     Only backups of this deployment count: another deployment writing to the
     same path (say, a new model restored from this one) has its own files.
+    And only a backup of the data in /data now: tar's snapshot state knows
+    files by device and inode, and another unit's volume may reuse them for
+    other files, which an incremental backup would then silently leave out.
 
     Args:
         container: Synapse Container.
@@ -2214,6 +2224,8 @@ def _choose_parent(
         backup_type: "full", "incremental" or "auto".
         log: receives progress messages.
         deployment: this deployment's id (model and application), if known.
+        data_id: the id of the data in /data (DATA_ID_FILE); a newest backup
+            that records another one is not built on.
 
     Returns:
         The parent's chain, oldest first (empty for a full backup), and whether
@@ -2236,7 +2248,13 @@ def _choose_parent(
         newest = backups[0] if backups else None
         problem = "there is no full backup to build on" if newest is None else ""
         local = False
-        if newest is not None:
+        recorded = newest.metadata.get("data-id") if newest is not None else None
+        if newest is not None and data_id and recorded and recorded != data_id:
+            problem = (
+                f"the newest backup {newest.backup_id} was made of other data (by another "
+                "unit, or before this unit's data was replaced other than by restore-backup)"
+            )
+        elif newest is not None:
             chain = client.chain(newest.backup_id)
             local = container.exists(f"{STATE_DIR}/{newest.backup_id}.snar")
             remote = client.object_size(newest.backup_id + SNAPSHOT_STATE_SUFFIX) is not None
@@ -2337,6 +2355,99 @@ def _snapshot_state_commands(
     return [BASH_COMMAND, "-c", _script(lines)]
 
 
+def read_data_id(container: ops.Container) -> str | None:
+    """Return the id of the data in /data, if it has one.
+
+    Args:
+        container: Synapse Container.
+
+    Returns:
+        The id, or None when there is none (or it is damaged: a new one replaces it).
+
+    Raises:
+        BackupError: if Pebble cannot be asked.
+    """
+    try:
+        text = container.pull(DATA_ID_FILE).read().strip()
+    except ops.pebble.PathError as exc:
+        if exc.kind == "not-found":
+            return None
+        raise BackupError(f"cannot read {DATA_ID_FILE}: {exc}") from exc
+    except (ops.pebble.APIError, UnicodeDecodeError) as exc:
+        raise BackupError(f"cannot read {DATA_ID_FILE}: {exc}") from exc
+    return text if _DATA_ID_PATTERN.fullmatch(text) else None
+
+
+def _write_data_id(container: ops.Container, data_id: str) -> None:
+    """Record the id of the data in /data.
+
+    Args:
+        container: Synapse Container.
+        data_id: the id.
+
+    Raises:
+        BackupError: if it cannot be written.
+    """
+    user, group = SYNAPSE_USER_ID, SYNAPSE_GROUP_ID
+    try:
+        container.make_dir(
+            STATE_DIR, make_parents=True, permissions=0o700, user_id=user, group_id=group
+        )
+        container.push(
+            DATA_ID_FILE, data_id + "\n", permissions=0o600, user_id=user, group_id=group
+        )
+    except ops.pebble.Error as exc:
+        raise BackupError(f"cannot write {DATA_ID_FILE}: {exc}") from exc
+
+
+def data_id_for_backup(container: ops.Container) -> str:
+    """Return the id of the data in /data, made now if it has none yet.
+
+    Args:
+        container: Synapse Container.
+
+    Returns:
+        The id: 32 hexadecimal digits.
+
+    Raises:
+        BackupError: if it cannot be read or made.
+    """
+    data_id = read_data_id(container)
+    if data_id is None:
+        data_id = secrets.token_hex(16)  # 32 digits
+        _write_data_id(container, data_id)
+    return data_id
+
+
+def _adopt_data_id(
+    container: ops.Container, manifest: BackupManifest, log: Callable[[str], None]
+) -> None:
+    """After a restore, take over the data id of the backup now in /data.
+
+    The next backup then continues that backup's chain. A backup that
+    records none (older charms) leaves /data without one: the next backup
+    makes a new one.
+
+    Args:
+        container: Synapse Container.
+        manifest: the restored backup's manifest.
+        log: receives a note when the id cannot be recorded.
+    """
+    data_id = str(manifest.metadata.get("data-id", ""))
+    try:
+        if _DATA_ID_PATTERN.fullmatch(data_id):
+            _write_data_id(container, data_id)
+        else:
+            container.remove_path(DATA_ID_FILE)
+    except ops.pebble.PathError as exc:
+        if exc.kind != "not-found":
+            log(f"cannot remove {DATA_ID_FILE}: {exc}")
+    except (BackupError, ops.pebble.Error) as exc:
+        # Not harmful: a chain built on another one of this data stays correct
+        # (every restored file is new to tar), only larger.
+        log(f"the restored backup's data id could not be recorded: {exc}")
+
+
 def _keep_snapshot_state(container: ops.Container, backup_key: str, work_dir: str) -> None:
     """Keep the new tar snapshot state and database fingerprint, replacing older ones.
 
@@ -2429,8 +2540,9 @@ def run_backup(
     created_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     client = _client_for_new_backup(s3_parameters, backup_key)
     check_tools(container)
+    data_id = data_id_for_backup(container)
     chain, local_state = _choose_parent(
-        container, client, backup_type, log, (metadata or {}).get("deployment")
+        container, client, backup_type, log, (metadata or {}).get("deployment"), data_id=data_id
     )
     paths = list(get_paths_to_backup(container))
     database_path, database_facts = _database_to_copy(container, log)
@@ -2483,7 +2595,7 @@ def run_backup(
                 size=archive_size,
                 sha256=sha256,
                 duration=round(time.monotonic() - started, 3),
-                metadata={**(metadata or {}), **database_facts},
+                metadata={**(metadata or {}), **database_facts, "data-id": data_id},
                 backup_type="incremental" if parent else "full",
                 parent=parent.backup_id if parent else "",
                 piece_size=piece_size,
@@ -3321,6 +3433,7 @@ def run_restore(
         raise  # staging and previous hold data the operator needs
     except SynapseNotStartedError as exc:
         _remove_quietly(container, staging_dir)
+        _adopt_data_id(container, manifest, log)  # the restored data is in place
         raise SynapseNotStartedError(
             f"{exc}; the restored data is in place, the previous data is kept in {previous_dir}"
         ) from exc
@@ -3331,6 +3444,7 @@ def run_restore(
         raise
     # Anything else (the charm dying) leaves all in place: the journal rolls it back.
     _remove_quietly(container, staging_dir)
+    _adopt_data_id(container, manifest, log)
     if healthy is not None and not _service_planned(container, service):
         healthy = None  # nothing was started to answer
     _remove_previous(

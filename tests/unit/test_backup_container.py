@@ -728,7 +728,10 @@ def test_run_backup(
     assert manifest.metadata == {
         "server-name": "example.com",
         "database-path": "/data/homeserver.db",
+        "data-id": WORK_TOKEN,  # made at the first backup (token_hex is fixed here)
     }
+    state_dir = synapse_data / backup.STATE_DIR.removeprefix("/data/")
+    assert (state_dir / "data-id").read_text() == f"{WORK_TOKEN}\n"
     assert du.command[-len(manifest.paths) :] == list(manifest.paths)
     assert pipeline.command[:2] == ["bash", "-c"]
     assert (pipeline.user_id, pipeline.group_id) == (991, 991)
@@ -1224,6 +1227,13 @@ NO_PARENT = [
         None,
         "cannot list the backups: AccessDenied",
         id="cannot-list",
+    ),
+    pytest.param(
+        {"list_backups": [_parent(metadata={"data-id": "f" * 32})]},
+        None,
+        f"the newest backup {PARENT_ID} was made of other data (by another unit, or before "
+        "this unit's data was replaced other than by restore-backup)",
+        id="other-data",
     ),
 ]
 

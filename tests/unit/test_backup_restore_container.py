@@ -2069,3 +2069,97 @@ def test_restore_waits_for_an_answer_when_pebble_cannot_say_what_is_planned(
 
     assert asked == [True]
     assert result.previous_dir is None
+
+
+# --- the data id after a restore ------------------------------------------------------------
+
+
+def _data_id_file(data_dir: pathlib.Path) -> pathlib.Path:
+    return data_dir / backup.DATA_ID_FILE.removeprefix("/data/")
+
+
+@pytest.mark.parametrize(
+    ("before", "recorded", "after"),
+    [
+        pytest.param(None, "a" * 32, "a" * 32, id="taken-over"),
+        pytest.param("b" * 32, "a" * 32, "a" * 32, id="replaced"),
+        pytest.param("b" * 32, None, None, id="older-backup-removes-it"),
+        pytest.param(None, None, None, id="older-backup-nothing-to-remove"),
+        pytest.param("b" * 32, "not hex", None, id="damaged-in-the-manifest"),
+    ],
+)
+def test_restore_takes_over_the_data_id_of_the_backup(
+    ctx: testing.Context,
+    synapse_data: pathlib.Path,
+    before: str | None,
+    recorded: str | None,
+    after: str | None,
+):
+    """/data now holds the backup's data: the next backup continues that backup's chain."""
+    if before is not None:
+        _data_id_file(synapse_data).parent.mkdir(parents=True)
+        _data_id_file(synapse_data).write_text(before + "\n")
+    manifest = _manifest(metadata={"data-id": recorded} if recorded else {})
+    logs: list[str] = []
+
+    with live_container(ctx, synapse_data) as container:
+        backup._adopt_data_id(container, manifest, logs.append)
+        assert backup.read_data_id(container) == after
+
+    assert logs == []
+    if after is not None:
+        assert _data_id_file(synapse_data).stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize(
+    ("recorded", "method", "error"),
+    [
+        pytest.param(
+            "a" * 32, "push", ops.pebble.APIError({}, 500, "error", "disk full"), id="write"
+        ),
+        pytest.param(
+            None,
+            "remove_path",
+            ops.pebble.PathError("generic-file-error", "disk full"),
+            id="remove",
+        ),
+    ],
+)
+def test_restore_that_cannot_record_the_data_id_says_so(
+    ctx: testing.Context,
+    synapse_data: pathlib.Path,
+    recorded: str | None,
+    method: str,
+    error: ops.pebble.Error,
+):
+    """Not fatal (the restore is done; the next chain is only larger), but logged."""
+    manifest = _manifest(metadata={"data-id": recorded} if recorded else {})
+    logs: list[str] = []
+
+    with (
+        live_container(ctx, synapse_data) as container,
+        mock.patch.object(container, method, side_effect=error),
+    ):
+        backup._adopt_data_id(container, manifest, logs.append)
+
+    (line,) = logs
+    assert "disk full" in line
+
+
+def test_read_data_id_failures(ctx: testing.Context, synapse_data: pathlib.Path):
+    """Pebble failing is an error; a damaged file is no id (a new one replaces it)."""
+    _data_id_file(synapse_data).parent.mkdir(parents=True)
+    _data_id_file(synapse_data).write_text("damaged\n")
+    with live_container(ctx, synapse_data) as container:
+        assert backup.read_data_id(container) is None
+        for error in (
+            ops.pebble.PathError("permission-denied", "no"),
+            ops.pebble.APIError({}, 500, "error", "pebble down"),
+        ):
+            with (
+                mock.patch.object(container, "pull", side_effect=error),
+                pytest.raises(
+                    backup.BackupError, match=r"cannot read /data/\.synapse-backup-state"
+                ),
+            ):
+                backup.read_data_id(container)

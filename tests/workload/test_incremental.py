@@ -112,18 +112,63 @@ def test_broken_chain_fails_clearly_and_touches_nothing(
     assert _backup(harness)["type"] == "full"
 
 
-def test_new_unit_continues_the_chain_from_s3(
+def test_lost_snapshot_state_continues_the_chain_from_s3(
     configured: testing.Harness[SynapseCharm],
 ) -> None:
     """Without the local snapshot state, the encrypted copy in S3 continues the chain."""
     harness = configured
     data = harness.get_filesystem_root("synapse") / "data"
     full = _backup(harness)
-    shutil.rmtree(data / ".synapse-backup-state")
+    for state in (data / ".synapse-backup-state").glob(f"{full['backup-id']}.*"):
+        state.unlink()  # the data (and its id) are the same
     _write(data / "media_store/local_content/n/file", b"new")
     incremental = _backup(harness)
     assert (incremental["type"], incremental["parent"]) == ("incremental", full["backup-id"])
     assert (data / f".synapse-backup-state/{incremental['backup-id']}.snar").exists()
+
+
+def test_a_new_unit_continues_the_chain_of_the_backup_it_restored(
+    configured: testing.Harness[SynapseCharm],
+) -> None:
+    """A unit that restored a backup builds on its chain (from the state in S3)."""
+    harness = configured
+    data = harness.get_filesystem_root("synapse") / "data"
+    full = _backup(harness)
+    shutil.rmtree(data / ".synapse-backup-state")  # a new unit: no state, no data id
+    harness.run_action("restore-backup", {"backup-id": full["backup-id"]})
+    data_id = (data / ".synapse-backup-state/data-id").read_text()
+    _write(data / "media_store/local_content/n/file", b"new")
+
+    incremental = _backup(harness)
+
+    assert (incremental["type"], incremental["parent"]) == ("incremental", full["backup-id"])
+    assert (data / ".synapse-backup-state/data-id").read_text() == data_id
+    (data / "media_store/local_content/n/file").unlink()
+    harness.run_action("restore-backup", {"backup-id": incremental["backup-id"]})
+    assert (data / "media_store/local_content/n/file").read_bytes() == b"new"
+
+
+def test_other_data_starts_a_new_chain(
+    configured: testing.Harness[SynapseCharm],
+) -> None:
+    """A unit whose data is not the chain's (another unit's volume) never extends it.
+
+    tar's snapshot state knows files by device and inode: on another volume
+    they may name other files, which an incremental backup would leave out.
+    """
+    harness = configured
+    data = harness.get_filesystem_root("synapse") / "data"
+    full = _backup(harness)
+    shutil.rmtree(data / ".synapse-backup-state")  # other data: no state, no data id
+
+    with pytest.raises(testing.ActionFailed, match=f"newest backup {full['backup-id']} was made"):
+        _backup(harness, type="incremental")
+    time.sleep(1.05)
+    output = harness.run_action("create-backup")
+
+    assert (output.results["type"], output.results["parent"]) == ("full", "none")
+    assert any("was made of other data" in line for line in output.logs)
+    assert _backup(harness)["parent"] == output.results["backup-id"]  # its own chain goes on
 
 
 def test_delete_refuses_a_needed_backup_unless_chain(
