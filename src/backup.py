@@ -85,11 +85,13 @@ STATE_DIR = f"{DATA_DIR}/.synapse-backup-state"
 SNAPSHOT_STATE_FILE = "snapshot.snar"
 DATABASE_STATE_FILE = "database.state"  # the database's fingerprint, see _SNAPSHOT_PROGRAM
 DATABASE_STATE_SUFFIX = ".db-state"
-# Which data this unit's /data holds: made at its first backup, taken over from
-# the backup a restore brings in, and recorded in each manifest as "data-id".
-# A chain grows only from the data it was made of (see _choose_parent).
+# Which data this unit's /data holds: a random id made at its first backup and
+# anew by each restore, recorded in each manifest as "data-id"; and the backup
+# the last restore brought in, which the next backup may build on. A chain
+# grows only from the data it was made of (see _choose_parent).
 DATA_ID_FILE = f"{STATE_DIR}/data-id"
-_DATA_ID_PATTERN = re.compile(r"^[0-9a-f]{16,64}$")
+RESTORED_FROM_FILE = f"{STATE_DIR}/restored-from"
+_DATA_ID_PATTERN = re.compile(r"^[0-9a-f]{8,64}$")
 MANIFEST_VERSION = 1
 # Every command the backup and restore scripts run in the workload.
 REQUIRED_TOOLS = (
@@ -2201,6 +2203,33 @@ def _tail(output: str | bytes | None, lines: int = 8) -> str:
     return "; ".join(kept) or "no error output"
 
 
+def _made_of_this_data(
+    newest: BackupManifest, *, local: bool, data_id: str | None, restored_from: str | None
+) -> bool:
+    """Tell whether tar's snapshot state of a backup describes the data in /data.
+
+    It does when this data made the backup (same data id; or, for a backup
+    older than data ids, its state is in this volume), or when the backup is
+    the one the last restore brought in: every restored file is new to tar
+    (new inode, new ctime), so whatever that state says, each is stored.
+    A backup made later by another volume is not built on, even if its data
+    descends from the same backup.
+
+    Args:
+        newest: the newest backup.
+        local: whether its snapshot state is in this unit's state directory.
+        data_id: this data's id; None skips the check.
+        restored_from: the backup the last restore brought in, if any.
+
+    Returns:
+        True when an incremental backup may build on it.
+    """
+    if data_id is None or newest.backup_id == restored_from:
+        return True
+    recorded = newest.metadata.get("data-id")
+    return recorded == data_id if recorded else local
+
+
 def _choose_parent(
     container: ops.Container,
     client: S3Client,
@@ -2209,6 +2238,7 @@ def _choose_parent(
     deployment: str | None,
     *,
     data_id: str | None = None,
+    restored_from: str | None = None,
 ) -> tuple[list[BackupManifest], bool]:
     """Choose the backup an incremental backup builds on.
 
@@ -2224,8 +2254,9 @@ def _choose_parent(
         backup_type: "full", "incremental" or "auto".
         log: receives progress messages.
         deployment: this deployment's id (model and application), if known.
-        data_id: the id of the data in /data (DATA_ID_FILE); a newest backup
-            that records another one is not built on.
+        data_id: the id of the data in /data (DATA_ID_FILE), None to build
+            on any newest backup; see _made_of_this_data.
+        restored_from: the backup the last restore brought in, if any.
 
     Returns:
         The parent's chain, oldest first (empty for a full backup), and whether
@@ -2248,15 +2279,16 @@ def _choose_parent(
         newest = backups[0] if backups else None
         problem = "there is no full backup to build on" if newest is None else ""
         local = False
-        recorded = newest.metadata.get("data-id") if newest is not None else None
-        if newest is not None and data_id and recorded and recorded != data_id:
-            problem = (
-                f"the newest backup {newest.backup_id} was made of other data (by another "
-                "unit, or before this unit's data was replaced other than by restore-backup)"
-            )
-        elif newest is not None:
-            chain = client.chain(newest.backup_id)
+        if newest is not None:
             local = container.exists(f"{STATE_DIR}/{newest.backup_id}.snar")
+            if not _made_of_this_data(newest, local=local, data_id=data_id,
+                                      restored_from=restored_from):  # fmt: skip
+                problem = (
+                    f"the newest backup {newest.backup_id} was made of other data (by another "
+                    "unit, or before this unit's data was replaced other than by restore-backup)"
+                )
+        if newest is not None and not problem:
+            chain = client.chain(newest.backup_id)
             remote = client.object_size(newest.backup_id + SNAPSHOT_STATE_SUFFIX) is not None
             if not local and not remote:
                 problem = f"the newest backup {newest.backup_id} has no snapshot state"
@@ -2355,6 +2387,31 @@ def _snapshot_state_commands(
     return [BASH_COMMAND, "-c", _script(lines)]
 
 
+def _read_state_value(container: ops.Container, path: str) -> str | None:
+    """Return the data id or the restored backup's id kept in the state directory.
+
+    Args:
+        container: Synapse Container.
+        path: DATA_ID_FILE or RESTORED_FROM_FILE.
+
+    Returns:
+        The value, or None when there is none (or it is damaged: it then counts as none).
+
+    Raises:
+        BackupError: if Pebble cannot be asked.
+    """
+    pattern = _DATA_ID_PATTERN if path == DATA_ID_FILE else BACKUP_ID_PATTERN
+    try:
+        text = container.pull(path).read().strip()
+    except ops.pebble.PathError as exc:
+        if exc.kind == "not-found":
+            return None
+        raise BackupError(f"cannot read {path}: {exc}") from exc
+    except (ops.pebble.APIError, UnicodeDecodeError) as exc:
+        raise BackupError(f"cannot read {path}: {exc}") from exc
+    return text if pattern.fullmatch(text) else None
+
+
 def read_data_id(container: ops.Container) -> str | None:
     """Return the id of the data in /data, if it has one.
 
@@ -2367,37 +2424,34 @@ def read_data_id(container: ops.Container) -> str | None:
     Raises:
         BackupError: if Pebble cannot be asked.
     """
-    try:
-        text = container.pull(DATA_ID_FILE).read().strip()
-    except ops.pebble.PathError as exc:
-        if exc.kind == "not-found":
-            return None
-        raise BackupError(f"cannot read {DATA_ID_FILE}: {exc}") from exc
-    except (ops.pebble.APIError, UnicodeDecodeError) as exc:
-        raise BackupError(f"cannot read {DATA_ID_FILE}: {exc}") from exc
-    return text if _DATA_ID_PATTERN.fullmatch(text) else None
+    return _read_state_value(container, DATA_ID_FILE)
 
 
-def _write_data_id(container: ops.Container, data_id: str) -> None:
-    """Record the id of the data in /data.
+def _write_state_value(container: ops.Container, path: str, value: str | None) -> None:
+    """Record the data id or the restored backup's id; None removes it.
 
     Args:
         container: Synapse Container.
-        data_id: the id.
+        path: DATA_ID_FILE or RESTORED_FROM_FILE.
+        value: what to record.
 
     Raises:
-        BackupError: if it cannot be written.
+        BackupError: if it cannot be written or removed.
     """
     user, group = SYNAPSE_USER_ID, SYNAPSE_GROUP_ID
     try:
+        if value is None:
+            container.remove_path(path)
+            return
         container.make_dir(
             STATE_DIR, make_parents=True, permissions=0o700, user_id=user, group_id=group
         )
-        container.push(
-            DATA_ID_FILE, data_id + "\n", permissions=0o600, user_id=user, group_id=group
-        )
+        container.push(path, value + "\n", permissions=0o600, user_id=user, group_id=group)
+    except ops.pebble.PathError as exc:
+        if value is not None or exc.kind != "not-found":
+            raise BackupError(f"cannot write {path}: {exc}") from exc
     except ops.pebble.Error as exc:
-        raise BackupError(f"cannot write {DATA_ID_FILE}: {exc}") from exc
+        raise BackupError(f"cannot write {path}: {exc}") from exc
 
 
 def data_id_for_backup(container: ops.Container) -> str:
@@ -2415,37 +2469,34 @@ def data_id_for_backup(container: ops.Container) -> str:
     data_id = read_data_id(container)
     if data_id is None:
         data_id = secrets.token_hex(16)  # 32 digits
-        _write_data_id(container, data_id)
+        _write_state_value(container, DATA_ID_FILE, data_id)
     return data_id
 
 
-def _adopt_data_id(
-    container: ops.Container, manifest: BackupManifest, log: Callable[[str], None]
+def _renew_data_id(
+    container: ops.Container, restored_from: str | None, log: Callable[[str], None]
 ) -> None:
-    """After a restore, take over the data id of the backup now in /data.
+    """After a restore swapped data in, give /data a new id; say what it may build on.
 
-    The next backup then continues that backup's chain. A backup that
-    records none (older charms) leaves /data without one: the next backup
-    makes a new one.
+    The data is now the restored backup's, with every file new to tar: the
+    next backup may build on that backup (if it is still the newest), and on
+    nothing else this data did not make. After a restore that failed with
+    the restored data in place, ``restored_from`` is None: the operator may
+    move the previous data back by hand, so the next backup is full.
 
     Args:
         container: Synapse Container.
-        manifest: the restored backup's manifest.
-        log: receives a note when the id cannot be recorded.
+        restored_from: the restored backup, or None.
+        log: receives a note when this cannot be recorded.
     """
-    data_id = str(manifest.metadata.get("data-id", ""))
     try:
-        if _DATA_ID_PATTERN.fullmatch(data_id):
-            _write_data_id(container, data_id)
-        else:
-            container.remove_path(DATA_ID_FILE)
-    except ops.pebble.PathError as exc:
-        if exc.kind != "not-found":
-            log(f"cannot remove {DATA_ID_FILE}: {exc}")
-    except (BackupError, ops.pebble.Error) as exc:
-        # Not harmful: a chain built on another one of this data stays correct
-        # (every restored file is new to tar), only larger.
-        log(f"the restored backup's data id could not be recorded: {exc}")
+        _write_state_value(container, RESTORED_FROM_FILE, None)  # first: never a stale pair
+        _write_state_value(container, DATA_ID_FILE, secrets.token_hex(16))
+        _write_state_value(container, RESTORED_FROM_FILE, restored_from)
+    except BackupError as exc:
+        # The old id may stay: building on this data's own older backups is
+        # sound (every restored file is new to tar), only larger.
+        log(f"{exc}: the next backup may be larger than needed")
 
 
 def _keep_snapshot_state(container: ops.Container, backup_key: str, work_dir: str) -> None:
@@ -2542,8 +2593,9 @@ def run_backup(
     check_tools(container)
     data_id = data_id_for_backup(container)
     chain, local_state = _choose_parent(
-        container, client, backup_type, log, (metadata or {}).get("deployment"), data_id=data_id
-    )
+        container, client, backup_type, log, (metadata or {}).get("deployment"),
+        data_id=data_id, restored_from=_read_state_value(container, RESTORED_FROM_FILE),
+    )  # fmt: skip
     paths = list(get_paths_to_backup(container))
     database_path, database_facts = _database_to_copy(container, log)
     outside = [p for p in [*paths, database_path] if p and not _allowed_restore_path(p)]
@@ -3433,7 +3485,7 @@ def run_restore(
         raise  # staging and previous hold data the operator needs
     except SynapseNotStartedError as exc:
         _remove_quietly(container, staging_dir)
-        _adopt_data_id(container, manifest, log)  # the restored data is in place
+        _renew_data_id(container, None, log)  # the restored data is in place, for now
         raise SynapseNotStartedError(
             f"{exc}; the restored data is in place, the previous data is kept in {previous_dir}"
         ) from exc
@@ -3444,12 +3496,18 @@ def run_restore(
         raise
     # Anything else (the charm dying) leaves all in place: the journal rolls it back.
     _remove_quietly(container, staging_dir)
-    _adopt_data_id(container, manifest, log)
     if healthy is not None and not _service_planned(container, service):
         healthy = None  # nothing was started to answer
-    _remove_previous(
-        container, previous_dir, keep_previous=keep_previous, healthy=healthy, log=log
-    )
+    # Where the previous data stays (a failure, keep_previous) the operator may
+    # move it back by hand: then the next backup is full.
+    builds_on: str | None = None
+    try:
+        _remove_previous(
+            container, previous_dir, keep_previous=keep_previous, healthy=healthy, log=log
+        )
+        builds_on = None if keep_previous else backup_key
+    finally:
+        _renew_data_id(container, builds_on, log)
     return RestoreResult(
         backup_id=backup_key,
         file_count=sum(check.file_count for check in checks),

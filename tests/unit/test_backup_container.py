@@ -669,6 +669,8 @@ def _parent(backup_id: str = PARENT_ID, **changes: Any) -> backup.BackupManifest
         "size": 999,
         "sha256": "cd" * 32,
         "duration": 1.0,
+        # Made of the data in /data: the id the first backup there makes (see fixed_work_dir).
+        "metadata": {"data-id": WORK_TOKEN},
     }
     values.update(changes)
     return backup.BackupManifest(**values)
@@ -1282,7 +1284,7 @@ def test_run_backup_without_the_database_file_says_so(
     assert "VACUUM INTO" not in pipeline.command[2]
 
 
-@pytest.mark.usefixtures("tools_present")
+@pytest.mark.usefixtures("tools_present", "fixed_work_dir")
 @pytest.mark.parametrize(("listing", "chain", "problem"), NO_PARENT)
 def test_run_backup_auto_falls_back_to_full(
     ctx: testing.Context,
@@ -1313,7 +1315,7 @@ def test_run_backup_auto_falls_back_to_full(
     assert (document["type"], document["parent"]) == ("full", "")
 
 
-@pytest.mark.usefixtures("tools_present")
+@pytest.mark.usefixtures("tools_present", "fixed_work_dir")
 @pytest.mark.parametrize(("listing", "chain", "problem"), NO_PARENT)
 def test_run_backup_incremental_impossible(
     ctx: testing.Context,
@@ -1643,7 +1645,10 @@ OTHERS_NEWEST = _parent(
 def _own_chain(*, recorded: bool) -> list[backup.BackupManifest]:
     """_chain(), its manifests recording this deployment (or, older ones, no deployment)."""
     metadata = {"deployment": DEPLOYMENT} if recorded else {}
-    return [dataclasses.replace(manifest, metadata=metadata) for manifest in _chain()]
+    return [
+        dataclasses.replace(manifest, metadata={**manifest.metadata, **metadata})
+        for manifest in _chain()
+    ]
 
 
 @pytest.mark.usefixtures("tools_present")

@@ -1006,6 +1006,10 @@ def test_restore_swap_for_real_with_journal(
         "homeserver.yaml": b"restored homeserver.yaml",
         "media_store": None,
         "media_store/remote_content": None,
+        # The data is the backup's now: a new id, and the backup the next one may build on.
+        ".synapse-backup-state": None,
+        ".synapse-backup-state/data-id": f"{TOKEN}\n".encode(),
+        ".synapse-backup-state/restored-from": f"{BACKUP_ID}\n".encode(),
     }
 
 
@@ -1944,6 +1948,40 @@ def test_restore_removes_the_previous_data_once_synapse_answers(
     assert result.previous_dir is None
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "answers", "marker"),
+    [
+        pytest.param({}, True, BACKUP_ID, id="previous-data-removed"),
+        pytest.param({"keep_previous": True}, True, None, id="previous-data-kept"),
+        pytest.param({}, False, None, id="synapse-does-not-answer"),
+    ],
+)
+def test_restore_says_what_the_next_backup_may_build_on(
+    ctx: testing.Context,
+    synapse_data: pathlib.Path,
+    s3_client: mock.MagicMock,
+    monkeypatch: pytest.MonkeyPatch,
+    kwargs: dict[str, Any],
+    answers: bool,
+    marker: str | None,
+):
+    """Only when the replaced data is gone may the next backup build on the restored one.
+
+    Where it is kept, the operator may move it back by hand, and the restored
+    backup's snapshot state would not describe it: the next backup is full.
+    """
+    monkeypatch.setattr(backup.time, "sleep", lambda _: None)
+    monkeypatch.setattr(backup, "RESTORE_HEALTH_TIMEOUT", 0.0)
+    with live_container(ctx, synapse_data, execs=RESTORE_EXECS) as container:
+        with (
+            staged_by_pipeline(container, synapse_data, STAGED),
+            contextlib.suppress(backup.SynapseNotStartedError),
+        ):
+            _restore(container, healthy=lambda: answers, **kwargs)
+        assert backup.read_data_id(container) is not None
+        assert backup._read_state_value(container, backup.RESTORED_FROM_FILE) == marker
+
+
 @pytest.mark.parametrize("removal_fails", [False, True], ids=["journal-removed", "journal-stays"])
 def test_restore_whose_journal_write_fails_after_writing_never_loses_data(
     ctx: testing.Context,
@@ -2078,72 +2116,88 @@ def _data_id_file(data_dir: pathlib.Path) -> pathlib.Path:
     return data_dir / backup.DATA_ID_FILE.removeprefix("/data/")
 
 
-@pytest.mark.parametrize(
-    ("before", "recorded", "after"),
-    [
-        pytest.param(None, "a" * 32, "a" * 32, id="taken-over"),
-        pytest.param("b" * 32, "a" * 32, "a" * 32, id="replaced"),
-        pytest.param("b" * 32, None, None, id="older-backup-removes-it"),
-        pytest.param(None, None, None, id="older-backup-nothing-to-remove"),
-        pytest.param("b" * 32, "not hex", None, id="damaged-in-the-manifest"),
-    ],
-)
-def test_restore_takes_over_the_data_id_of_the_backup(
-    ctx: testing.Context,
-    synapse_data: pathlib.Path,
-    before: str | None,
-    recorded: str | None,
-    after: str | None,
+@pytest.mark.parametrize("before", [None, "b" * 32])
+@pytest.mark.parametrize("restored_from", [BACKUP_ID, None])
+def test_restore_renews_the_data_id(
+    ctx: testing.Context, synapse_data: pathlib.Path, before: str | None, restored_from: str | None
 ):
-    """/data now holds the backup's data: the next backup continues that backup's chain."""
+    """/data holds other data now: a new id, and the one backup it may build on (or none)."""
     if before is not None:
         _data_id_file(synapse_data).parent.mkdir(parents=True)
         _data_id_file(synapse_data).write_text(before + "\n")
-    manifest = _manifest(metadata={"data-id": recorded} if recorded else {})
     logs: list[str] = []
 
     with live_container(ctx, synapse_data) as container:
-        backup._adopt_data_id(container, manifest, logs.append)
-        assert backup.read_data_id(container) == after
+        backup._renew_data_id(container, restored_from, logs.append)
+        after = backup.read_data_id(container)
+        marker = backup._read_state_value(container, backup.RESTORED_FROM_FILE)
 
     assert logs == []
-    if after is not None:
-        assert _data_id_file(synapse_data).stat().st_mode & 0o777 == 0o600
+    assert after is not None
+    assert after != before
+    assert marker == restored_from
+    assert _data_id_file(synapse_data).stat().st_mode & 0o777 == 0o600
 
 
 @pytest.mark.parametrize(
-    ("recorded", "method", "error"),
+    ("method", "error"),
     [
+        pytest.param("push", ops.pebble.APIError({}, 500, "error", "disk full"), id="write"),
         pytest.param(
-            "a" * 32, "push", ops.pebble.APIError({}, 500, "error", "disk full"), id="write"
-        ),
-        pytest.param(
-            None,
-            "remove_path",
-            ops.pebble.PathError("generic-file-error", "disk full"),
-            id="remove",
+            "remove_path", ops.pebble.PathError("generic-file-error", "disk full"), id="remove"
         ),
     ],
 )
-def test_restore_that_cannot_record_the_data_id_says_so(
-    ctx: testing.Context,
-    synapse_data: pathlib.Path,
-    recorded: str | None,
-    method: str,
-    error: ops.pebble.Error,
+def test_restore_that_cannot_renew_the_data_id_says_so(
+    ctx: testing.Context, synapse_data: pathlib.Path, method: str, error: ops.pebble.Error
 ):
     """Not fatal (the restore is done; the next chain is only larger), but logged."""
-    manifest = _manifest(metadata={"data-id": recorded} if recorded else {})
     logs: list[str] = []
 
     with (
         live_container(ctx, synapse_data) as container,
         mock.patch.object(container, method, side_effect=error),
     ):
-        backup._adopt_data_id(container, manifest, logs.append)
+        backup._renew_data_id(container, BACKUP_ID, logs.append)
 
     (line,) = logs
     assert "disk full" in line
+    assert "the next backup may be larger than needed" in line
+
+
+def _newest(data_id: str | None, backup_id: str = BACKUP_ID) -> backup.BackupManifest:
+    return _manifest(backup_id=backup_id, metadata={"data-id": data_id} if data_id else {})
+
+
+OURS = "a" * 32
+OTHER = "b" * 32
+
+
+@pytest.mark.parametrize(
+    ("newest", "local", "restored_from", "expected"),
+    [
+        pytest.param(_newest(OURS), False, None, True, id="made-by-this-data"),
+        pytest.param(_newest(OTHER), True, None, False, id="made-by-other-data"),
+        pytest.param(_newest(OTHER), False, BACKUP_ID, True, id="the-restored-backup"),
+        pytest.param(
+            _newest(OTHER, "20250102T030406Z"),
+            False,
+            BACKUP_ID,
+            False,
+            id="made-after-the-restore-by-another-volume",
+        ),
+        pytest.param(_newest(None), True, None, True, id="older-than-ids-state-here"),
+        pytest.param(_newest(None), False, None, False, id="older-than-ids-state-elsewhere"),
+    ],
+)
+def test_made_of_this_data(
+    newest: backup.BackupManifest, local: bool, restored_from: str | None, expected: bool
+):
+    """Only a snapshot state that describes /data may be built on."""
+    assert (
+        backup._made_of_this_data(newest, local=local, data_id=OURS, restored_from=restored_from)
+        is expected
+    )
 
 
 def test_read_data_id_failures(ctx: testing.Context, synapse_data: pathlib.Path):
