@@ -2454,23 +2454,25 @@ def _write_state_value(container: ops.Container, path: str, value: str | None) -
         raise BackupError(f"cannot write {path}: {exc}") from exc
 
 
-def data_id_for_backup(container: ops.Container) -> str:
+def data_id_for_backup(container: ops.Container) -> tuple[str, bool]:
     """Return the id of the data in /data, made now if it has none yet.
+
+    A new id is recorded only once the backup is committed (see
+    _keep_snapshot_state): a failed backup leaves /data as it was.
 
     Args:
         container: Synapse Container.
 
     Returns:
-        The id: 32 hexadecimal digits.
+        The id (a new one has 32 hexadecimal digits), and whether it is new.
 
     Raises:
-        BackupError: if it cannot be read or made.
+        BackupError: if it cannot be read.
     """
     data_id = read_data_id(container)
     if data_id is None:
-        data_id = secrets.token_hex(16)  # 32 digits
-        _write_state_value(container, DATA_ID_FILE, data_id)
-    return data_id
+        return secrets.token_hex(16), True
+    return data_id, False
 
 
 def _renew_data_id(
@@ -2497,6 +2499,28 @@ def _renew_data_id(
         # The old id may stay: building on this data's own older backups is
         # sound (every restored file is new to tar), only larger.
         log(f"{exc}: the next backup may be larger than needed")
+
+
+def _keep_state_after_commit(
+    container: ops.Container, backup_key: str, work_dir: str, *, new_data_id: str | None
+) -> None:
+    """Keep the snapshot state and record a new data id; failures are only logged.
+
+    The backup is committed: S3 holds its state. Without the local copy the
+    next backup downloads it; without the data id it is full.
+
+    Args:
+        container: Synapse Container.
+        backup_key: the committed backup.
+        work_dir: the work directory holding the state.
+        new_data_id: the data id the backup made and recorded, if it made one.
+    """
+    try:
+        _keep_snapshot_state(container, backup_key, work_dir)
+        if new_data_id:
+            _write_state_value(container, DATA_ID_FILE, new_data_id)
+    except BackupError as exc:
+        logger.warning("%s", exc)
 
 
 def _keep_snapshot_state(container: ops.Container, backup_key: str, work_dir: str) -> None:
@@ -2591,7 +2615,7 @@ def run_backup(
     created_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     client = _client_for_new_backup(s3_parameters, backup_key)
     check_tools(container)
-    data_id = data_id_for_backup(container)
+    data_id, new_data_id = data_id_for_backup(container)
     chain, local_state = _choose_parent(
         container, client, backup_type, log, (metadata or {}).get("deployment"),
         data_id=data_id, restored_from=_read_state_value(container, RESTORED_FROM_FILE),
@@ -2660,10 +2684,9 @@ def run_backup(
             log("writing the manifest")
             client.put_text(backup_key + MANIFEST_SUFFIX, manifest.to_json())
             committed = True
-            try:
-                _keep_snapshot_state(container, backup_key, work_dir)
-            except BackupError as exc:  # the backup is committed; S3 has the state
-                logger.warning("%s", exc)
+            _keep_state_after_commit(
+                container, backup_key, work_dir, new_data_id=data_id if new_data_id else None
+            )
         return manifest
     except S3Error as exc:
         raise BackupError(str(exc)) from exc
