@@ -2458,7 +2458,7 @@ def data_id_for_backup(container: ops.Container) -> tuple[str, bool]:
     """Return the id of the data in /data, made now if it has none yet.
 
     A new id is recorded only once the backup is committed (see
-    _keep_snapshot_state): a failed backup leaves /data as it was.
+    _keep_state_after_commit): a failed backup leaves /data as it was.
 
     Args:
         container: Synapse Container.
