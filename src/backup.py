@@ -2387,6 +2387,10 @@ def _snapshot_state_commands(
     return [BASH_COMMAND, "-c", _script(lines)]
 
 
+# What each value kept in the state directory must look like.
+_STATE_VALUE_PATTERNS = {DATA_ID_FILE: _DATA_ID_PATTERN, RESTORED_FROM_FILE: BACKUP_ID_PATTERN}
+
+
 def _read_state_value(container: ops.Container, path: str) -> str | None:
     """Return the data id or the restored backup's id kept in the state directory.
 
@@ -2400,7 +2404,7 @@ def _read_state_value(container: ops.Container, path: str) -> str | None:
     Raises:
         BackupError: if Pebble cannot be asked.
     """
-    pattern = _DATA_ID_PATTERN if path == DATA_ID_FILE else BACKUP_ID_PATTERN
+    pattern = _STATE_VALUE_PATTERNS[path]
     try:
         text = container.pull(path).read().strip()
     except ops.pebble.PathError as exc:
