@@ -42,6 +42,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import backup
+import backup_chain
+import backup_container
 from tests.helpers.sandbox import Sandbox, exec_args
 from tests.helpers.seaweed import SeaweedServer
 from tests.helpers.synapse_data import SYNAPSE_GID, SYNAPSE_UID, create_database, homeserver_config
@@ -340,13 +342,15 @@ class Bench:
         )
         self.work_dir = "/tmp/bench-work"
         host_work = self.root / "tmp/bench-work"
-        (host_work / backup.GNUPG_DIR).mkdir(parents=True, mode=0o700)
+        (host_work / backup_container.GNUPG_DIR).mkdir(parents=True, mode=0o700)
         (host_work / backup.PASSPHRASE_FILE).write_text(PASSPHRASE)
-        (host_work / backup.AWS_CONFIG_FILE).write_text(backup.build_aws_config(self.s3))
-        (host_work / backup.AWS_DOWNLOAD_CONFIG_FILE).write_text(
-            backup.build_aws_config(self.s3, download=True)
+        (host_work / backup_container.AWS_CONFIG_FILE).write_text(
+            backup_container.build_aws_config(self.s3)
         )
-        baseline = backup.build_aws_config(self.s3).replace(
+        (host_work / backup_container.AWS_DOWNLOAD_CONFIG_FILE).write_text(
+            backup_container.build_aws_config(self.s3, download=True)
+        )
+        baseline = backup_container.build_aws_config(self.s3).replace(
             f"max_concurrent_requests = {backup.S3_MAX_CONCURRENT_REQUESTS}",
             "max_concurrent_requests = 1",
         )
@@ -441,12 +445,12 @@ class Variants:
         """Our create-backup pipeline, a full backup."""
         self.rounds += 1
         (self.host_work / "full.snar").unlink(missing_ok=True)
-        (self.host_work / backup.DATABASE_STATE_FILE).unlink(missing_ok=True)
+        (self.host_work / backup_chain.DATABASE_STATE_FILE).unlink(missing_ok=True)
         self._at_rest()
         cost = self.bench.run(self._backup_command("ours", "full.snar", None))
         shutil.copy2(self.host_work / "full.snar", self.host_work / "base.snar")
         # As the charm keeps them for the next backup: tar's state and the database's fingerprint.
-        recorded = self.host_work / backup.DATABASE_STATE_FILE
+        recorded = self.host_work / backup_chain.DATABASE_STATE_FILE
         (self.host_work / "base.db-state").unlink(missing_ok=True)
         if recorded.exists():  # not when the database was written in the last two seconds
             shutil.copy2(recorded, self.host_work / "base.db-state")
@@ -463,7 +467,9 @@ class Variants:
         stat = (self.bench.root / "data/homeserver.db").stat()
         age = time.time() - max(stat.st_mtime, stat.st_ctime)
         time.sleep(max(0.0, 2.1 - age))
-        for leftover in (self.bench.root / "data").glob(backup.SNAPSHOT_DIR_PREFIX + "*"):
+        for leftover in (self.bench.root / "data").glob(
+            backup_container.SNAPSHOT_DIR_PREFIX + "*"
+        ):
             shutil.rmtree(leftover)
 
     def _incremental_on_full(self, key: str) -> tuple[Measured, int]:
@@ -554,7 +560,7 @@ class Variants:
         staging = self.bench.root / "data/.bench-plain"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        config = f"{self.bench.work_dir}/{backup.AWS_DOWNLOAD_CONFIG_FILE}"
+        config = f"{self.bench.work_dir}/{backup_container.AWS_DOWNLOAD_CONFIG_FILE}"
         get = (
             f"aws s3api get-object --bucket {BUCKET} --key={self.bench.s3.object_key('plain')}"
             " /dev/fd/3 3>&1 >/dev/null"

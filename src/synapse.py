@@ -9,8 +9,9 @@ from typing import Any
 import ops
 import yaml
 
-import backup
-from backup import DATA_DIR, SYNAPSE_CONFIG_PATH, SYNAPSE_GROUP_ID, SYNAPSE_USER_ID
+import synapse_layout
+from backup_store import BackupError
+from synapse_layout import DATA_DIR, SYNAPSE_CONFIG_PATH, SYNAPSE_GROUP_ID, SYNAPSE_USER_ID
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +102,8 @@ def _load(container: ops.Container) -> dict[str, Any]:
         SynapseError: if it cannot be read or parsed.
     """
     try:
-        return backup.read_synapse_config(container)  # never quotes the file's text
-    except backup.BackupError as exc:
+        return synapse_layout.read_synapse_config(container)  # never quotes the file's text
+    except BackupError as exc:
         raise SynapseError(str(exc)) from exc
 
 

@@ -22,6 +22,10 @@ import yaml
 from ops import testing
 
 import backup
+import backup_chain
+import backup_container
+import backup_restore
+import backup_store
 from tests.unit.builders import make_state
 
 SECRET_KEY = "container-secret-key-77c1"
@@ -30,7 +34,7 @@ SHA256 = "ab" * 32
 BACKUP_ID = "20250101T000000Z"
 PARENT_ID = "20241231T000000Z"
 WORK_TOKEN = "0123456789abcdef"
-WORK_DIR = f"{backup.WORK_DIR_PREFIX}{WORK_TOKEN}"
+WORK_DIR = f"{backup_container.WORK_DIR_PREFIX}{WORK_TOKEN}"
 # A backup's objects, its manifest (the commit) first: checked free, and discarded on failure.
 BACKUP_NAMES = [f"{BACKUP_ID}.manifest.json", BACKUP_ID, f"{BACKUP_ID}.snar.gpg"]
 EXPECTED_PATHS = [
@@ -357,7 +361,7 @@ def test_check_tools_present(ctx: testing.Context, data_dir: pathlib.Path):
         backup.check_tools(container)
 
     (call,) = ctx.exec_history["synapse"]
-    for tool in backup.REQUIRED_TOOLS:
+    for tool in backup_container.REQUIRED_TOOLS:
         assert tool in call.command[2]
 
 
@@ -407,7 +411,7 @@ def test_run_in_container(ctx: testing.Context, data_dir: pathlib.Path):
     """The command runs as the Synapse user from /, with the given environment."""
     execs = [testing.Exec(["bash", "-c"], stdout="done\n")]
     with live_container(ctx, data_dir, execs=execs) as container:
-        stdout = backup.run_in_container(
+        stdout = backup_container.run_in_container(
             container, ["bash", "-c", "true"], {"A": "1"}, what="the test"
         )
 
@@ -425,7 +429,7 @@ def test_run_in_container_redacts_secrets(ctx: testing.Context, data_dir: pathli
         live_container(ctx, data_dir, execs=execs) as container,
         pytest.raises(backup.BackupError) as exc_info,
     ):
-        backup.run_in_container(
+        backup_container.run_in_container(
             container,
             ["bash", "-c", "false"],
             {},
@@ -473,12 +477,12 @@ PEBBLE_ERRORS = [
             id="calculate-size",
         ),
         pytest.param(
-            lambda container: backup._move(container, "/data/a", "/data/b"),
+            lambda container: backup_restore._move(container, "/data/a", "/data/b"),
             "cannot move /data/a to /data/b: ",
             id="move",
         ),
         pytest.param(
-            lambda container: backup.run_in_container(
+            lambda container: backup_container.run_in_container(
                 container, ["bash", "-c", "true"], {}, what="the test"
             ),
             "the test ",
@@ -526,7 +530,7 @@ def test_run_in_container_redacts_pebble_errors(ctx: testing.Context, data_dir: 
         mock.patch.object(container, "exec", side_effect=error),
         pytest.raises(backup.BackupError) as exc_info,
     ):
-        backup.run_in_container(
+        backup_container.run_in_container(
             container, ["true"], {}, secrets_to_hide=(SECRET_KEY,), what="the test"
         )
 
@@ -555,7 +559,7 @@ def test_remove_quietly_logs(
         live_container(ctx, data_dir) as container,
         mock.patch.object(container, "remove_path", side_effect=error),
     ):
-        backup._remove_quietly(container, "/tmp/w")
+        backup_container._remove_quietly(container, "/tmp/w")
 
     assert "could not remove /tmp/w from the container: " in caplog.text
 
@@ -579,7 +583,7 @@ def test_prepare_container(ctx: testing.Context, data_dir: pathlib.Path):
     assert files["passphrase"].permissions == 0o600
     assert files["aws-config"].permissions == 0o600
     assert passphrase == PASSPHRASE
-    assert aws_config == backup.build_aws_config(_params())
+    assert aws_config == backup_container.build_aws_config(_params())
     assert SECRET_KEY not in aws_config
 
 
@@ -588,10 +592,10 @@ def test_prepare_container_default_work_dir(ctx: testing.Context, data_dir: path
     with live_container(ctx, data_dir) as container:
         backup.prepare_container(container, _params(), PASSPHRASE)
 
-        (info,) = container.list_files(backup.DEFAULT_WORK_DIR, itself=True)
-        passphrase = container.pull(f"{backup.DEFAULT_WORK_DIR}/passphrase").read()
+        (info,) = container.list_files(backup_container.DEFAULT_WORK_DIR, itself=True)
+        passphrase = container.pull(f"{backup_container.DEFAULT_WORK_DIR}/passphrase").read()
 
-    assert backup.DEFAULT_WORK_DIR == "/tmp/synapse-backup"
+    assert backup_container.DEFAULT_WORK_DIR == "/tmp/synapse-backup"
     assert info.permissions == 0o700
     assert passphrase == PASSPHRASE
 
@@ -609,7 +613,7 @@ def test_prepared_container_removed_on_error(ctx: testing.Context, data_dir: pat
     seen: list[str] = []
 
     def failing_backup(container: ops.Container) -> None:
-        with backup.prepared_container(container, _params(), PASSPHRASE) as work_dir:
+        with backup_container.prepared_container(container, _params(), PASSPHRASE) as work_dir:
             assert container.exists(f"{work_dir}/passphrase")
             seen.append(work_dir)
             raise RuntimeError("the backup failed")
@@ -618,7 +622,7 @@ def test_prepared_container_removed_on_error(ctx: testing.Context, data_dir: pat
         with pytest.raises(RuntimeError, match="the backup failed"):
             failing_backup(container)
         (work_dir,) = seen
-        assert work_dir.startswith(backup.WORK_DIR_PREFIX)
+        assert work_dir.startswith(backup_container.WORK_DIR_PREFIX)
         assert not container.exists(work_dir)
 
 
@@ -644,7 +648,7 @@ def s3_client() -> Iterator[mock.MagicMock]:
 @pytest.fixture
 def fixed_work_dir() -> Iterator[str]:
     """Make the random work directory predictable, so commands can be canned exactly."""
-    with mock.patch.object(backup.secrets, "token_hex", return_value=WORK_TOKEN):
+    with mock.patch.object(backup_container.secrets, "token_hex", return_value=WORK_TOKEN):
         yield WORK_DIR
 
 
@@ -680,7 +684,7 @@ def _keep_state_command(backup_id: str = BACKUP_ID) -> list[str]:
     """The command _keep_snapshot_state runs, captured from a stand-in container."""
     container = mock.MagicMock(spec=ops.Container)
     container.exec.return_value.wait_output.return_value = ("", "")
-    backup._keep_snapshot_state(container, backup_id, WORK_DIR)
+    backup_chain._keep_snapshot_state(container, backup_id, WORK_DIR)
     (command,), _ = container.exec.call_args
     return command
 
@@ -732,7 +736,7 @@ def test_run_backup(
         "database-path": "/data/homeserver.db",
         "data-id": WORK_TOKEN,  # made at the first backup (token_hex is fixed here)
     }
-    state_dir = synapse_data / backup.STATE_DIR.removeprefix("/data/")
+    state_dir = synapse_data / backup_chain.STATE_DIR.removeprefix("/data/")
     assert (state_dir / "data-id").read_text() == f"{WORK_TOKEN}\n"
     assert du.command[-len(manifest.paths) :] == list(manifest.paths)
     assert pipeline.command[:2] == ["bash", "-c"]
@@ -743,7 +747,7 @@ def test_run_backup(
     for value in (SECRET_KEY, PASSPHRASE):
         assert value not in script
     assert "--add-file=data/homeserver.yaml" in script
-    assert f"--listed-incremental={WORK_DIR}/{backup.SNAPSHOT_STATE_FILE}" in script
+    assert f"--listed-incremental={WORK_DIR}/{backup_chain.SNAPSHOT_STATE_FILE}" in script
     assert f" - s3://synapse-backups/{BACKUP_ID}.snar.gpg\n" in script
     assert keep_state.command == _keep_state_command()
     assert keep_state.environment == {}
@@ -862,20 +866,20 @@ def test_keep_state_command():
 
     assert command[:2] == ["bash", "-c"]
     lines = command[2].splitlines()
-    state_dir = backup.STATE_DIR
+    state_dir = backup_chain.STATE_DIR
     target = f"{state_dir}/{BACKUP_ID}.snar"
     assert lines[0] == "set -o errexit -o nounset"
     assert lines[1] == f"mkdir -p -m 700 -- {state_dir}"
-    assert lines[2] == f"cp -- {WORK_DIR}/{backup.SNAPSHOT_STATE_FILE} {target}.tmp"
+    assert lines[2] == f"cp -- {WORK_DIR}/{backup_chain.SNAPSHOT_STATE_FILE} {target}.tmp"
     assert lines[3] == f"mv -- {target}.tmp {target}"
-    database_state = f"{WORK_DIR}/{backup.DATABASE_STATE_FILE}"
-    database_target = f"{state_dir}/{BACKUP_ID}{backup.DATABASE_STATE_SUFFIX}"
+    database_state = f"{WORK_DIR}/{backup_chain.DATABASE_STATE_FILE}"
+    database_target = f"{state_dir}/{BACKUP_ID}{backup_store.DATABASE_STATE_SUFFIX}"
     assert lines[4:] == [
         f"if [ -e {database_state} ]; then",
         f"cp -- {database_state} {database_target}.tmp",
         f"mv -- {database_target}.tmp {database_target}",
         "fi",
-        f"for old in {state_dir}/*.snar {state_dir}/*{backup.DATABASE_STATE_SUFFIX}; do",
+        f"for old in {state_dir}/*.snar {state_dir}/*{backup_store.DATABASE_STATE_SUFFIX}; do",
         f'  case "$old" in {target}|{database_target}) ;; *) rm -f -- "$old" ;; esac',
         "done",
     ]
@@ -922,10 +926,10 @@ def _chain() -> list[backup.BackupManifest]:
 
 def _probe_command() -> list[str]:
     """The passphrase probe on the chain's full backup (its first bytes, in the work dir)."""
-    gpg = backup._gpg_command(f"{WORK_DIR}/{backup.PASSPHRASE_FILE}", "--decrypt")
-    script = backup._script(
+    gpg = backup_container._gpg_command(f"{WORK_DIR}/{backup.PASSPHRASE_FILE}", "--decrypt")
+    script = backup_container._script(
         [
-            *backup._script_preamble(WORK_DIR),
+            *backup_container._script_preamble(WORK_DIR),
             [*gpg, "--output", "/dev/null", f"{WORK_DIR}/probe.gpg"],
         ]
     )
@@ -943,7 +947,7 @@ def _incremental_s3(s3_client: mock.MagicMock, *, remote_state: bool = True) -> 
 
 
 def _keep_local_state(data_dir: pathlib.Path) -> None:
-    state_dir = data_dir / backup.STATE_DIR.removeprefix("/data/")
+    state_dir = data_dir / backup_chain.STATE_DIR.removeprefix("/data/")
     state_dir.mkdir()
     (state_dir / f"{PARENT_ID}.snar").write_bytes(b"GNU tar-1.34-2\n")
 
@@ -976,7 +980,7 @@ def test_run_backup_incremental(
     if local:
         _keep_local_state(synapse_data)
     parent = _chain()[-1]
-    state_command = backup._snapshot_state_commands(_params(), parent, local, WORK_DIR)
+    state_command = backup_chain._snapshot_state_commands(_params(), parent, local, WORK_DIR)
     execs = [DU, testing.Exec(_probe_command()), testing.Exec(state_command), PIPELINE_OK]
     logs: list[str] = []
 
@@ -989,13 +993,13 @@ def test_run_backup_incremental(
     assert probe.command == _probe_command()
     assert (probe.user_id, probe.group_id) == (991, 991)
     s3_client.read_object.assert_called_once_with(
-        ROOT_ID, first_bytes=backup.PASSPHRASE_PROBE_BYTES
+        ROOT_ID, first_bytes=backup_container.PASSPHRASE_PROBE_BYTES
     )
     assert state.command == state_command
     script = state.command[2]
-    target = f"{WORK_DIR}/{backup.SNAPSHOT_STATE_FILE}"
+    target = f"{WORK_DIR}/{backup_chain.SNAPSHOT_STATE_FILE}"
     if local:
-        assert f"cp -- {backup.STATE_DIR}/{PARENT_ID}.snar {target}" in script.splitlines()
+        assert f"cp -- {backup_chain.STATE_DIR}/{PARENT_ID}.snar {target}" in script.splitlines()
         assert "aws" not in script.split()
     else:
         assert (
@@ -1029,7 +1033,7 @@ WRONG_PASSPHRASE = testing.Exec(
 
 def _state_unreadable() -> testing.Exec:
     """The download of the parent's state failing (the state is in S3 only)."""
-    command = backup._snapshot_state_commands(_params(), _chain()[-1], False, WORK_DIR)
+    command = backup_chain._snapshot_state_commands(_params(), _chain()[-1], False, WORK_DIR)
     return testing.Exec(
         command, return_code=2, stderr=f"An error occurred (AccessDenied) for {SECRET_KEY}\n"
     )
@@ -1099,7 +1103,7 @@ def test_run_backup_full_fallback_starts_from_no_state(
     """
     _incremental_s3(s3_client)
     failing = _state_unreadable()
-    target = f"{WORK_DIR}/{backup.SNAPSHOT_STATE_FILE}"
+    target = f"{WORK_DIR}/{backup_chain.SNAPSHOT_STATE_FILE}"
     state_at_pipeline: list[bool] = []
 
     with live_container(
@@ -1162,7 +1166,7 @@ def test_run_backup_parent_state_error_hides_the_passphrase(
 ):
     """type=incremental fails with the state download's error output, every secret hidden."""
     _incremental_s3(s3_client)
-    command = backup._snapshot_state_commands(_params(), _chain()[-1], False, WORK_DIR)
+    command = backup_chain._snapshot_state_commands(_params(), _chain()[-1], False, WORK_DIR)
     failing = testing.Exec(
         command, return_code=2, stderr=f"gpg: bad passphrase file: {PASSPHRASE} {SECRET_KEY}\n"
     )
@@ -1188,7 +1192,7 @@ def test_run_backup_auto_logs_the_parent_state_error_without_secrets(
 ):
     """Type auto logs why it makes a full backup, with the passphrase hidden there too."""
     _incremental_s3(s3_client)
-    command = backup._snapshot_state_commands(_params(), _chain()[-1], False, WORK_DIR)
+    command = backup_chain._snapshot_state_commands(_params(), _chain()[-1], False, WORK_DIR)
     failing = testing.Exec(
         command, return_code=2, stderr=f"gpg: bad passphrase file: {PASSPHRASE}\n"
     )
@@ -1675,7 +1679,7 @@ def test_run_backup_builds_only_on_this_deployments_chain(
     chain = _own_chain(recorded=recorded)
     s3_client.list_backups.return_value = [OTHERS_NEWEST, *reversed(chain)]
     s3_client.chain.return_value = chain
-    state_command = backup._snapshot_state_commands(_params(), chain[-1], False, WORK_DIR)
+    state_command = backup_chain._snapshot_state_commands(_params(), chain[-1], False, WORK_DIR)
     execs = [DU, testing.Exec(_probe_command()), testing.Exec(state_command), PIPELINE_OK]
 
     with live_container(ctx, synapse_data, execs=execs) as container:

@@ -18,6 +18,8 @@ import pytest
 from s3transfer.utils import ChunksizeAdjuster
 
 import backup
+import backup_container
+import backup_store
 from tests.unit.pipeline import (
     PIPELINE_START,
     TAR_STATUS_GUARD,
@@ -222,7 +224,7 @@ def test_object_key_and_url(path: str, key: str, url: str):
 )
 def test_validate_backup_key_accepts(key: str):
     """Plain object names are accepted and returned."""
-    assert backup.validate_backup_key(key) == key
+    assert backup_store.validate_backup_key(key) == key
 
 
 @pytest.mark.parametrize(
@@ -253,7 +255,7 @@ def test_validate_backup_key_rejects(key: str):
     Nor can a backup be named like another backup's manifest or snapshot state.
     """
     with pytest.raises(backup.BackupError, match="invalid backup id"):
-        backup.validate_backup_key(key)
+        backup_store.validate_backup_key(key)
 
 
 def test_new_backup_id_now_is_utc():
@@ -264,11 +266,11 @@ def test_new_backup_id_now_is_utc():
 
     after = datetime.datetime.now(datetime.timezone.utc)
     assert backup.BACKUP_ID_PATTERN.fullmatch(backup_id)
-    parsed = datetime.datetime.strptime(backup_id, backup.BACKUP_ID_FORMAT).replace(
+    parsed = datetime.datetime.strptime(backup_id, backup_store.BACKUP_ID_FORMAT).replace(
         tzinfo=datetime.timezone.utc
     )
     assert before <= parsed <= after
-    assert backup.validate_backup_key(backup_id) == backup_id
+    assert backup_store.validate_backup_key(backup_id) == backup_id
 
 
 @pytest.mark.parametrize(
@@ -353,8 +355,8 @@ def test_get_environment_work_dir():
     assert environment["HOME"] == WORK_DIR
     for variable in ("GNUPGHOME", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
         assert environment[variable].startswith(WORK_DIR + "/")
-    assert environment["GNUPGHOME"] == f"{WORK_DIR}/{backup.GNUPG_DIR}"
-    assert environment["AWS_CONFIG_FILE"] == f"{WORK_DIR}/{backup.AWS_CONFIG_FILE}"
+    assert environment["GNUPGHOME"] == f"{WORK_DIR}/{backup_container.GNUPG_DIR}"
+    assert environment["AWS_CONFIG_FILE"] == f"{WORK_DIR}/{backup_container.AWS_CONFIG_FILE}"
 
 
 @pytest.mark.parametrize(
@@ -367,13 +369,13 @@ def test_get_environment_work_dir():
 )
 def test_build_aws_config(changes: dict[str, str], lines: list[str]):
     """The aws config sets the addressing style and limits, and holds no secret."""
-    config = backup.build_aws_config(_params(**changes))
+    config = backup_container.build_aws_config(_params(**changes))
 
     assert config.startswith("[default]\n")
     for line in lines:
         assert line in config
     assert f"max_concurrent_requests = {backup.S3_MAX_CONCURRENT_REQUESTS}" in config
-    assert f"multipart_chunksize = {backup.S3_MULTIPART_CHUNKSIZE}" in config
+    assert f"multipart_chunksize = {backup_container.S3_MULTIPART_CHUNKSIZE}" in config
     assert SECRET_KEY not in config
     assert ACCESS_KEY not in config
 
@@ -510,7 +512,7 @@ def test_build_backup_command_quotes_hostile_paths(name: str):
     assert f"--add-file=data/{name}" in tar
     assert f"--add-file=data/media_store/{name}/x" in tar
     # The copy goes on the data volume, where sweep_leftovers looks for it.
-    snapshot_dir = f"/data/{backup.SNAPSHOT_DIR_PREFIX}20250101T000000Z"
+    snapshot_dir = f"/data/{backup_container.SNAPSHOT_DIR_PREFIX}20250101T000000Z"
     copy_member = f"{snapshot_dir}/data/db {name}/homeserver.db".lstrip("/")
     # The database's copy is added from / (one -C only) and renamed to its own name.
     assert tar[-1] == f"--add-file={copy_member}"
@@ -620,7 +622,7 @@ def test_aws_keeps_its_part_size_for_any_archive():
     aws = _pipeline_words(command[2])[-1]
     announced = int(aws[aws.index("--expected-size") + 1])
     adjuster = ChunksizeAdjuster()
-    chunk = backup.S3_MULTIPART_CHUNKSIZE
+    chunk = backup_container.S3_MULTIPART_CHUNKSIZE
     assert adjuster.adjust_chunksize(chunk, announced) == chunk
     # ...whereas announcing the whole 100 TiB would have grown the parts.
     assert adjuster.adjust_chunksize(chunk, 100 * 2**40) > chunk
@@ -705,7 +707,7 @@ def test_build_backup_command_runs_with_hostile_names(tmp_path: pathlib.Path):
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "pwned").exists()
     assert not (tmp_path / "pwned2").exists()
-    sha256, size, members = backup._parse_digest(result.stdout)
+    sha256, size, members = backup_container._parse_digest(result.stdout)
     assert size == upload.stat().st_size
     assert members == len(names) + 1
     with tarfile.open(upload) as archive:
@@ -716,7 +718,9 @@ def test_build_backup_command_runs_with_hostile_names(tmp_path: pathlib.Path):
         "s3://synapse-backups/prod/20250101T000000Z"
     )
     # The snapshot directory is gone (trap cleanup).
-    assert not any(path.name.startswith(backup.SNAPSHOT_DIR_PREFIX) for path in data.iterdir())
+    assert not any(
+        path.name.startswith(backup_container.SNAPSHOT_DIR_PREFIX) for path in data.iterdir()
+    )
     assert len(sha256) == 64
 
 
@@ -876,7 +880,7 @@ def test_build_backup_command_tar_exit_status(
 
     assert result.returncode == script_status, result.stderr
     if script_status == 0:
-        _, size, members = backup._parse_digest(result.stdout)
+        _, size, members = backup_container._parse_digest(result.stdout)
         assert (size, members) == (upload.stat().st_size, 1)
     else:
         assert not result.stdout.strip()
@@ -897,7 +901,7 @@ def test_build_backup_command_tar_exit_status(
 )
 def test_redact(text: str, hidden: list[str], expected: str):
     """Redact replaces each secret by ***, and ignores empty ones."""
-    assert backup.redact(text, hidden) == expected
+    assert backup_container.redact(text, hidden) == expected
 
 
 @pytest.mark.parametrize(
@@ -914,7 +918,7 @@ def test_redact(text: str, hidden: list[str], expected: str):
 )
 def test_parse_digest(stdout: str, expected: tuple[str, int, int]):
     """The last line gives the SHA-256, the size and the member count."""
-    assert backup._parse_digest(stdout) == expected
+    assert backup_container._parse_digest(stdout) == expected
 
 
 @pytest.mark.parametrize(
@@ -932,7 +936,7 @@ def test_parse_digest(stdout: str, expected: tuple[str, int, int]):
 def test_parse_digest_rejects(stdout: str):
     """A missing or malformed digest line raises BackupError."""
     with pytest.raises(backup.BackupError, match="did not report"):
-        backup._parse_digest(stdout)
+        backup_container._parse_digest(stdout)
 
 
 # --- small helpers ---------------------------------------------------------------------------
@@ -940,7 +944,7 @@ def test_parse_digest_rejects(stdout: str):
 
 def test_backup_object_names():
     """A backup's objects: its manifest (the commit) first, then the archive and the state."""
-    assert backup.backup_object_names("20250101T000000Z") == [
+    assert backup_store.backup_object_names("20250101T000000Z") == [
         "20250101T000000Z.manifest.json",
         "20250101T000000Z",
         "20250101T000000Z.snar.gpg",
@@ -963,7 +967,7 @@ def test_manifest_to_json():
     document = json.loads(manifest.to_json())
 
     assert document == {
-        "version": backup.MANIFEST_VERSION,
+        "version": backup_store.MANIFEST_VERSION,
         "backup-id": "20250101T000000Z",
         "created-at": "2025-01-01T00:00:00+00:00",
         "paths": ["/data/homeserver.yaml"],
@@ -999,7 +1003,7 @@ def test_tail(output: str | bytes | None, expected: str):
     The first lines name the stage that failed (an S3 error, say), the last ones
     what that did to the next stages.
     """
-    assert backup._tail(output) == expected
+    assert backup_container._tail(output) == expected
 
 
 def test_expected_size_is_generous():
@@ -1010,7 +1014,7 @@ def test_expected_size_is_generous():
 
 def test_new_work_dir_is_random_and_private():
     """Work directories are fresh, under the private prefix."""
-    first, second = backup.new_work_dir(), backup.new_work_dir()
+    first, second = backup_container.new_work_dir(), backup_container.new_work_dir()
 
     assert first != second
-    assert first.startswith(backup.WORK_DIR_PREFIX)
+    assert first.startswith(backup_container.WORK_DIR_PREFIX)

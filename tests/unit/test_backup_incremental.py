@@ -24,6 +24,10 @@ from typing import Any
 import pytest
 
 import backup
+import backup_chain
+import backup_container
+import backup_restore
+import backup_store
 from tests.unit.pipeline import PIPELINE_START, database_words, split_backup_pipeline
 from tests.unit.tar_transform import apply_transform, literal_pattern, literal_replacement
 
@@ -32,7 +36,7 @@ SECRET_KEY = "incremental-secret-key-4c1e"
 PASSPHRASE = "incremental-passphrase-8d20"
 WORK_DIR = "/tmp/synapse-backup-00112233aabbccdd"
 PASSPHRASE_FILE = f"{WORK_DIR}/passphrase"
-SNAPSHOT_FILE = f"{WORK_DIR}/{backup.SNAPSHOT_STATE_FILE}"
+SNAPSHOT_FILE = f"{WORK_DIR}/{backup_chain.SNAPSHOT_STATE_FILE}"
 FULL_ID = "20250101T000000Z"
 INCREMENTAL_ID = "20250102T000000Z"
 SHA256 = "ab" * 32
@@ -264,7 +268,7 @@ def test_build_backup_command_one_directory_option():
     tar = split_backup_pipeline(script[start : script.index("\ngpg ", start)])[0]
     tar += database_words(script)
     assert [word for word in tar if word.startswith(("--directory", "-C"))] == ["--directory=/"]
-    copy = f"data/{backup.SNAPSHOT_DIR_PREFIX}{FULL_ID}/data/homeserver.db"
+    copy = f"data/{backup_container.SNAPSHOT_DIR_PREFIX}{FULL_ID}/data/homeserver.db"
     assert tar[-2:] == [
         f"--transform=s,^{backup._sed_literal(copy)}$,data/homeserver.db,",
         f"--add-file={copy}",
@@ -390,7 +394,7 @@ def test_incremental_chain_round_trip(tmp_path: pathlib.Path):
     def make_backup(backup_id: str, state: pathlib.Path | None) -> tuple[int, pathlib.Path]:
         work = tmp_path / f"work-{backup_id}"
         work.mkdir()
-        snapshot = work / backup.SNAPSHOT_STATE_FILE
+        snapshot = work / backup_chain.SNAPSHOT_STATE_FILE
         if state is not None:
             shutil.copy(state, snapshot)  # what _snapshot_state_commands does
         command = backup.build_backup_command(
@@ -402,7 +406,7 @@ def test_incremental_chain_round_trip(tmp_path: pathlib.Path):
             work_dir=str(work),
             snapshot_file=str(snapshot),
         )
-        _, size, members = backup._parse_digest(_run(command, env, tmp_path))
+        _, size, members = backup_container._parse_digest(_run(command, env, tmp_path))
         assert size == (bucket / backup_id).stat().st_size
         assert (bucket / f"{backup_id}.snar.gpg").read_bytes() == snapshot.read_bytes()
         return members, snapshot
@@ -432,12 +436,12 @@ def test_incremental_chain_round_trip(tmp_path: pathlib.Path):
         incremental_names = archive.getnames()
     assert relative_db in full_names
     assert relative_db in incremental_names
-    assert not [name for name in full_names if backup.SNAPSHOT_DIR_PREFIX in name]
+    assert not [name for name in full_names if backup_container.SNAPSHOT_DIR_PREFIX in name]
     relative_media = str(media.relative_to("/"))
     assert f"{relative_media}/deleted" in full_names
     assert f"{relative_media}/added" in incremental_names
     assert f"{relative_media}/deleted" not in incremental_names
-    assert not list(db_dir.glob(backup.SNAPSHOT_DIR_PREFIX + "*"))
+    assert not list(db_dir.glob(backup_container.SNAPSHOT_DIR_PREFIX + "*"))
 
     staging = tmp_path / "staging"
     staging.mkdir()
@@ -451,7 +455,7 @@ def test_incremental_chain_round_trip(tmp_path: pathlib.Path):
             staging_dir=str(staging),
             work_dir=str(work),
         )
-        _, size, restored_members = backup._parse_digest(_run(command, env, tmp_path))
+        _, size, restored_members = backup_container._parse_digest(_run(command, env, tmp_path))
         assert size == (bucket / backup_id).stat().st_size
         assert restored_members == members, backup_id
     assert "tar: Deleting" in (tmp_path / f"restore-{INCREMENTAL_ID}" / "index").read_text()
@@ -479,17 +483,19 @@ def test_incremental_chain_round_trip(tmp_path: pathlib.Path):
 
 def test_snapshot_state_command_local():
     """With the parent's state in the container, it is copied into the work dir."""
-    command = backup._snapshot_state_commands(_params(), _manifest(), True, WORK_DIR)
+    command = backup_chain._snapshot_state_commands(_params(), _manifest(), True, WORK_DIR)
 
     assert command[:2] == ["bash", "-c"]
     _bash_syntax_ok(command[2])
-    assert _lines(command[2])[-1] == (f"cp -- {backup.STATE_DIR}/{FULL_ID}.snar {SNAPSHOT_FILE}")
+    assert _lines(command[2])[-1] == (
+        f"cp -- {backup_chain.STATE_DIR}/{FULL_ID}.snar {SNAPSHOT_FILE}"
+    )
     assert "aws" not in command[2]
 
 
 def test_snapshot_state_command_from_s3():
     """Without it, the encrypted state is streamed from S3 and decrypted into the work dir."""
-    command = backup._snapshot_state_commands(
+    command = backup_chain._snapshot_state_commands(
         _params(path="prod", region="eu-west-1"), _manifest(), False, WORK_DIR
     )
 
@@ -500,7 +506,7 @@ def test_snapshot_state_command_from_s3():
     get, gpg = _lines(script)[-1].split(" | ")
     assert shlex.split(get) == [
         "env",
-        f"AWS_CONFIG_FILE={WORK_DIR}/{backup.AWS_DOWNLOAD_CONFIG_FILE}",
+        f"AWS_CONFIG_FILE={WORK_DIR}/{backup_container.AWS_DOWNLOAD_CONFIG_FILE}",
         "aws",
         "s3api",
         "get-object",
@@ -530,14 +536,14 @@ def test_snapshot_state_command_from_s3_runs(tmp_path: pathlib.Path):
     work.mkdir()
 
     _run(
-        backup._snapshot_state_commands(_params(path="prod"), _manifest(), False, str(work)),
+        backup_chain._snapshot_state_commands(_params(path="prod"), _manifest(), False, str(work)),
         env,
         tmp_path,
     )
 
-    assert (work / backup.SNAPSHOT_STATE_FILE).read_bytes() == state
+    assert (work / backup_chain.SNAPSHOT_STATE_FILE).read_bytes() == state
     (call,) = [json.loads(line) for line in (bucket / "calls.jsonl").read_text().splitlines()]
-    assert call["config"] == str(work / backup.AWS_DOWNLOAD_CONFIG_FILE)
+    assert call["config"] == str(work / backup_container.AWS_DOWNLOAD_CONFIG_FILE)
 
 
 # --- BackupManifest: type and parent ------------------------------------------------------------
@@ -631,8 +637,8 @@ TREE = [
 )
 def test_dependants_of(backup_id: str, expected: set[str]):
     """Every backup whose chain goes through a backup, however deep, and no other."""
-    assert backup.dependants_of(backup_id, TREE) == expected
-    assert backup.dependants_of(backup_id, reversed(TREE)) == expected
+    assert backup_store.dependants_of(backup_id, TREE) == expected
+    assert backup_store.dependants_of(backup_id, reversed(TREE)) == expected
 
 
 def test_dependants_of_a_cycle_terminates():
@@ -642,7 +648,7 @@ def test_dependants_of_a_cycle_terminates():
         _manifest("Y", backup_type="incremental", parent="X"),
     ]
 
-    assert "Y" in backup.dependants_of("X", cycle)
+    assert "Y" in backup_store.dependants_of("X", cycle)
 
 
 # --- _manifest_databases -----------------------------------------------------------------------
@@ -685,4 +691,4 @@ def test_manifest_databases(paths: tuple[str, ...], metadata: dict[str, str], ex
     """
     manifest = _manifest(paths=paths, metadata=metadata)
 
-    assert backup._manifest_databases(manifest) == expected
+    assert backup_restore._manifest_databases(manifest) == expected

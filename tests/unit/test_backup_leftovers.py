@@ -21,6 +21,9 @@ import pytest
 from ops import testing
 
 import backup
+import backup_chain
+import backup_container
+import backup_restore
 import synapse
 from tests.unit.builders import homeserver_yaml, make_state
 
@@ -28,10 +31,13 @@ BACKUP_ID = "20250101T000000Z"
 S3 = backup.S3Parameters.model_validate(
     {"access-key": "a", "secret-key": "s", "bucket": "backups", "region": "us-east-1"}
 )
-WORK_DIRS = (f"{backup.WORK_DIR_PREFIX}0123456789abcdef", f"{backup.WORK_DIR_PREFIX}fedcba98")
-SNAPSHOT_DIR = f"/data/{backup.SNAPSHOT_DIR_PREFIX}{BACKUP_ID}"
-STAGING_DIR = f"/data/{backup.RESTORE_STAGING_PREFIX}{BACKUP_ID}-0a1b2c3d"
-PREVIOUS_DIR = f"/data/{backup.PREVIOUS_DATA_PREFIX}{BACKUP_ID}-0a1b2c3d"
+WORK_DIRS = (
+    f"{backup_container.WORK_DIR_PREFIX}0123456789abcdef",
+    f"{backup_container.WORK_DIR_PREFIX}fedcba98",
+)
+SNAPSHOT_DIR = f"/data/{backup_container.SNAPSHOT_DIR_PREFIX}{BACKUP_ID}"
+STAGING_DIR = f"/data/{backup_restore.RESTORE_STAGING_PREFIX}{BACKUP_ID}-0a1b2c3d"
+PREVIOUS_DIR = f"/data/{backup_restore.PREVIOUS_DATA_PREFIX}{BACKUP_ID}-0a1b2c3d"
 LEFTOVERS = (*WORK_DIRS, SNAPSHOT_DIR, STAGING_DIR)
 # What the sweep must never touch: live data, kept previous data, the kept tar
 # state, and other programs' files in /tmp.
@@ -39,7 +45,7 @@ KEPT = (
     "/data/homeserver.yaml",
     "/data/homeserver.db",
     f"{PREVIOUS_DIR}/data/homeserver.db",
-    f"{backup.STATE_DIR}/{BACKUP_ID}.snar",
+    f"{backup_chain.STATE_DIR}/{BACKUP_ID}.snar",
     "/tmp/other-program/synapse-backup-notes",
 )
 
@@ -77,7 +83,7 @@ def test_sweep_leftovers_removes_what_killed_runs_left(
     Act: sweep_leftovers.
     Assert: the leftovers are gone, each removal logged; everything else is there.
     """
-    caplog.set_level(logging.WARNING, logger="backup")
+    caplog.set_level(logging.WARNING, logger="backup_restore")
     with live_container(ctx, data_dir) as container:
         _leave_debris(container)
 
@@ -178,7 +184,7 @@ def test_sweep_leftovers_survives_pebble_errors(
     error: ops.pebble.Error,
 ):
     """A Pebble error while looking for leftovers is logged; the action goes on."""
-    caplog.set_level(logging.WARNING, logger="backup")
+    caplog.set_level(logging.WARNING, logger="backup_restore")
     with live_container(ctx, data_dir) as container:
         _leave_debris(container)
         with (
@@ -218,7 +224,7 @@ def test_sweep_leftovers_removes_a_database_copy_in_a_sub_directory(
     ctx: testing.Context, data_dir: pathlib.Path
 ):
     """A database in a sub-directory is copied onto /data itself, where sweeps look."""
-    snapshot_dir = f"/data/{backup.SNAPSHOT_DIR_PREFIX}{BACKUP_ID}"
+    snapshot_dir = f"/data/{backup_container.SNAPSHOT_DIR_PREFIX}{BACKUP_ID}"
     config = homeserver_yaml().replace("/data/homeserver.db", "/data/db/homeserver.db")
     with live_container(ctx, data_dir) as container:
         container.push("/data/homeserver.yaml", config)

@@ -24,6 +24,9 @@ import yaml
 from ops import testing
 
 import backup
+import backup_container
+import backup_restore
+import backup_store
 import synapse
 from backup_observer import (
     FORMATTED_ROWS,
@@ -86,7 +89,7 @@ def patched() -> Iterator[Patched]:
     ):
         list_backups.return_value = []
         delete_backup.return_value = [BACKUP_ID]
-        unlisted.return_value = backup.UnlistedBackups()
+        unlisted.return_value = backup_store.UnlistedBackups()
         yield Patched(list_backups, delete_backup, run_restore, verify_backup, unlisted)
 
 
@@ -400,7 +403,7 @@ def test_list_backups_names_incomplete_ids(
     """Ids with objects but no complete backup are named, apart from the backups."""
     backups = [_manifest("20250301T000000Z")]
     patched.list_backups.return_value = backups
-    patched.unlisted_backups.return_value = backup.UnlistedBackups(
+    patched.unlisted_backups.return_value = backup_store.UnlistedBackups(
         incomplete=["20250302T000000Z", "20250101T000000Z"]
     )
 
@@ -423,7 +426,7 @@ def test_list_backups_names_at_most_20_incomplete_ids_in_the_table(
     """The table names the newest 20 incomplete ids and counts the rest; the result has all."""
     incomplete = [f"2025{month:02}01T000000Z" for month in range(12, 0, -1)]
     incomplete += [f"2024{month:02}01T000000Z" for month in range(12, 0, -1)]
-    patched.unlisted_backups.return_value = backup.UnlistedBackups(incomplete=incomplete)
+    patched.unlisted_backups.return_value = backup_store.UnlistedBackups(incomplete=incomplete)
 
     ctx.run(ctx.on.action("list-backups"), make_state(data_dir, CONFIG))
 
@@ -537,7 +540,7 @@ def test_list_backups_results_fit_one_command_line(
         f"2023{month:02}{day:02}T000000Z" for month in range(12, 0, -1) for day in range(28, 0, -1)
     ]
     patched.list_backups.return_value = manifests
-    patched.unlisted_backups.return_value = backup.UnlistedBackups(incomplete=incomplete * 5)
+    patched.unlisted_backups.return_value = backup_store.UnlistedBackups(incomplete=incomplete * 5)
 
     ctx.run(ctx.on.action("list-backups"), make_state(data_dir, CONFIG))
 
@@ -560,7 +563,7 @@ def test_list_backups_names_unreadable_manifests(
 ):
     """A backup whose manifest cannot be used now is named with why, never silently left out."""
     patched.list_backups.return_value = [_manifest("20250301T000000Z")]
-    patched.unlisted_backups.return_value = backup.UnlistedBackups(
+    patched.unlisted_backups.return_value = backup_store.UnlistedBackups(
         unreadable={
             "20250302T000000Z": "cannot read object 20250302T000000Z.manifest.json: SlowDown",
             "20250201T000000Z": "its manifest has version 2, written by a newer charm",
@@ -588,7 +591,7 @@ def test_list_backups_names_at_most_20_unreadable_manifests_in_the_table(
     """Past 20 unreadable manifests the table counts the rest; the result names them all."""
     unreadable = {f"2025{month:02}01T000000Z": "SlowDown" for month in range(12, 0, -1)}
     unreadable.update({f"2024{month:02}01T000000Z": "SlowDown" for month in range(12, 0, -1)})
-    patched.unlisted_backups.return_value = backup.UnlistedBackups(unreadable=unreadable)
+    patched.unlisted_backups.return_value = backup_store.UnlistedBackups(unreadable=unreadable)
 
     ctx.run(ctx.on.action("list-backups"), make_state(data_dir, CONFIG))
 
@@ -709,7 +712,7 @@ def test_delete_backup_s3_error(
 # --- verify-backup --------------------------------------------------------------------------
 
 
-def _check(**changes: Any) -> backup.ArchiveCheck:
+def _check(**changes: Any) -> backup_restore.ArchiveCheck:
     values: dict[str, Any] = {
         "sha256": SHA256,
         "size": 1234,
@@ -717,7 +720,7 @@ def _check(**changes: Any) -> backup.ArchiveCheck:
         "manifest": _manifest(),
     }
     values.update(changes)
-    return backup.ArchiveCheck(**values)
+    return backup_restore.ArchiveCheck(**values)
 
 
 @pytest.mark.parametrize(
@@ -737,7 +740,7 @@ def test_verify_backup(
     configured_data_dir: pathlib.Path,
     patched: Patched,
     *,
-    check: backup.ArchiveCheck,
+    check: backup_restore.ArchiveCheck,
     matches: bool,
     mismatch: str,
 ):
@@ -756,7 +759,7 @@ def test_verify_backup(
         passphrase: str,
         *,
         log: Any,
-    ) -> backup.ArchiveCheck:
+    ) -> backup_restore.ArchiveCheck:
         log("downloading and listing 1234 bytes")
         return check
 
@@ -1158,10 +1161,10 @@ def test_interrupted_restore_rolled_back_lets_the_action_run(
 
 # --- leftovers of killed runs ----------------------------------------------------------------
 
-WORK_LEFTOVER = f"{backup.WORK_DIR_PREFIX}0123456789abcdef"
-STAGING_LEFTOVER = f"/data/{backup.RESTORE_STAGING_PREFIX}{BACKUP_ID}-0a1b2c3d"
-SNAPSHOT_LEFTOVER = f"/data/{backup.SNAPSHOT_DIR_PREFIX}{BACKUP_ID}"
-PREVIOUS_DATA = f"/data/{backup.PREVIOUS_DATA_PREFIX}{BACKUP_ID}-0a1b2c3d"
+WORK_LEFTOVER = f"{backup_container.WORK_DIR_PREFIX}0123456789abcdef"
+STAGING_LEFTOVER = f"/data/{backup_restore.RESTORE_STAGING_PREFIX}{BACKUP_ID}-0a1b2c3d"
+SNAPSHOT_LEFTOVER = f"/data/{backup_container.SNAPSHOT_DIR_PREFIX}{BACKUP_ID}"
+PREVIOUS_DATA = f"/data/{backup_restore.PREVIOUS_DATA_PREFIX}{BACKUP_ID}-0a1b2c3d"
 
 
 @pytest.mark.parametrize("action", CONTAINER_ACTIONS)

@@ -26,16 +26,20 @@ import yaml
 from ops import testing
 
 import backup
+import backup_chain
+import backup_container
+import backup_restore
 import synapse
+import synapse_layout
 from tests.unit.builders import SERVER_NAME, homeserver_yaml, make_state
 
 SECRET_KEY = "restore-container-secret-key-2f6a"
 PASSPHRASE = "restore-container-passphrase-91dc"
 BACKUP_ID = "20250102T030405Z"
 TOKEN = "0a1b2c3d"
-WORK_DIR = f"{backup.WORK_DIR_PREFIX}{TOKEN}"
-STAGING_DIR = f"/data/{backup.RESTORE_STAGING_PREFIX}{BACKUP_ID}-{TOKEN}"
-PREVIOUS_DIR = f"/data/{backup.PREVIOUS_DATA_PREFIX}{BACKUP_ID}-{TOKEN}"
+WORK_DIR = f"{backup_container.WORK_DIR_PREFIX}{TOKEN}"
+STAGING_DIR = f"/data/{backup_restore.RESTORE_STAGING_PREFIX}{BACKUP_ID}-{TOKEN}"
+PREVIOUS_DIR = f"/data/{backup_restore.PREVIOUS_DATA_PREFIX}{BACKUP_ID}-{TOKEN}"
 SHA256 = "ab" * 32
 MANIFEST_PATHS = (
     "/data/example.com.signing.key",
@@ -129,29 +133,29 @@ def s3_client() -> Iterator[mock.MagicMock]:
     client.chain.return_value = [_manifest()]
     client.get_manifest.return_value = _manifest()
     client.read_object.return_value = b"\x8c\x0d encrypted head"
-    with mock.patch.object(backup, "S3Client", return_value=client):
+    with mock.patch.object(backup_restore, "S3Client", return_value=client):
         yield client
 
 
 @pytest.fixture(autouse=True)
 def tools_present() -> Iterator[mock.MagicMock]:
     """Skip the tool check (tested in test_backup_container.py)."""
-    with mock.patch.object(backup, "check_tools") as patched:
+    with mock.patch.object(backup_restore, "check_tools") as patched:
         yield patched
 
 
 @pytest.fixture(autouse=True)
 def fixed_token() -> Iterator[None]:
     """Make the random work, staging and previous-data names predictable."""
-    with mock.patch.object(backup.secrets, "token_hex", return_value=TOKEN):
+    with mock.patch.object(backup_container.secrets, "token_hex", return_value=TOKEN):
         yield
 
 
 def _probe_command() -> list[str]:
-    gpg = backup._gpg_command(f"{WORK_DIR}/{backup.PASSPHRASE_FILE}", "--decrypt")
-    script = backup._script(
+    gpg = backup_container._gpg_command(f"{WORK_DIR}/{backup.PASSPHRASE_FILE}", "--decrypt")
+    script = backup_container._script(
         [
-            *backup._script_preamble(WORK_DIR),
+            *backup_container._script_preamble(WORK_DIR),
             [*gpg, "--output", "/dev/null", f"{WORK_DIR}/probe.gpg"],
         ]
     )
@@ -185,7 +189,7 @@ def _move_command(source: str, target: str) -> list[str]:
     return [
         "bash",
         "-c",
-        backup._script(
+        backup_container._script(
             [
                 ["mkdir", "-p", "--", target.rsplit("/", 1)[0]],
                 ["mv", "--no-target-directory", "--", source, target],
@@ -230,7 +234,7 @@ def staged_by_pipeline(
 def test_swap_paths(ctx: testing.Context, synapse_data: pathlib.Path):
     """The backed-up paths, what would be backed up now, and the database's journals."""
     with live_container(ctx, synapse_data) as container:
-        paths = backup._swap_paths(container, _manifest())
+        paths = backup_restore._swap_paths(container, _manifest())
 
     assert paths == list(SWAP_PATHS)
 
@@ -264,7 +268,7 @@ def test_swap_paths_without_a_usable_configuration(
     logs: list[str] = []
 
     with live_container(ctx, synapse_data) as container:
-        paths = backup._swap_paths(container, _manifest(), logs.append)
+        paths = backup_restore._swap_paths(container, _manifest(), logs.append)
 
     # What the backup holds, with its database's journals; extra.signing.key and
     # local_thumbnails (what a backup would take now) stay: nothing it cannot know goes.
@@ -298,7 +302,7 @@ def test_swap_paths_does_not_guess_when_pebble_cannot_say(
         mock.patch.object(container, "pull", side_effect=failing),
         pytest.raises(backup.BackupError, match="pebble is restarting") as raised,
     ):
-        backup._swap_paths(container, _manifest(), logs.append)
+        backup_restore._swap_paths(container, _manifest(), logs.append)
 
     assert not isinstance(raised.value, backup.SynapseConfigError)
     assert logs == []
@@ -311,7 +315,7 @@ def test_swap_paths_with_a_database_elsewhere(ctx: testing.Context, synapse_data
     (synapse_data / "homeserver.yaml").write_text(yaml.safe_dump(config))
 
     with live_container(ctx, synapse_data) as container:
-        paths = backup._swap_paths(container, _manifest())
+        paths = backup_restore._swap_paths(container, _manifest())
 
     assert "/data/db/synapse.db" in paths
     assert "/data/db/synapse.db-wal" in paths
@@ -336,7 +340,7 @@ def test_swap_paths_refuses_paths_outside_data(
         live_container(ctx, synapse_data) as container,
         pytest.raises(backup.BackupError, match="names paths outside /data"),
     ):
-        backup._swap_paths(container, manifest)
+        backup_restore._swap_paths(container, manifest)
 
 
 # --- run_restore: the pre-flight ------------------------------------------------------------
@@ -611,7 +615,7 @@ def test_restore_wrong_passphrase(
 
     assert _commands(ctx) == [_probe_command()]
     s3_client.read_object.assert_called_once_with(
-        BACKUP_ID, first_bytes=backup.PASSPHRASE_PROBE_BYTES
+        BACKUP_ID, first_bytes=backup_container.PASSPHRASE_PROBE_BYTES
     )
 
 
@@ -678,7 +682,8 @@ def test_restore_s3_error_reading_the_probe(
         pytest.param(
             testing.Exec(["df"], stdout="Avail\n1000\n"),
             "not enough room in /data to stage the restore: "
-            f"{1234 + 6 * backup.DISK_BLOCK + backup.STAGING_HEADROOM} bytes needed, "
+            f"{1234 + 6 * backup_restore.DISK_BLOCK + backup_restore.STAGING_HEADROOM}"
+            " bytes needed, "
             "1000 available",
             id="no-room",
         ),
@@ -844,7 +849,10 @@ def test_restore_steps(
     assert probe.environment["LC_ALL"] == "C"  # gpg's "Bad session key" is matched in English
     assert df.command[0] == "df"
     assert pipeline.command == _pipeline_command(STAGING_DIR)
-    assert (pipeline.user_id, pipeline.group_id) == (backup.ROOT_USER_ID, backup.ROOT_USER_ID)
+    assert (pipeline.user_id, pipeline.group_id) == (
+        backup_restore.ROOT_USER_ID,
+        backup_restore.ROOT_USER_ID,
+    )
     assert pipeline.environment["AWS_SECRET_ACCESS_KEY"] == SECRET_KEY
     for value in (SECRET_KEY, PASSPHRASE):
         assert value not in pipeline.command[2]
@@ -1032,7 +1040,7 @@ def test_restore_swap_failure_is_undone(
             _restore(container)
         assert container.get_service(synapse.SERVICE_NAME).is_running()
 
-    assert not isinstance(exc_info.value, backup.IncompleteRollbackError)
+    assert not isinstance(exc_info.value, backup_restore.IncompleteRollbackError)
     assert str(exc_info.value) == (
         "the swap failed and was undone, nothing changed: cannot move /data/homeserver.db to "
         f"{PREVIOUS_DIR}/data/homeserver.db: mv: cannot move: Device or resource busy"
@@ -1098,7 +1106,7 @@ def _restore_whose_undo_fails(
         with (
             staged_by_pipeline(container, data_dir, STAGED),
             moves_for_real(container, data_dir, failing=set(UNDO_FAILS)),
-            pytest.raises(backup.IncompleteRollbackError) as exc_info,
+            pytest.raises(backup_restore.IncompleteRollbackError) as exc_info,
         ):
             _restore(container)
         running = container.get_service(synapse.SERVICE_NAME).is_running()
@@ -1123,7 +1131,7 @@ def test_restore_failed_undo_keeps_everything_for_the_operator(
         previous data are kept; Synapse is left stopped; the failed undo is
         logged as critical.
     """
-    caplog.set_level(logging.CRITICAL, logger="backup")
+    caplog.set_level(logging.CRITICAL, logger="backup_restore")
     before = _snapshot(synapse_data)
 
     error, running = _restore_whose_undo_fails(ctx, synapse_data)
@@ -1610,7 +1618,7 @@ def test_restore_chain(
     s3_client.chain.assert_called_once_with(BACKUP_ID)
     s3_client.get_manifest.assert_not_called()
     s3_client.read_object.assert_called_once_with(
-        FULL_ID, first_bytes=backup.PASSPHRASE_PROBE_BYTES
+        FULL_ID, first_bytes=backup_container.PASSPHRASE_PROBE_BYTES
     )
     commands = _commands(ctx)
     assert commands[:6] == [
@@ -1648,7 +1656,9 @@ def test_restore_chain_needs_room_for_every_archive(
     s3_client.chain.return_value = _chain()
     members = sum(link.file_count for link in _chain())
     assert members > 0
-    needed = 1000 + 200 + 1234 + members * backup.DISK_BLOCK + backup.STAGING_HEADROOM
+    needed = (
+        1000 + 200 + 1234 + members * backup_restore.DISK_BLOCK + backup_restore.STAGING_HEADROOM
+    )
     df = testing.Exec(["df"], stdout=f"Avail\n{needed - 1}\n")
     before = _snapshot(synapse_data)
 
@@ -1761,7 +1771,10 @@ def test_verify_backup(
     assert check.manifest == _manifest()
     (call,) = ctx.exec_history[synapse.CONTAINER_NAME]
     assert call.command == _pipeline_command(None)
-    assert (call.user_id, call.group_id) == (backup.SYNAPSE_USER_ID, backup.SYNAPSE_GROUP_ID)
+    assert (call.user_id, call.group_id) == (
+        synapse_layout.SYNAPSE_USER_ID,
+        synapse_layout.SYNAPSE_GROUP_ID,
+    )
     assert _snapshot(synapse_data) == before
     assert logs == ["downloading and listing 1234 bytes"]
 
@@ -1821,7 +1834,7 @@ def test_restore_backup_is_a_forced_run_restore(ctx: testing.Context, synapse_da
     """The seed API's restore_backup is run_restore with force (no server name to check)."""
     with (
         live_container(ctx, synapse_data) as container,
-        mock.patch.object(backup, "run_restore", autospec=True) as run_restore,
+        mock.patch.object(backup_restore, "run_restore", autospec=True) as run_restore,
     ):
         backup.restore_backup(container, _params(), BACKUP_ID, PASSPHRASE)
 
@@ -1881,7 +1894,7 @@ def test_restore_whose_journal_cannot_be_removed_never_loses_data(
             assert running
             assert not journal_stays
         else:
-            assert isinstance(exc_info.value, backup.IncompleteRollbackError)
+            assert isinstance(exc_info.value, backup_restore.IncompleteRollbackError)
             assert f"cannot remove {backup.RESTORE_JOURNAL}" in str(exc_info.value)
             assert not running
             assert journal_stays
@@ -1931,7 +1944,7 @@ def test_restore_removes_the_previous_data_once_synapse_answers(
     """
     answers = iter([False, False, True])
     sleeps: list[float] = []
-    monkeypatch.setattr(backup.time, "sleep", sleeps.append)
+    monkeypatch.setattr(backup_restore.time, "sleep", sleeps.append)
     logs: list[str] = []
 
     with live_container(ctx, synapse_data, execs=RESTORE_EXECS) as container:
@@ -1939,7 +1952,7 @@ def test_restore_removes_the_previous_data_once_synapse_answers(
             result = _restore(container, logs, healthy=lambda: next(answers))
         assert not container.exists(PREVIOUS_DIR)
 
-    assert sleeps == [backup.RESTORE_HEALTH_INTERVAL] * 2
+    assert sleeps == [backup_restore.RESTORE_HEALTH_INTERVAL] * 2
     assert next(answers, "all asked") == "all asked"
     assert logs[-2:] == [
         "waiting for Synapse to answer its health check",
@@ -1970,16 +1983,16 @@ def test_restore_says_what_the_next_backup_may_build_on(
     Where it is kept, the operator may move it back by hand, and the restored
     backup's snapshot state would not describe it: the next backup is full.
     """
-    monkeypatch.setattr(backup.time, "sleep", lambda _: None)
-    monkeypatch.setattr(backup, "RESTORE_HEALTH_TIMEOUT", 0.0)
+    monkeypatch.setattr(backup_restore.time, "sleep", lambda _: None)
+    monkeypatch.setattr(backup_restore, "RESTORE_HEALTH_TIMEOUT", 0.0)
     with live_container(ctx, synapse_data, execs=RESTORE_EXECS) as container:
         with (
             staged_by_pipeline(container, synapse_data, STAGED),
-            contextlib.suppress(backup.SynapseNotStartedError),
+            contextlib.suppress(backup_restore.SynapseNotStartedError),
         ):
             _restore(container, healthy=lambda: answers, **kwargs)
-        assert backup.read_data_id(container) is not None
-        assert backup._read_state_value(container, backup.RESTORED_FROM_FILE) == marker
+        assert backup_chain.read_data_id(container) is not None
+        assert backup_chain._read_state_value(container, backup_chain.RESTORED_FROM_FILE) == marker
 
 
 @pytest.mark.parametrize("removal_fails", [False, True], ids=["journal-removed", "journal-stays"])
@@ -2017,7 +2030,7 @@ def test_restore_whose_journal_write_fails_after_writing_never_loses_data(
 
         assert _moves(ctx) == []
         if removal_fails:
-            assert isinstance(exc_info.value, backup.IncompleteRollbackError)
+            assert isinstance(exc_info.value, backup_restore.IncompleteRollbackError)
             assert "nothing was moved, and the next hook removes it" in str(exc_info.value)
             assert not running
             assert container.exists(STAGING_DIR)
@@ -2077,7 +2090,7 @@ def test_a_journal_removed_although_pebble_said_it_failed_counts_as_removed(
             _restore(container)
         running = container.get_service(synapse.SERVICE_NAME).is_running()
 
-    assert not isinstance(exc_info.value, backup.IncompleteRollbackError)
+    assert not isinstance(exc_info.value, backup_restore.IncompleteRollbackError)
     assert str(exc_info.value).startswith("the swap failed and was undone, nothing changed")
     assert running
     assert _snapshot(synapse_data) == before
@@ -2113,7 +2126,7 @@ def test_restore_waits_for_an_answer_when_pebble_cannot_say_what_is_planned(
 
 
 def _data_id_file(data_dir: pathlib.Path) -> pathlib.Path:
-    return data_dir / backup.DATA_ID_FILE.removeprefix("/data/")
+    return data_dir / backup_chain.DATA_ID_FILE.removeprefix("/data/")
 
 
 @pytest.mark.parametrize("before", [None, "b" * 32])
@@ -2128,9 +2141,9 @@ def test_restore_renews_the_data_id(
     logs: list[str] = []
 
     with live_container(ctx, synapse_data) as container:
-        backup._renew_data_id(container, restored_from, logs.append)
-        after = backup.read_data_id(container)
-        marker = backup._read_state_value(container, backup.RESTORED_FROM_FILE)
+        backup_chain._renew_data_id(container, restored_from, logs.append)
+        after = backup_chain.read_data_id(container)
+        marker = backup_chain._read_state_value(container, backup_chain.RESTORED_FROM_FILE)
 
     assert logs == []
     assert after is not None
@@ -2158,7 +2171,7 @@ def test_restore_that_cannot_renew_the_data_id_says_so(
         live_container(ctx, synapse_data) as container,
         mock.patch.object(container, method, side_effect=error),
     ):
-        backup._renew_data_id(container, BACKUP_ID, logs.append)
+        backup_chain._renew_data_id(container, BACKUP_ID, logs.append)
 
     (line,) = logs
     assert "disk full" in line
@@ -2195,7 +2208,9 @@ def test_made_of_this_data(
 ):
     """Only a snapshot state that describes /data may be built on."""
     assert (
-        backup._made_of_this_data(newest, local=local, data_id=OURS, restored_from=restored_from)
+        backup_chain._made_of_this_data(
+            newest, local=local, data_id=OURS, restored_from=restored_from
+        )
         is expected
     )
 
@@ -2205,7 +2220,7 @@ def test_read_data_id_failures(ctx: testing.Context, synapse_data: pathlib.Path)
     _data_id_file(synapse_data).parent.mkdir(parents=True)
     _data_id_file(synapse_data).write_text("damaged\n")
     with live_container(ctx, synapse_data) as container:
-        assert backup.read_data_id(container) is None
+        assert backup_chain.read_data_id(container) is None
         for error in (
             ops.pebble.PathError("permission-denied", "no"),
             ops.pebble.APIError({}, 500, "error", "pebble down"),
@@ -2216,4 +2231,4 @@ def test_read_data_id_failures(ctx: testing.Context, synapse_data: pathlib.Path)
                     backup.BackupError, match=r"cannot read /data/\.synapse-backup-state"
                 ),
             ):
-                backup.read_data_id(container)
+                backup_chain.read_data_id(container)

@@ -23,6 +23,9 @@ from typing import Any
 import pytest
 
 import backup
+import backup_container
+import backup_restore
+import backup_store
 from backup_observer import FORMATTED_ROWS, format_backups
 
 ACCESS_KEY = "AKIARESTOREPURETEST"
@@ -99,7 +102,7 @@ def test_manifest_from_json_defaults_and_extra_keys():
     manifest = backup.BackupManifest.from_json(json.dumps(document))
 
     assert manifest.duration == 0.0
-    assert manifest.version == backup.MANIFEST_VERSION
+    assert manifest.version == backup_store.MANIFEST_VERSION
     assert manifest.file_count == 3
     assert manifest.paths == ("/data/homeserver.yaml",)
     assert manifest.metadata == {"server-name": "example.com", "answer": "42"}
@@ -134,7 +137,7 @@ def test_manifest_piece_size_round_trip():
 )
 def test_archive_pieces(size: int, piece_size: int, expected: list[int]):
     """Pieces are full but the last, which is never empty; the first keeps the id."""
-    pieces = backup.archive_pieces(BACKUP_ID, size, piece_size)
+    pieces = backup_store.archive_pieces(BACKUP_ID, size, piece_size)
 
     assert list(pieces.values()) == expected
     later = [f"{BACKUP_ID}.part-{index:04d}" for index in range(1, len(pieces))]
@@ -195,10 +198,10 @@ def test_manifest_from_json_invalid(text: str | bytes, message: str):
 # --- ArchiveCheck ---------------------------------------------------------------------------
 
 
-def _check(**changes: Any) -> backup.ArchiveCheck:
+def _check(**changes: Any) -> backup_restore.ArchiveCheck:
     values: dict[str, Any] = {"sha256": SHA256, "size": 1234, "file_count": 6}
     values.update(changes)
-    return backup.ArchiveCheck(manifest=_manifest(), **values)
+    return backup_restore.ArchiveCheck(manifest=_manifest(), **values)
 
 
 @pytest.mark.parametrize(
@@ -215,7 +218,7 @@ def _check(**changes: Any) -> backup.ArchiveCheck:
         ),
     ],
 )
-def test_archive_check(check: backup.ArchiveCheck, mismatch: str):
+def test_archive_check(check: backup_restore.ArchiveCheck, mismatch: str):
     """An archive matches when checksum, size and member count are the manifest's."""
     assert check.matches is (mismatch == "")
     assert check.mismatch() == mismatch
@@ -382,7 +385,7 @@ def test_format_backups_capped_table_is_small():
 )
 def test_allowed_restore_path(path: str, allowed: bool):
     """Only normalised paths strictly inside /data may be replaced by a restore."""
-    assert backup._allowed_restore_path(path) is allowed
+    assert backup_restore._allowed_restore_path(path) is allowed
 
 
 # --- build_restore_command ------------------------------------------------------------------
@@ -433,7 +436,7 @@ def test_build_restore_command_shape(staging_dir: str | None):
     aws, digest, gpg, tar = _pipeline_words(script)
     assert aws == [
         "env",
-        f"AWS_CONFIG_FILE={WORK_DIR}/{backup.AWS_DOWNLOAD_CONFIG_FILE}",
+        f"AWS_CONFIG_FILE={WORK_DIR}/{backup_container.AWS_DOWNLOAD_CONFIG_FILE}",
         "aws",
         "s3api",
         "get-object",
@@ -666,7 +669,7 @@ def test_build_restore_command_runs(tmp_path: pathlib.Path, extract: bool):
     )
 
     assert result.returncode == 0, result.stderr
-    assert backup._parse_digest(result.stdout) == (
+    assert backup_container._parse_digest(result.stdout) == (
         hashlib.sha256(archive).hexdigest(),
         len(archive),
         len(members),
@@ -680,7 +683,7 @@ def test_build_restore_command_runs(tmp_path: pathlib.Path, extract: bool):
         f"--key=prod/{BACKUP_ID}",
         "/dev/fd/3",
     ]
-    assert call["config"] == str(work_dir / backup.AWS_DOWNLOAD_CONFIG_FILE)
+    assert call["config"] == str(work_dir / backup_container.AWS_DOWNLOAD_CONFIG_FILE)
     assert not (tmp_path / "pwned").exists()
     extracted = {
         str(path.relative_to(staging)): path.read_bytes()
@@ -740,7 +743,7 @@ def test_build_restore_command_fails_when_a_later_piece_fails(tmp_path: pathlib.
     assert "NoSuchKey" in result.stderr
     assert calls.read_text().split() == [f"--key=prod/{piece}" for piece in pieces[:2]]
     with pytest.raises(backup.BackupError):
-        backup._parse_digest(result.stdout)
+        backup_container._parse_digest(result.stdout)
 
 
 @pytest.mark.skipif(not shutil.which("tar"), reason="needs GNU tar")
@@ -765,7 +768,7 @@ def test_build_restore_command_fails_on_a_broken_stream(tmp_path: pathlib.Path):
     assert result.returncode != 0
     assert "denied" in result.stderr
     with pytest.raises(backup.BackupError):
-        backup._parse_digest(result.stdout)
+        backup_container._parse_digest(result.stdout)
 
 
 @pytest.mark.skipif(not shutil.which("tar"), reason="needs GNU tar")
@@ -789,4 +792,4 @@ def test_build_restore_command_work_dir_needing_quotes(tmp_path: pathlib.Path):
 
     assert result.returncode == 0, result.stderr
     call = json.loads((tmp_path / "aws-call").read_text())
-    assert call["config"] == str(work_dir / backup.AWS_DOWNLOAD_CONFIG_FILE)
+    assert call["config"] == str(work_dir / backup_container.AWS_DOWNLOAD_CONFIG_FILE)

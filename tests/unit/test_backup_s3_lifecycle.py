@@ -23,6 +23,7 @@ from botocore.response import StreamingBody
 from botocore.stub import Stubber
 
 import backup
+import backup_store
 
 SECRET_KEY = "s3-lifecycle-secret-key-6b0f"
 BUCKET = "synapse-backups"
@@ -160,7 +161,7 @@ def _backup_objects(manifest: backup.BackupManifest, archive_size: int | None = 
     key = f"{PREFIX}/{manifest.backup_id}"
     return {
         key: b"x" * (manifest.size if archive_size is None else archive_size),
-        key + backup.MANIFEST_SUFFIX: manifest.to_json().encode(),
+        key + backup_store.MANIFEST_SUFFIX: manifest.to_json().encode(),
     }
 
 
@@ -254,7 +255,7 @@ def test_list_backups_over_pages_newest_first():
         {
             key: value
             for key, value in _backup_objects(_manifest("20250107T000000Z")).items()
-            if key.endswith(backup.MANIFEST_SUFFIX)
+            if key.endswith(backup_store.MANIFEST_SUFFIX)
         }
     )
     # A manifest that does not match the size of its archive.
@@ -345,7 +346,9 @@ def test_list_backups_strict_still_skips_what_is_not_a_backup():
 def _pieced_objects(manifest: backup.BackupManifest) -> dict[str, bytes]:
     """The objects of a backup stored in pieces: each of its size, and the manifest."""
     objects = {f"{PREFIX}/{name}": b"x" * size for name, size in manifest.pieces().items()}
-    objects[f"{PREFIX}/{manifest.backup_id}{backup.MANIFEST_SUFFIX}"] = manifest.to_json().encode()
+    objects[f"{PREFIX}/{manifest.backup_id}{backup_store.MANIFEST_SUFFIX}"] = (
+        manifest.to_json().encode()
+    )
     return objects
 
 
@@ -592,7 +595,7 @@ def test_incomplete_backups_asks_again_before_calling_a_backup_incomplete():
     client, fake = _fake_client(_leftover_objects())
 
     assert "20250103T000000Z" not in client.incomplete_backups([])
-    fake.broken.add(f"{PREFIX}/20250103T000000Z{backup.MANIFEST_SUFFIX}")
+    fake.broken.add(f"{PREFIX}/20250103T000000Z{backup_store.MANIFEST_SUFFIX}")
     assert "20250103T000000Z" not in client.incomplete_backups([])
     fake.broken.clear()
     fake.objects[f"{PREFIX}/20250103T000000Z"] = b"short"
@@ -602,7 +605,7 @@ def test_incomplete_backups_asks_again_before_calling_a_backup_incomplete():
 def _newer_charm_manifest(backup_id: str, parent: str = "") -> bytes:
     document = json.loads(_manifest(backup_id).to_json())
     document["parent"] = parent
-    document["version"] = backup.MANIFEST_VERSION + 1
+    document["version"] = backup_store.MANIFEST_VERSION + 1
     document["type"] = "differential"  # something this charm does not know
     return json.dumps(document).encode()
 
@@ -610,7 +613,7 @@ def _newer_charm_manifest(backup_id: str, parent: str = "") -> bytes:
 def test_a_manifest_from_a_newer_charm_is_refused_not_misread():
     """A newer manifest format is not read as this one: its meaning may have changed."""
     document = json.loads(_manifest("20250101T000000Z").to_json())
-    document["version"] = backup.MANIFEST_VERSION + 1
+    document["version"] = backup_store.MANIFEST_VERSION + 1
 
     with pytest.raises(backup.BackupError, match=r"written by a newer charm .* upgrade the charm"):
         backup.BackupManifest.from_json(json.dumps(document))
@@ -625,13 +628,13 @@ def test_unreadable_manifests_are_named_apart_never_incomplete():
     """
     objects = _backup_objects(_manifest("20250101T000000Z"))
     objects.update(_backup_objects(_manifest("20250102T000000Z")))
-    objects[f"{PREFIX}/20250102T000000Z{backup.MANIFEST_SUFFIX}"] = _newer_charm_manifest(
+    objects[f"{PREFIX}/20250102T000000Z{backup_store.MANIFEST_SUFFIX}"] = _newer_charm_manifest(
         "20250102T000000Z"
     )
     objects.update(_backup_objects(_manifest("20250103T000000Z")))
     objects[f"{PREFIX}/20250104T000000Z"] = b"archive without a manifest"
     client, fake = _fake_client(objects)
-    fake.broken.add(f"{PREFIX}/20250103T000000Z{backup.MANIFEST_SUFFIX}")
+    fake.broken.add(f"{PREFIX}/20250103T000000Z{backup_store.MANIFEST_SUFFIX}")
 
     complete = [manifest.backup_id for manifest in client.list_backups()]
     unlisted = client.unlisted_backups(complete)
@@ -650,7 +653,7 @@ def test_unreadable_manifests_are_named_apart_never_incomplete():
 def test_delete_backup_keeps_a_manifest_it_cannot_use_unless_forced():
     """A newer charm's backup is not deleted as if it were broken; force deletes it."""
     objects = _backup_objects(_manifest("20250102T000000Z"))
-    objects[f"{PREFIX}/20250102T000000Z{backup.MANIFEST_SUFFIX}"] = _newer_charm_manifest(
+    objects[f"{PREFIX}/20250102T000000Z{backup_store.MANIFEST_SUFFIX}"] = _newer_charm_manifest(
         "20250102T000000Z"
     )
     client, fake = _fake_client(objects)
@@ -675,17 +678,17 @@ def test_a_manifest_this_charm_cannot_use_still_protects_its_parent():
     objects = _backup_objects(_manifest("20250101T000000Z"))
     newer = _manifest("20250102T000000Z", backup_type="incremental", parent="20250101T000000Z")
     objects.update(_backup_objects(newer))
-    objects[f"{PREFIX}/20250102T000000Z{backup.MANIFEST_SUFFIX}"] = _newer_charm_manifest(
+    objects[f"{PREFIX}/20250102T000000Z{backup_store.MANIFEST_SUFFIX}"] = _newer_charm_manifest(
         "20250102T000000Z", parent="20250101T000000Z"
     )
     objects[f"{PREFIX}/20250103T000000Z"] = b"x" * 100  # an incomplete backup on it
-    objects[f"{PREFIX}/20250103T000000Z{backup.MANIFEST_SUFFIX}"] = (
+    objects[f"{PREFIX}/20250103T000000Z{backup_store.MANIFEST_SUFFIX}"] = (
         _manifest("20250103T000000Z", size=7, backup_type="incremental", parent="20250101T000000Z")
         .to_json()
         .encode()
     )
     objects[f"{PREFIX}/20250104T000000Z"] = b"x"
-    objects[f"{PREFIX}/20250104T000000Z{backup.MANIFEST_SUFFIX}"] = b"{not json"
+    objects[f"{PREFIX}/20250104T000000Z{backup_store.MANIFEST_SUFFIX}"] = b"{not json"
     client, fake = _fake_client(objects)
 
     listing = client.listing(strict=True)
@@ -703,11 +706,11 @@ def test_listing_of_unusable_manifests_strict_or_not():
     Its archive is gone, so list_backups does not read it: the lenient read does.
     """
     objects = _backup_objects(_manifest("20250101T000000Z"))
-    objects[f"{PREFIX}/20250102T000000Z{backup.MANIFEST_SUFFIX}"] = _newer_charm_manifest(
+    objects[f"{PREFIX}/20250102T000000Z{backup_store.MANIFEST_SUFFIX}"] = _newer_charm_manifest(
         "20250102T000000Z", parent="20250101T000000Z"
     )
     client, fake = _fake_client(objects)
-    fake.broken.add(f"{PREFIX}/20250102T000000Z{backup.MANIFEST_SUFFIX}")
+    fake.broken.add(f"{PREFIX}/20250102T000000Z{backup_store.MANIFEST_SUFFIX}")
 
     assert client.listing().links == {}
     with pytest.raises(
@@ -720,7 +723,7 @@ def test_delete_backup_stops_when_s3_cannot_say_whether_the_manifest_is_usable()
     """A manifest read that fails is no reason to delete, nor to call it incomplete."""
     objects = _backup_objects(_manifest("20250102T000000Z"))
     client, fake = _fake_client(objects)
-    fake.broken.add(f"{PREFIX}/20250102T000000Z{backup.MANIFEST_SUFFIX}")
+    fake.broken.add(f"{PREFIX}/20250102T000000Z{backup_store.MANIFEST_SUFFIX}")
 
     with pytest.raises(backup.S3Error, match=r"cannot read object 20250102T000000Z\.manifest"):
         client.delete_backup("20250102T000000Z")
@@ -754,7 +757,7 @@ def test_delete_backup_of_leftovers_keeps_what_complete_backups_depend_on():
     hand would need; chain=true deletes it with them.
     """
     objects = _backup_objects(_manifest("20250101T000000Z"))
-    del objects[f"{PREFIX}/20250101T000000Z{backup.MANIFEST_SUFFIX}"]
+    del objects[f"{PREFIX}/20250101T000000Z{backup_store.MANIFEST_SUFFIX}"]
     child = _manifest("20250102T000000Z", backup_type="incremental", parent="20250101T000000Z")
     objects.update(_backup_objects(child))
     objects.update(_backup_objects(_manifest("20250103T000000Z")))
@@ -801,7 +804,7 @@ def test_may_be_running(backup_id: str, running: bool):
     """A backup may run up to EXEC_TIMEOUT; an id that is not a date cannot be ruled out."""
     now = datetime.datetime(2025, 1, 1, tzinfo=datetime.timezone.utc)
 
-    assert backup.may_be_running(backup_id, now) is running
+    assert backup_store.may_be_running(backup_id, now) is running
 
 
 def test_delete_backup_of_leftovers_stops_at_a_manifest_written_meanwhile():
@@ -937,7 +940,7 @@ def _incremental(backup_id: str, parent: str, size: int = 100) -> backup.BackupM
 def _with_state(manifest: backup.BackupManifest) -> dict[str, bytes]:
     """A backup's objects: archive, manifest and encrypted snapshot state."""
     objects = _backup_objects(manifest)
-    objects[f"{PREFIX}/{manifest.backup_id}{backup.SNAPSHOT_STATE_SUFFIX}"] = b"state"
+    objects[f"{PREFIX}/{manifest.backup_id}{backup_store.SNAPSHOT_STATE_SUFFIX}"] = b"state"
     return objects
 
 

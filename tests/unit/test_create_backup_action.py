@@ -20,6 +20,8 @@ import yaml
 from ops import testing
 
 import backup
+import backup_container
+import backup_restore
 import synapse
 from backup_observer import NOT_CONFIGURED, NOT_LEADER, CreateParams
 from tests.unit.builders import (
@@ -892,10 +894,10 @@ def test_leftovers_are_swept_before_the_backup(
     Act: run create-backup (run_backup patched, recording what it finds).
     Assert: the leftovers were gone before run_backup ran; the previous data stays.
     """
-    work_dir = f"{backup.WORK_DIR_PREFIX}0123456789abcdef"
-    snapshot_dir = f"/data/{backup.SNAPSHOT_DIR_PREFIX}20250101T000000Z"
-    staging_dir = f"/data/{backup.RESTORE_STAGING_PREFIX}20250101T000000Z-0a1b2c3d"
-    previous_dir = f"/data/{backup.PREVIOUS_DATA_PREFIX}20250101T000000Z-0a1b2c3d"
+    work_dir = f"{backup_container.WORK_DIR_PREFIX}0123456789abcdef"
+    snapshot_dir = f"/data/{backup_container.SNAPSHOT_DIR_PREFIX}20250101T000000Z"
+    staging_dir = f"/data/{backup_restore.RESTORE_STAGING_PREFIX}20250101T000000Z-0a1b2c3d"
+    previous_dir = f"/data/{backup_restore.PREVIOUS_DATA_PREFIX}20250101T000000Z-0a1b2c3d"
     paths = (work_dir, snapshot_dir, staging_dir, previous_dir)
     seen: dict[str, bool] = {}
 

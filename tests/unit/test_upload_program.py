@@ -19,6 +19,7 @@ import time
 import pytest
 
 import backup
+import backup_store
 
 URL = "s3://bucket/prod/20250101T000000Z"
 
@@ -67,7 +68,7 @@ def _start(
             backup._UPLOAD_PROGRAM,
             str(record),
             str(piece_size),
-            backup.ARCHIVE_PIECE_INFIX,
+            backup_store.ARCHIVE_PIECE_INFIX,
             "aws",
             "s3",
             "cp",
@@ -111,7 +112,7 @@ def test_pieces_are_the_stream_cut_in_order(tmp_path: pathlib.Path, size: int, p
     status, stderr, out, record = _run(tmp_path, data, 1000)
 
     assert status == 0, stderr
-    expected = backup.archive_pieces("20250101T000000Z", size, 1000)
+    expected = backup_store.archive_pieces("20250101T000000Z", size, 1000)
     assert sorted(path.name for path in out.iterdir()) == sorted(expected)
     assert [len((out / name).read_bytes()) for name in expected] == pieces
     assert b"".join((out / name).read_bytes() for name in expected) == data

@@ -23,6 +23,7 @@ import pytest
 from ops import testing
 
 import backup
+import backup_store
 from charm import SynapseCharm
 from tests.helpers.sandbox import Sandbox, default_path
 from tests.helpers.seaweed import SeaweedServer, killed_when
@@ -60,7 +61,7 @@ def _add_media(data: Path, size: int) -> None:
 
 def _manifest(scene: Scene) -> backup.BackupManifest:
     client = scene.server.client()
-    key = f"{scene.key}{backup.MANIFEST_SUFFIX}"
+    key = f"{scene.key}{backup_store.MANIFEST_SUFFIX}"
     return backup.BackupManifest.from_json(
         client.get_object(Bucket=scene.bucket, Key=key)["Body"].read()
     )
@@ -71,7 +72,7 @@ def _piece_keys(scene: Scene) -> list[str]:
     return sorted(
         key
         for key in scene.objects()
-        if key == scene.key or key.startswith(scene.key + backup.ARCHIVE_PIECE_INFIX)
+        if key == scene.key or key.startswith(scene.key + backup_store.ARCHIVE_PIECE_INFIX)
     )
 
 
@@ -148,7 +149,7 @@ def test_delete_backup_removes_every_piece_and_unfinished_upload(pieces_scene: S
     """delete-backup leaves nothing of the backup, not even an upload left half done."""
     scene = pieces_scene
     client = scene.server.client()
-    stray = f"{scene.key}{backup.ARCHIVE_PIECE_INFIX}0099"
+    stray = f"{scene.key}{backup_store.ARCHIVE_PIECE_INFIX}0099"
     client.create_multipart_upload(Bucket=scene.bucket, Key=stray)
 
     scene.harness.run_action("delete-backup", {"backup-id": scene.backup_id})
@@ -239,7 +240,7 @@ def test_an_outage_leaves_an_incomplete_backup_that_delete_backup_removes(
         keys = _keys(client, "outage")
         backup_id = keys[0].rsplit("/", 1)[-1][:16]
         assert f"{S3_PATH}/{backup_id}.part-0001" in keys
-        assert not [key for key in keys if key.endswith(backup.MANIFEST_SUFFIX)]
+        assert not [key for key in keys if key.endswith(backup_store.MANIFEST_SUFFIX)]
 
         listed = harness.run_action("list-backups").results
         assert (listed["count"], listed["incomplete"]) == (0, backup_id)

@@ -18,6 +18,8 @@ import ops
 import pytest
 
 import backup
+import backup_container
+import backup_store
 from tests.helpers.sandbox import Sandbox, default_path, mount_small_fs
 from tests.helpers.seaweed import SeaweedServer
 from tests.helpers.synapse_data import SYNAPSE_GID, SYNAPSE_UID, make_synapse_data, tree_snapshot
@@ -334,7 +336,7 @@ def test_s3_outage_mid_upload_leaves_no_backup(
         killer.join()
         server.restart()
         keys = _objects(server, "outage")
-        assert not [key for key in keys if key.endswith(backup.MANIFEST_SUFFIX)]
+        assert not [key for key in keys if key.endswith(backup_store.MANIFEST_SUFFIX)]
         assert "synapse/prod/20261126T120008Z" not in keys
     assert not list((root / "tmp").iterdir())
 
@@ -354,7 +356,7 @@ def test_killed_exec_leaves_no_backup(
     path = big / "blob"
     path.write_bytes(os.urandom(256 * 1024 * 1024))
     _own(path)
-    monkeypatch.setattr(backup, "EXEC_TIMEOUT", 1.0)
+    monkeypatch.setattr(backup_container, "EXEC_TIMEOUT", 1.0)
     with pytest.raises(backup.BackupError, match="timed out"):
         backup.create_backup(container, s3_parameters, "20261126T120009Z", PASSPHRASE)
     time.sleep(1)

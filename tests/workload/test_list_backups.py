@@ -19,6 +19,7 @@ import pytest
 from ops import testing
 
 import backup
+import backup_store
 from backup_observer import FORMATTED_ROWS, RESULT_BACKUPS
 from charm import SynapseCharm
 from tests.helpers.seaweed import SeaweedServer
@@ -51,7 +52,7 @@ def manifest_for(backup_id: str, body: bytes, **overrides: Any) -> str:
         "metadata": {"server-name": SERVER_NAME, "synapse-version": "1.120.0"},
     }
     if backup.BACKUP_ID_PATTERN.fullmatch(backup_id):
-        created = datetime.datetime.strptime(backup_id, backup.BACKUP_ID_FORMAT)
+        created = datetime.datetime.strptime(backup_id, backup_store.BACKUP_ID_FORMAT)
         fields["created_at"] = created.replace(tzinfo=datetime.timezone.utc).isoformat()
     fields.update(overrides)
     return backup.BackupManifest(**fields).to_json()
@@ -88,7 +89,7 @@ def crowded(s3_server: SeaweedServer) -> Crowded:
     for backup_id in complete:
         body = rng.randbytes(rng.randint(40, 400))
         objects[f"{PREFIX}/{backup_id}"] = body
-        objects[f"{PREFIX}/{backup_id}{backup.MANIFEST_SUFFIX}"] = manifest_for(
+        objects[f"{PREFIX}/{backup_id}{backup_store.MANIFEST_SUFFIX}"] = manifest_for(
             backup_id, body
         ).encode()
     # Debris: the newest ids, so that a debris entry listed by mistake is on top.
@@ -96,35 +97,45 @@ def crowded(s3_server: SeaweedServer) -> Crowded:
     no_manifest, no_object, wrong_size, not_json, wrong_id, bad_sha = spare[-6:]
     debris: dict[str, bytes] = {
         f"{PREFIX}/{no_manifest}": body,
-        f"{PREFIX}/{no_object}{backup.MANIFEST_SUFFIX}": manifest_for(no_object, body).encode(),
+        f"{PREFIX}/{no_object}{backup_store.MANIFEST_SUFFIX}": manifest_for(
+            no_object, body
+        ).encode(),
         f"{PREFIX}/{wrong_size}": body,
-        f"{PREFIX}/{wrong_size}{backup.MANIFEST_SUFFIX}": manifest_for(
+        f"{PREFIX}/{wrong_size}{backup_store.MANIFEST_SUFFIX}": manifest_for(
             wrong_size, body, size=101
         ).encode(),
         f"{PREFIX}/{not_json}": body,
-        f"{PREFIX}/{not_json}{backup.MANIFEST_SUFFIX}": b"{not json",
+        f"{PREFIX}/{not_json}{backup_store.MANIFEST_SUFFIX}": b"{not json",
         f"{PREFIX}/{wrong_id}": body,
-        f"{PREFIX}/{wrong_id}{backup.MANIFEST_SUFFIX}": manifest_for(complete[0], body).encode(),
+        f"{PREFIX}/{wrong_id}{backup_store.MANIFEST_SUFFIX}": manifest_for(
+            complete[0], body
+        ).encode(),
         f"{PREFIX}/{bad_sha}": body,
-        f"{PREFIX}/{bad_sha}{backup.MANIFEST_SUFFIX}": manifest_for(
+        f"{PREFIX}/{bad_sha}{backup_store.MANIFEST_SUFFIX}": manifest_for(
             bad_sha, body, sha256="not-a-digest"
         ).encode(),
         # Deeper, beside and above the prefix.
         f"{PREFIX}/old/{spare[0]}": body,
-        f"{PREFIX}/old/{spare[0]}{backup.MANIFEST_SUFFIX}": manifest_for(spare[0], body).encode(),
+        f"{PREFIX}/old/{spare[0]}{backup_store.MANIFEST_SUFFIX}": manifest_for(
+            spare[0], body
+        ).encode(),
         f"{PREFIX}-old/{spare[1]}": body,
-        f"{PREFIX}-old/{spare[1]}{backup.MANIFEST_SUFFIX}": manifest_for(spare[1], body).encode(),
+        f"{PREFIX}-old/{spare[1]}{backup_store.MANIFEST_SUFFIX}": manifest_for(
+            spare[1], body
+        ).encode(),
         f"homeserver/{spare[2]}": body,
-        f"homeserver/{spare[2]}{backup.MANIFEST_SUFFIX}": manifest_for(spare[2], body).encode(),
+        f"homeserver/{spare[2]}{backup_store.MANIFEST_SUFFIX}": manifest_for(
+            spare[2], body
+        ).encode(),
         # Names that are not backup ids.
         f"{PREFIX}/latest": body,
-        f"{PREFIX}/latest{backup.MANIFEST_SUFFIX}": manifest_for("latest", body).encode(),
+        f"{PREFIX}/latest{backup_store.MANIFEST_SUFFIX}": manifest_for("latest", body).encode(),
         f"{PREFIX}/{spare[3]}.tmp": body,
-        f"{PREFIX}/{spare[3]}.tmp{backup.MANIFEST_SUFFIX}": manifest_for(
+        f"{PREFIX}/{spare[3]}.tmp{backup_store.MANIFEST_SUFFIX}": manifest_for(
             f"{spare[3]}.tmp", body
         ).encode(),
         f"{PREFIX}/{spare[4].lower()}": body,
-        f"{PREFIX}/{spare[4].lower()}{backup.MANIFEST_SUFFIX}": manifest_for(
+        f"{PREFIX}/{spare[4].lower()}{backup_store.MANIFEST_SUFFIX}": manifest_for(
             spare[4].lower(), body
         ).encode(),
     }

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from ops import testing
 
-import backup
+import backup_restore
 from charm import SynapseCharm
 from tests.helpers.sandbox import SynapseHealth
 from tests.helpers.seaweed import SeaweedServer
@@ -108,8 +108,8 @@ def test_restore_keeps_the_previous_data_when_synapse_does_not_answer(
     restore is kept until Synapse answers its health check, and the action
     says where it is.
     """
-    monkeypatch.setattr(backup, "RESTORE_HEALTH_TIMEOUT", 0.3)
-    monkeypatch.setattr(backup, "RESTORE_HEALTH_INTERVAL", 0.1)
+    monkeypatch.setattr(backup_restore, "RESTORE_HEALTH_TIMEOUT", 0.3)
+    monkeypatch.setattr(backup_restore, "RESTORE_HEALTH_INTERVAL", 0.1)
     configure(harness, s3_server, bucket)
     harness.container_pebble_ready("synapse")
     data = harness.get_filesystem_root("synapse") / "data"

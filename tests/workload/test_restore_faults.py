@@ -25,6 +25,8 @@ from ops import testing
 from ops.testing import ExecArgs, ExecResult
 
 import backup
+import backup_restore
+import backup_store
 from charm import SynapseCharm
 from tests.helpers.sandbox import Sandbox, mount_small_fs
 from tests.helpers.seaweed import SeaweedServer, killed_when
@@ -45,7 +47,10 @@ SWAPPED = (
     "media_store/local_content",
     "media_store/local_thumbnails",
 )
-LEFTOVER_PATTERNS = (f"{backup.RESTORE_STAGING_PREFIX}*", f"{backup.PREVIOUS_DATA_PREFIX}*")
+LEFTOVER_PATTERNS = (
+    f"{backup_restore.RESTORE_STAGING_PREFIX}*",
+    f"{backup_restore.PREVIOUS_DATA_PREFIX}*",
+)
 
 
 @dataclasses.dataclass
@@ -199,7 +204,7 @@ def assert_nothing_changed(
             directories (see test_swap_failure_leaves_no_previous_dir).
     """
     after = tree_snapshot(scene.data)
-    prefixes = (backup.RESTORE_STAGING_PREFIX, backup.PREVIOUS_DATA_PREFIX)
+    prefixes = (backup_restore.RESTORE_STAGING_PREFIX, backup_restore.PREVIOUS_DATA_PREFIX)
     leftovers = {name: entry[0] for name, entry in after.items() if name.startswith(prefixes)}
     live_after = {name: entry for name, entry in after.items() if name not in leftovers}
     changed = sorted(
@@ -296,7 +301,7 @@ def test_corrupted_object_is_not_restored_even_at_the_last_byte(scene: Scene) ->
 def _set_manifest_server_name(scene: Scene, server_name: str) -> None:
     """Make the backup look like another server's (the manifest is plain JSON)."""
     client = scene.server.client()
-    manifest_key = scene.key + backup.MANIFEST_SUFFIX
+    manifest_key = scene.key + backup_store.MANIFEST_SUFFIX
     manifest = json.loads(client.get_object(Bucket=scene.bucket, Key=manifest_key)["Body"].read())
     manifest["server-name"] = server_name
     client.put_object(Bucket=scene.bucket, Key=manifest_key, Body=json.dumps(manifest).encode())
@@ -456,7 +461,7 @@ def small_fs_scene(
         free = stat.f_bavail * stat.f_frsize
         manifest = backup.BackupManifest.from_json(
             scene.server.client()
-            .get_object(Bucket=bucket, Key=scene.key + backup.MANIFEST_SUFFIX)["Body"]
+            .get_object(Bucket=bucket, Key=scene.key + backup_store.MANIFEST_SUFFIX)["Body"]
             .read()
         )
         assert free < manifest.size, (free, manifest.size)
@@ -478,7 +483,7 @@ def test_staging_hitting_enospc_leaves_live_data(
 ) -> None:
     """With the pre-flight check bypassed, tar runs out of room mid-extraction."""
     scene = small_fs_scene
-    monkeypatch.setattr(backup, "STAGING_HEADROOM", -(10**15))
+    monkeypatch.setattr(backup_restore, "STAGING_HEADROOM", -(10**15))
     before = tree_snapshot(scene.data)
 
     failure = scene.fail_restore(r"downloading and decrypting the backup failed")
@@ -514,7 +519,7 @@ def _restore_while_s3_dies(
         def extracting() -> bool:
             return any(
                 path.is_file()
-                for staging in scene.data.glob(f"{backup.RESTORE_STAGING_PREFIX}*")
+                for staging in scene.data.glob(f"{backup_restore.RESTORE_STAGING_PREFIX}*")
                 for path in staging.rglob("*")
             )
 
@@ -622,13 +627,15 @@ def test_failed_undo_keeps_the_previous_data(scene: Scene) -> None:
     assert lost == {}
     assert not (scene.data / "media_store/local_thumbnails").exists()
     kept = list(
-        scene.data.glob(f"{backup.PREVIOUS_DATA_PREFIX}*/data/media_store/local_thumbnails")
+        scene.data.glob(
+            f"{backup_restore.PREVIOUS_DATA_PREFIX}*/data/media_store/local_thumbnails"
+        )
     )
     assert len(kept) == 1
     # Synapse must not start on half-restored data: it stays stopped, the
     # restored data stays in staging and the journal blocks the unit.
     assert scene.service_calls[-1] != START
-    assert list(scene.data.glob(f"{backup.RESTORE_STAGING_PREFIX}*"))
+    assert list(scene.data.glob(f"{backup_restore.RESTORE_STAGING_PREFIX}*"))
     assert (scene.root / backup.RESTORE_JOURNAL.lstrip("/")).exists()
     scene.harness.evaluate_status()
     assert "interrupted restore" in scene.harness.model.unit.status.message
@@ -641,7 +648,7 @@ def test_failed_undo_says_where_the_previous_data_is(scene: Scene) -> None:
 
     failure = scene.fail_restore(r"cannot move .*injected")
 
-    kept = next(scene.data.glob(f"{backup.PREVIOUS_DATA_PREFIX}*"))
+    kept = next(scene.data.glob(f"{backup_restore.PREVIOUS_DATA_PREFIX}*"))
     assert f"/data/{kept.name}" in failure.message
 
 
@@ -653,7 +660,8 @@ def test_keep_previous_keeps_the_replaced_data(scene: Scene) -> None:
 
     previous = output.results["previous-data"]
     assert re.fullmatch(
-        rf"/data/{re.escape(backup.PREVIOUS_DATA_PREFIX + scene.backup_id)}-[0-9a-f]+", previous
+        rf"/data/{re.escape(backup_restore.PREVIOUS_DATA_PREFIX + scene.backup_id)}-[0-9a-f]+",
+        previous,
     )
     # The replaced paths moved there; their parent directories there are new.
     parents = ("appservices", "media_store")
@@ -672,7 +680,7 @@ def test_keep_previous_keeps_the_replaced_data(scene: Scene) -> None:
     assert not (scene.data / "media_store/local_content/zz").exists()
     assert (scene.data / "media_store/remote_content").exists()
     assert scene.service_calls == [STOP, START]
-    assert not list(scene.data.glob(f"{backup.RESTORE_STAGING_PREFIX}*"))
+    assert not list(scene.data.glob(f"{backup_restore.RESTORE_STAGING_PREFIX}*"))
     assert not list((scene.root / "tmp").iterdir())
 
 
@@ -683,7 +691,7 @@ def test_verify_good_backup_matches_its_manifest(scene: Scene) -> None:
     """verify-backup on an intact backup: matches, with the manifest's file count."""
     client = scene.server.client()
     manifest = json.loads(
-        client.get_object(Bucket=scene.bucket, Key=scene.key + backup.MANIFEST_SUFFIX)[
+        client.get_object(Bucket=scene.bucket, Key=scene.key + backup_store.MANIFEST_SUFFIX)[
             "Body"
         ].read()
     )

@@ -13,6 +13,8 @@ import yaml
 from ops import testing
 
 import backup
+import backup_chain
+import backup_restore
 from charm import SynapseCharm
 from tests.helpers.sandbox import ExecArgs, ExecResult, Sandbox, default_path
 from tests.helpers.seaweed import SeaweedServer
@@ -60,7 +62,7 @@ def test_restore_interrupted_mid_swap_is_rolled_back_at_the_next_hook(
     # The next action sweeps what the dead run left in staging.
     scene.harness.run_action("list-backups")
     scene.harness.run_action("verify-backup", {"backup-id": scene.backup_id})
-    assert not list(scene.data.glob(f"{backup.RESTORE_STAGING_PREFIX}*"))
+    assert not list(scene.data.glob(f"{backup_restore.RESTORE_STAGING_PREFIX}*"))
 
 
 def test_tar_exit_1_is_a_warning_and_2_an_error(
@@ -145,7 +147,7 @@ def test_another_deployment_never_builds_on_our_chain(
         other.begin()
         other_root = other.get_filesystem_root("synapse")
         subprocess.run(["cp", "-a", str(root / "data"), str(other_root)], check=True)
-        shutil.rmtree(other_root / "data" / backup.STATE_DIR.rsplit("/", 1)[1])
+        shutil.rmtree(other_root / "data" / backup_chain.STATE_DIR.rsplit("/", 1)[1])
         (other_root / "tmp").mkdir()
         (other_root / "tmp").chmod(0o1777)
         other.handle_exec("synapse", [], handler=Sandbox(other_root).handle)
