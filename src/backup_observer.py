@@ -36,6 +36,12 @@ NOT_LEADER = (
     "cannot back up: this unit is not the leader; run create-backup on the leader "
     "unit (marked * in juju status), which makes every backup of the application"
 )
+# Synapse runs on the leader only (see charm.py): a restore elsewhere would
+# start a second homeserver beside it.
+NOT_LEADER_RESTORE = (
+    "cannot restore: this unit is not the leader; run restore-backup on the leader "
+    "unit (marked * in juju status), the one that runs Synapse"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -504,6 +510,9 @@ class BackupObserver(ops.Object):
             event: the action event.
         """
         params = event.load_params(RestoreParams, errors="fail")
+        if not self._charm.unit.is_leader():
+            event.fail(NOT_LEADER_RESTORE)
+            return
         ready = self._ready(event, "restore")
         if ready is None:
             return

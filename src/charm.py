@@ -34,6 +34,7 @@ class SynapseCharm(ops.CharmBase):
         framework.observe(self.on.config_changed, self._reconcile)
         framework.observe(self.on.upgrade_charm, self._reconcile)
         framework.observe(self.on.update_status, self._reconcile)
+        framework.observe(self.on.leader_elected, self._reconcile)
         framework.observe(self.on.collect_unit_status, self._on_collect_unit_status)
 
     def _server_name_problem(self) -> str | None:
@@ -56,6 +57,23 @@ class SynapseCharm(ops.CharmBase):
                 return f"server-name: Synapse was set up as {current!r}; it cannot change"
         return None
 
+    def _one_unit_problem(self) -> str | None:
+        """Say why this unit should not be here, if it should not.
+
+        Synapse runs as one process (this charm has no workers): a second unit
+        would be a second homeserver with the same name behind the same
+        Service, with its own database that no backup holds.
+
+        Returns:
+            The Blocked message for a unit that is not the leader, or None.
+        """
+        if self.unit.is_leader():
+            return None
+        return (
+            "Synapse runs on one unit and this one is not the leader: "
+            f"juju scale-application {self.app.name} 1"
+        )
+
     def _reconcile(self, _: ops.EventBase) -> None:
         """Generate Synapse's configuration once and keep its service running.
 
@@ -65,6 +83,13 @@ class SynapseCharm(ops.CharmBase):
         Then what a killed action left is swept: a work directory holds the
         passphrase, and it should not wait in the container for the next
         action. (Juju runs one hook or action of a unit at a time.)
+
+        Only the leader generates a configuration: on another unit that would
+        make a second homeserver, with a signing key of its own, under the
+        same name. Such a unit gets only Synapse's ready check, which fails,
+        so that Kubernetes sends it no traffic. A unit that already has a
+        configuration (it was the leader before) keeps its Synapse running:
+        stopping the one with the data would be worse; it is Blocked instead.
         """
         if not self.container.can_connect():
             return
@@ -74,6 +99,12 @@ class SynapseCharm(ops.CharmBase):
         if self._server_name_problem():
             return
         if synapse.configured_server_name(self.container) is None:
+            if not self.unit.is_leader():
+                logger.warning("not the leader: no Synapse configuration is generated here")
+                self.container.add_layer(
+                    synapse.SERVICE_NAME, synapse.ready_check_layer(), combine=True
+                )
+                return
             logger.info("generating the Synapse configuration")
             synapse.generate_config(self.container, str(self.config["server-name"]))
         self.container.add_layer(synapse.SERVICE_NAME, synapse.pebble_layer(), combine=True)
@@ -93,6 +124,7 @@ class SynapseCharm(ops.CharmBase):
                     f"see {backup.RESTORE_JOURNAL}"
                 )
             )
+        problem = problem or self._one_unit_problem()
         if problem:
             event.add_status(ops.BlockedStatus(problem))
         elif not self.container.can_connect():

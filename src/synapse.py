@@ -70,6 +70,22 @@ def pebble_layer() -> ops.pebble.LayerDict:
     }
 
 
+def ready_check_layer() -> ops.pebble.LayerDict:
+    """Return a layer with only Synapse's ready check, for a unit that runs no Synapse.
+
+    Juju's readiness probe of the workload container asks Pebble for the
+    ready-level checks: with nothing answering, the pod is not ready and its
+    Service sends it no traffic.
+
+    Returns:
+        The layer: the ready check of pebble_layer(), no service.
+    """
+    return {
+        "summary": "Synapse's ready check (Synapse does not run on this unit)",
+        "checks": {CHECK_NAME: pebble_layer()["checks"][CHECK_NAME]},
+    }
+
+
 def configured_server_name(container: ops.Container) -> str | None:
     """Return the server name of the generated configuration, if any.
 

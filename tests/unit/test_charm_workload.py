@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 from collections.abc import Callable
 from typing import Any
@@ -127,6 +128,93 @@ def test_first_start_generates_config(ctx: testing.Context, data_dir: pathlib.Pa
     assert synapse.SERVICE_NAME in container.layers
     _assert_synapse_planned(container)
     assert out.unit_status == ops.ActiveStatus()
+
+
+ONE_UNIT = (
+    "Synapse runs on one unit and this one is not the leader: juju scale-application synapse 1"
+)
+
+
+@pytest.mark.usefixtures("synapse_writes_config")
+@pytest.mark.parametrize("event", RECONCILING_EVENTS)
+def test_a_unit_that_is_not_the_leader_makes_no_second_homeserver(
+    ctx: testing.Context, data_dir: pathlib.Path, event: Event
+):
+    """A second unit generates no configuration and runs no Synapse.
+
+    Arrange: a server-name, an empty /data, a unit that is not the leader
+        (the application was scaled out), canned generate commands.
+    Act: run an event that reconciles the workload.
+    Assert: nothing ran (no configuration, no signing key of its own); only
+        Synapse's ready check is planned, which keeps the pod out of the
+        Service; the unit is Blocked, naming the fix.
+    """
+    state = make_state(
+        data_dir,
+        {"server-name": SERVER_NAME},
+        planned=False,
+        execs=GENERATE_EXECS,
+        leader=False,
+    )
+
+    out = ctx.run(event(ctx, state), state)
+
+    assert ctx.exec_history == {}
+    assert list(data_dir.iterdir()) == []
+    plan = out.get_container(synapse.CONTAINER_NAME).plan
+    assert plan.services == {}
+    check = plan.checks[synapse.CHECK_NAME]
+    assert check.level == ops.pebble.CheckLevel.READY
+    assert check.http == {"url": "http://localhost:8008/health"}
+    assert out.unit_status == ops.BlockedStatus(ONE_UNIT)
+
+
+@pytest.mark.usefixtures("synapse_writes_config")
+def test_a_unit_elected_leader_sets_up_synapse(ctx: testing.Context, data_dir: pathlib.Path):
+    """The unit that becomes the leader generates the configuration and starts Synapse.
+
+    Arrange: a second unit reconciled while it was not the leader (ready check only).
+    Act: leader-elected, now that it is the leader.
+    Assert: the configuration was generated, Synapse is planned and started, Active.
+    """
+    state = make_state(
+        data_dir,
+        {"server-name": SERVER_NAME},
+        planned=False,
+        execs=GENERATE_EXECS,
+        leader=False,
+    )
+    waiting = ctx.run(ctx.on.update_status(), state)
+
+    out = ctx.run(ctx.on.leader_elected(), dataclasses.replace(waiting, leader=True))
+
+    _chown, generate = ctx.exec_history[synapse.CONTAINER_NAME]
+    assert generate.command == _generate_argv(SERVER_NAME)
+    _assert_synapse_planned(out.get_container(synapse.CONTAINER_NAME))
+    assert out.unit_status == ops.ActiveStatus()
+
+
+@pytest.mark.parametrize("event", RECONCILING_EVENTS)
+def test_a_unit_no_longer_leader_keeps_its_synapse_and_is_blocked(
+    ctx: testing.Context, configured_data_dir: pathlib.Path, event: Event
+):
+    """A unit with a configuration of its own keeps Synapse running, and is Blocked.
+
+    Arrange: /data holds homeserver.yaml; the unit is not the leader (it was
+        before, or its volume came from elsewhere).
+    Act: run an event that reconciles the workload.
+    Assert: no command ran; Synapse is planned and running (it may be the one
+        with the data); the unit is Blocked, naming the fix.
+    """
+    state = make_state(
+        configured_data_dir, {"server-name": SERVER_NAME}, planned=False, leader=False
+    )
+
+    out = ctx.run(event(ctx, state), state)
+
+    assert ctx.exec_history == {}
+    _assert_synapse_planned(out.get_container(synapse.CONTAINER_NAME))
+    assert out.unit_status == ops.BlockedStatus(ONE_UNIT)
 
 
 @pytest.mark.parametrize("server_name", ["matrix.example.com:8448", "[2001:db8::1]"])

@@ -23,7 +23,7 @@ import backup
 import backup_container
 import backup_restore
 import synapse
-from backup_observer import NOT_CONFIGURED, NOT_LEADER, CreateParams
+from backup_observer import NOT_CONFIGURED, NOT_LEADER, NOT_LEADER_RESTORE, CreateParams
 from tests.unit.builders import (
     ALL_SECRETS,
     CREDENTIALS_WITHOUT_SECRET_KEY,
@@ -255,11 +255,33 @@ def test_only_the_leader_backs_up(
     assert ctx.exec_history == {}
 
 
+def test_only_the_leader_restores(ctx: testing.Context, configured_data_dir: pathlib.Path):
+    """A non-leader unit refuses to restore: Synapse runs on the leader only.
+
+    Arrange: valid backup options on a unit that is not the leader.
+    Act: run restore-backup.
+    Assert: the failure names the leader as the unit to use; no restore ran
+        and nothing was executed in the container.
+    """
+    state = make_state(configured_data_dir, CONFIG, leader=False)
+
+    with (
+        pytest.raises(testing.ActionFailed) as exc_info,
+        mock.patch.object(backup, "run_restore", autospec=True) as run_restore,
+    ):
+        ctx.run(ctx.on.action("restore-backup", params={"backup-id": "20250101T000000Z"}), state)
+
+    assert exc_info.value.message == NOT_LEADER_RESTORE
+    assert "leader unit" in NOT_LEADER_RESTORE
+    run_restore.assert_not_called()
+    assert ctx.exec_history == {}
+
+
 @pytest.mark.parametrize("action", ["list-backups", "delete-backup", "verify-backup"])
 def test_other_actions_run_on_any_unit(
     ctx: testing.Context, configured_data_dir: pathlib.Path, action: str
 ):
-    """Only create-backup needs the leader: reading, checking and deleting do not."""
+    """Reading, checking and deleting backups need no leader; making and restoring do."""
     state = make_state(configured_data_dir, CONFIG, leader=False)
     params = {} if action == "list-backups" else {"backup-id": "20250101T000000Z"}
 
@@ -271,7 +293,6 @@ def test_other_actions_run_on_any_unit(
         ctx.run(ctx.on.action(action, params=params), state)
 
     assert "no S3 in unit tests" in exc_info.value.message
-    assert exc_info.value.message != NOT_LEADER
 
 
 def test_not_configured_yet(
