@@ -568,6 +568,50 @@ def test_delete_backup(
     assert f"there is no backup {backup_id}" in again.message, again
 
 
+def test_a_second_unit_runs_no_second_homeserver(
+    juju: jubilant.Juju, backup: BackupRun, backup_configured: str
+) -> None:
+    """Scaled out, the new unit is Blocked with no Synapse; scaled back, all is active.
+
+    The first unit keeps the leadership (Juju keeps it with the living leader),
+    keeps serving, and the second refuses the actions that need Synapse's
+    data. The second unit's /data gets no homeserver.yaml: no second signing
+    key under the same name.
+    """
+    second = f"{backup_configured}/1"
+
+    def second_blocked(status: jubilant.Status) -> bool:
+        units = status.apps[backup_configured].units
+        return (
+            second in units
+            and units[second].workload_status.current == "blocked"
+            and units[UNIT_NAME].workload_status.current == "active"
+        )
+
+    juju.add_unit(backup_configured)
+    try:
+        status = juju.wait(second_blocked, error=_app_error, timeout=10 * 60)
+        units = status.apps[backup_configured].units
+        assert units[UNIT_NAME].leader
+        assert "not the leader" in units[second].workload_status.message
+        listing = juju.ssh(second, "ls", "-A", DATA_DIR, container=CONTAINER_NAME).split()
+        assert "homeserver.yaml" not in listing, listing
+        assert synapse_health(juju, UNIT_NAME) == "OK"
+        refused = run_failing_action(juju, second, "create-backup", {})
+        assert "not the leader" in refused.message, refused
+        backup_id = str(backup.results["backup-id"])
+        refused = run_failing_action(juju, second, "restore-backup", {"backup-id": backup_id})
+        assert "not the leader" in refused.message, refused
+    finally:
+        juju.remove_unit(backup_configured, num_units=1)
+
+    def one_unit_active(status: jubilant.Status) -> bool:
+        return len(status.apps[backup_configured].units) == 1 and _app_active(status)
+
+    juju.wait(one_unit_active, error=_app_error, timeout=10 * 60)
+    wait_for_health(juju, UNIT_NAME)
+
+
 # ------------------------------------------------ restore into a second model
 
 
