@@ -197,7 +197,7 @@ def break_and_restore(harness: testing.Harness[SynapseCharm], data: Path, backup
     print(harness.run_action("list-backups").results["formatted"])
     say(f"juju run synapse/0 verify-backup backup-id={backup_id}")
     print(json.dumps(harness.run_action("verify-backup", {"backup-id": backup_id}).results))
-    say(f"juju run synapse/leader restore-backup backup-id={backup_id}")
+    say(f"juju run synapse/0 restore-backup backup-id={backup_id}")
     output = harness.run_action("restore-backup", {"backup-id": backup_id})
     for line in output.logs:
         print(f"  log: {line}")
@@ -252,7 +252,7 @@ def main() -> int:
             SynapseHealth().answer_in(harness)
 
             configure(harness, server)
-            say("juju run synapse/leader create-backup")
+            say("juju run synapse/0 create-backup")
             output = harness.run_action("create-backup")
             for line in output.logs:
                 print(f"  log: {line}")

@@ -30,17 +30,13 @@ NOT_CONFIGURED = (
     "backups are not configured: set s3-bucket, s3-endpoint (or s3-region), "
     "s3-credentials and backup-passphrase"
 )
-# One unit writes the backups under s3-path: two would interleave chains of two
-# /data volumes, race on backup ids, and run retention against each other.
-NOT_LEADER = (
-    "cannot back up: this unit is not the leader; run create-backup on the leader "
-    "unit (marked * in juju status), which makes every backup of the application"
-)
-# Synapse runs on the leader only (see charm.py): a restore elsewhere would
-# start a second homeserver beside it.
-NOT_LEADER_RESTORE = (
-    "cannot restore: this unit is not the leader; run restore-backup on the leader "
-    "unit (marked * in juju status), the one that runs Synapse"
+# Actions that use the workload container run on the unit that runs Synapse
+# (see synapse.runs_here): it has the data, and one unit writes the backups
+# under s3-path (two would interleave chains of two /data volumes, race on
+# backup ids, and run retention against each other).
+NOT_SYNAPSE_UNIT = (
+    "cannot {what}: Synapse does not run on this unit; run the action on the unit "
+    "in pod {app}-0 (provider-id in juju status --format=yaml; normally {app}/0)"
 )
 
 
@@ -282,6 +278,8 @@ class BackupObserver(ops.Object):
     ) -> tuple[BackupConfig, ops.Container] | None:
         """Return the backup configuration and the container, or fail the action.
 
+        Only the unit that runs Synapse gets them (see NOT_SYNAPSE_UNIT).
+
         Args:
             event: the action event.
             what: the action's verb, for messages.
@@ -289,6 +287,10 @@ class BackupObserver(ops.Object):
         Returns:
             Both, or None when the action was failed.
         """
+        app = self._charm.app.name
+        if not synapse.runs_here(app):
+            event.fail(NOT_SYNAPSE_UNIT.format(what=what, app=app))
+            return None
         config = self._ready_config(event, what)
         container = self._ready_container(event, what) if config else None
         if config is None or container is None:
@@ -302,9 +304,6 @@ class BackupObserver(ops.Object):
             event: the action event.
         """
         params = event.load_params(CreateParams, errors="fail")
-        if not self._charm.unit.is_leader():
-            event.fail(NOT_LEADER)
-            return
         ready = self._ready(event, "back up")
         if ready is None:
             return
@@ -510,9 +509,6 @@ class BackupObserver(ops.Object):
             event: the action event.
         """
         params = event.load_params(RestoreParams, errors="fail")
-        if not self._charm.unit.is_leader():
-            event.fail(NOT_LEADER_RESTORE)
-            return
         ready = self._ready(event, "restore")
         if ready is None:
             return

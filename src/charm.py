@@ -29,13 +29,14 @@ class SynapseCharm(ops.CharmBase):
         """
         super().__init__(framework)
         self.container = self.unit.get_container(synapse.CONTAINER_NAME)
+        # Before the backup observer's: of two Blocked statuses the first
+        # added is shown, and the workload's come first.
+        framework.observe(self.on.collect_unit_status, self._on_collect_unit_status)
         self.backup = BackupObserver(self)
         framework.observe(self.on.synapse_pebble_ready, self._reconcile)
         framework.observe(self.on.config_changed, self._reconcile)
         framework.observe(self.on.upgrade_charm, self._reconcile)
         framework.observe(self.on.update_status, self._reconcile)
-        framework.observe(self.on.leader_elected, self._reconcile)
-        framework.observe(self.on.collect_unit_status, self._on_collect_unit_status)
 
     def _server_name_problem(self) -> str | None:
         """Say what is wrong with server-name, if anything.
@@ -57,21 +58,22 @@ class SynapseCharm(ops.CharmBase):
                 return f"server-name: Synapse was set up as {current!r}; it cannot change"
         return None
 
-    def _one_unit_problem(self) -> str | None:
+    def _extra_unit_problem(self) -> str | None:
         """Say why this unit should not be here, if it should not.
 
-        Synapse runs as one process (this charm has no workers): a second unit
-        would be a second homeserver with the same name behind the same
-        Service, with its own database that no backup holds.
+        Synapse runs as one process (this charm has no workers), in pod 0
+        (see synapse.runs_here). Another unit would be a second homeserver
+        with the same name behind the same Service, with a database that no
+        backup holds. Scaling down removes the highest ordinals first, never
+        pod 0: the advice is safe whichever unit is the leader.
 
         Returns:
-            The Blocked message for a unit that is not the leader, or None.
+            The Blocked message for a unit that does not run Synapse, or None.
         """
-        if self.unit.is_leader():
+        if synapse.runs_here(self.app.name):
             return None
         return (
-            "Synapse runs on one unit and this one is not the leader: "
-            f"juju scale-application {self.app.name} 1"
+            f"Synapse runs in pod {self.app.name}-0 only: juju scale-application {self.app.name} 1"
         )
 
     def _reconcile(self, _: ops.EventBase) -> None:
@@ -84,12 +86,12 @@ class SynapseCharm(ops.CharmBase):
         passphrase, and it should not wait in the container for the next
         action. (Juju runs one hook or action of a unit at a time.)
 
-        Only the leader generates a configuration: on another unit that would
+        Only the unit in pod 0 sets Synapse up: on another unit that would
         make a second homeserver, with a signing key of its own, under the
-        same name. Such a unit gets only Synapse's ready check, which fails,
-        so that Kubernetes sends it no traffic. A unit that already has a
-        configuration (it was the leader before) keeps its Synapse running:
-        stopping the one with the data would be worse; it is Blocked instead.
+        same name. Another unit gets only Synapse's ready check, which fails,
+        so that Kubernetes sends it no traffic. One that has a configuration
+        already (an older revision ran Synapse on every unit) is left as it
+        is: it is Blocked, and scaling down removes it.
         """
         if not self.container.can_connect():
             return
@@ -98,17 +100,27 @@ class SynapseCharm(ops.CharmBase):
         backup.sweep_leftovers(self.container)
         if self._server_name_problem():
             return
-        if synapse.configured_server_name(self.container) is None:
-            if not self.unit.is_leader():
-                logger.warning("not the leader: no Synapse configuration is generated here")
-                self.container.add_layer(
-                    synapse.SERVICE_NAME, synapse.ready_check_layer(), combine=True
-                )
-                return
+        configured = synapse.configured_server_name(self.container) is not None
+        if not synapse.runs_here(self.app.name):
+            self._keep_traffic_away(configured)
+            return
+        if not configured:
             logger.info("generating the Synapse configuration")
             synapse.generate_config(self.container, str(self.config["server-name"]))
         self.container.add_layer(synapse.SERVICE_NAME, synapse.pebble_layer(), combine=True)
         self.container.replan()
+
+    def _keep_traffic_away(self, configured: bool) -> None:
+        """Plan only Synapse's ready check on a unit that does not run Synapse.
+
+        Args:
+            configured: whether the unit has a Synapse configuration already
+                (then nothing is changed: see _reconcile).
+        """
+        if configured or synapse.CHECK_NAME in self.container.get_plan().checks:
+            return
+        logger.warning("Synapse runs in pod 0 only: not set up on this unit")
+        self.container.add_layer(synapse.SERVICE_NAME, synapse.ready_check_layer(), combine=True)
 
     def _on_collect_unit_status(self, event: ops.CollectStatusEvent) -> None:
         """Report the workload's status.
@@ -124,7 +136,7 @@ class SynapseCharm(ops.CharmBase):
                     f"see {backup.RESTORE_JOURNAL}"
                 )
             )
-        problem = problem or self._one_unit_problem()
+        problem = problem or self._extra_unit_problem()
         if problem:
             event.add_status(ops.BlockedStatus(problem))
         elif not self.container.can_connect():

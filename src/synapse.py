@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import pathlib
+import re
+import socket
 from typing import Any
 
 import ops
@@ -70,12 +72,49 @@ def pebble_layer() -> ops.pebble.LayerDict:
     }
 
 
+def pod_ordinal(app_name: str) -> int | None:
+    """Return the ordinal of this unit's pod, where its host name tells it.
+
+    Juju runs the units of a Kubernetes charm as the pods of a StatefulSet
+    named after the application: pod ``<app>-<ordinal>``, whose name the charm
+    container has as host name. Unit numbers can differ from ordinals (after
+    a scale to zero, say); the ordinal is what scaling down goes by, highest
+    first.
+
+    Args:
+        app_name: the application's name.
+
+    Returns:
+        The ordinal, or None when the host name is not such a pod's name.
+    """
+    match = re.fullmatch(rf"{re.escape(app_name)}-([0-9]+)", socket.gethostname())
+    return int(match.group(1)) if match else None
+
+
+def runs_here(app_name: str) -> bool:
+    """Tell whether Synapse runs on this unit: the one in pod 0 of the application.
+
+    Synapse runs as one process (the charm has no workers), so one unit runs
+    it: pod 0's, which scaling down never removes, with the volume that has
+    always held the data. Leadership would not do: it can move to a unit with
+    an empty volume. Where the host name names no pod (not on Kubernetes),
+    there is one unit, and it runs Synapse.
+
+    Args:
+        app_name: the application's name.
+
+    Returns:
+        True on the unit that runs Synapse.
+    """
+    return pod_ordinal(app_name) in (0, None)
+
+
 def ready_check_layer() -> ops.pebble.LayerDict:
     """Return a layer with only Synapse's ready check, for a unit that runs no Synapse.
 
     Juju's readiness probe of the workload container asks Pebble for the
-    ready-level checks: with nothing answering, the pod is not ready and its
-    Service sends it no traffic.
+    ready-level checks: once this one has failed (three times, 10 s apart),
+    the pod is not ready and its Service sends it no traffic.
 
     Returns:
         The layer: the ready check of pebble_layer(), no service.

@@ -573,10 +573,10 @@ def test_a_second_unit_runs_no_second_homeserver(
 ) -> None:
     """Scaled out, the new unit is Blocked with no Synapse; scaled back, all is active.
 
-    The first unit keeps the leadership (Juju keeps it with the living leader),
-    keeps serving, and the second refuses the actions that need Synapse's
-    data. The second unit's /data gets no homeserver.yaml: no second signing
-    key under the same name.
+    Synapse runs in pod 0 only, whichever unit leads: the new unit (pod 1)
+    gets no homeserver.yaml (no second signing key under the same name) and
+    refuses the actions that use the workload container, while pod 0 keeps
+    serving. Scaling back to one removes pod 1, as its Blocked message says.
     """
     second = f"{backup_configured}/1"
 
@@ -592,23 +592,27 @@ def test_a_second_unit_runs_no_second_homeserver(
     try:
         status = juju.wait(second_blocked, error=_app_error, timeout=10 * 60)
         units = status.apps[backup_configured].units
-        assert units[UNIT_NAME].leader
-        assert "not the leader" in units[second].workload_status.message
+        assert units[UNIT_NAME].provider_id == f"{backup_configured}-0", units[UNIT_NAME]
+        assert "runs in pod synapse-0 only" in units[second].workload_status.message
         listing = juju.ssh(second, "ls", "-A", DATA_DIR, container=CONTAINER_NAME).split()
         assert "homeserver.yaml" not in listing, listing
         assert synapse_health(juju, UNIT_NAME) == "OK"
-        refused = run_failing_action(juju, second, "create-backup", {})
-        assert "not the leader" in refused.message, refused
         backup_id = str(backup.results["backup-id"])
-        refused = run_failing_action(juju, second, "restore-backup", {"backup-id": backup_id})
-        assert "not the leader" in refused.message, refused
+        for action, params in [
+            ("create-backup", {}),
+            ("verify-backup", {"backup-id": backup_id}),
+            ("restore-backup", {"backup-id": backup_id}),
+        ]:
+            refused = run_failing_action(juju, second, action, params)
+            assert "Synapse does not run on this unit" in refused.message, refused
     finally:
         juju.remove_unit(backup_configured, num_units=1)
 
     def one_unit_active(status: jubilant.Status) -> bool:
         return len(status.apps[backup_configured].units) == 1 and _app_active(status)
 
-    juju.wait(one_unit_active, error=_app_error, timeout=10 * 60)
+    status = juju.wait(one_unit_active, error=_app_error, timeout=10 * 60)
+    assert list(status.apps[backup_configured].units) == [UNIT_NAME]
     wait_for_health(juju, UNIT_NAME)
 
 

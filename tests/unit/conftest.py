@@ -36,6 +36,24 @@ def configured_data_dir(data_dir: pathlib.Path) -> pathlib.Path:
 
 
 @pytest.fixture(autouse=True)
+def pod_zero() -> Iterator[mock.MagicMock]:
+    """Run the charm as in pod 0 of the application's StatefulSet (host name synapse-0).
+
+    The host name stands for the pod's name, which Kubernetes gives the
+    charm container; tests of another pod set ``return_value``.
+    """
+    with mock.patch("socket.gethostname", return_value="synapse-0") as patched:
+        yield patched
+
+
+@pytest.fixture
+def other_pod(pod_zero: mock.MagicMock) -> mock.MagicMock:
+    """Run the charm as in pod 1: a unit added by scaling out, which runs no Synapse."""
+    pod_zero.return_value = "synapse-1"
+    return pod_zero
+
+
+@pytest.fixture(autouse=True)
 def check_bucket() -> Iterator[mock.MagicMock]:
     """Patch S3Client.check_bucket, which talks to a real S3 server.
 

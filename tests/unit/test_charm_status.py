@@ -560,6 +560,26 @@ def test_s3_blocked_and_waiting_workload(
     assert out.unit_status == ops.BlockedStatus("s3-credentials: denied")
 
 
+@pytest.mark.usefixtures("other_pod")
+def test_extra_unit_shown_before_s3_problems(
+    ctx: testing.Context, data_dir: pathlib.Path, check_bucket: mock.MagicMock
+):
+    """On a unit that does not run Synapse, that comes first: it is why nothing works there.
+
+    Arrange: pod synapse-1's unit, and S3 refusing the credentials.
+    Act: run update-status.
+    Assert: Blocked, naming the one pod that runs Synapse and the safe way to scale back.
+    """
+    check_bucket.side_effect = backup.S3Error("denied", option="s3-credentials")
+    state = make_state(data_dir, _config(), planned=False)
+
+    out = ctx.run(ctx.on.update_status(), state)
+
+    assert out.unit_status == ops.BlockedStatus(
+        "Synapse runs in pod synapse-0 only: juju scale-application synapse 1"
+    )
+
+
 @pytest.mark.parametrize(
     ("config", "option"),
     [

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 from collections.abc import Callable
 from typing import Any
@@ -130,63 +129,69 @@ def test_first_start_generates_config(ctx: testing.Context, data_dir: pathlib.Pa
     assert out.unit_status == ops.ActiveStatus()
 
 
-ONE_UNIT = (
-    "Synapse runs on one unit and this one is not the leader: juju scale-application synapse 1"
-)
+EXTRA_UNIT = "Synapse runs in pod synapse-0 only: juju scale-application synapse 1"
 
 
-@pytest.mark.usefixtures("synapse_writes_config")
+@pytest.mark.usefixtures("synapse_writes_config", "other_pod")
 @pytest.mark.parametrize("event", RECONCILING_EVENTS)
-def test_a_unit_that_is_not_the_leader_makes_no_second_homeserver(
-    ctx: testing.Context, data_dir: pathlib.Path, event: Event
+@pytest.mark.parametrize("leader", [True, False], ids=["leader", "not-leader"])
+def test_a_unit_in_another_pod_makes_no_second_homeserver(
+    ctx: testing.Context, data_dir: pathlib.Path, event: Event, leader: bool
 ):
-    """A second unit generates no configuration and runs no Synapse.
+    """A unit added by scaling out generates no configuration and runs no Synapse.
 
-    Arrange: a server-name, an empty /data, a unit that is not the leader
-        (the application was scaled out), canned generate commands.
+    Arrange: a server-name, an empty /data, the unit of pod synapse-1, leader
+        or not, canned generate commands.
     Act: run an event that reconciles the workload.
     Assert: nothing ran (no configuration, no signing key of its own); only
         Synapse's ready check is planned, which keeps the pod out of the
-        Service; the unit is Blocked, naming the fix.
+        Service; the unit is Blocked with advice that never removes pod 0.
     """
     state = make_state(
         data_dir,
         {"server-name": SERVER_NAME},
         planned=False,
         execs=GENERATE_EXECS,
-        leader=False,
+        leader=leader,
     )
 
     out = ctx.run(event(ctx, state), state)
 
     assert ctx.exec_history == {}
     assert list(data_dir.iterdir()) == []
-    plan = out.get_container(synapse.CONTAINER_NAME).plan
-    assert plan.services == {}
-    check = plan.checks[synapse.CHECK_NAME]
+    container = out.get_container(synapse.CONTAINER_NAME)
+    assert container.plan.services == {}
+    check = container.plan.checks[synapse.CHECK_NAME]
     assert check.level == ops.pebble.CheckLevel.READY
     assert check.http == {"url": "http://localhost:8008/health"}
-    assert out.unit_status == ops.BlockedStatus(ONE_UNIT)
+    assert out.unit_status == ops.BlockedStatus(EXTRA_UNIT)
+
+
+@pytest.mark.usefixtures("other_pod")
+def test_the_ready_check_is_planned_once(ctx: testing.Context, data_dir: pathlib.Path):
+    """Each update-status leaves the ready check alone: no new layer that restarts it."""
+    state = make_state(data_dir, {"server-name": SERVER_NAME}, planned=False)
+    first = ctx.run(ctx.on.update_status(), state)
+
+    with mock.patch.object(ops.Container, "add_layer") as add_layer:
+        ctx.run(ctx.on.update_status(), first)
+
+    add_layer.assert_not_called()
 
 
 @pytest.mark.usefixtures("synapse_writes_config")
-def test_a_unit_elected_leader_sets_up_synapse(ctx: testing.Context, data_dir: pathlib.Path):
-    """The unit that becomes the leader generates the configuration and starts Synapse.
+def test_pod_zero_sets_up_synapse_without_leadership(ctx: testing.Context, data_dir: pathlib.Path):
+    """Pod 0's unit runs Synapse whether or not it is the leader.
 
-    Arrange: a second unit reconciled while it was not the leader (ready check only).
-    Act: leader-elected, now that it is the leader.
+    Arrange: a server-name, an empty /data, pod synapse-0's unit, not the leader.
+    Act: config-changed.
     Assert: the configuration was generated, Synapse is planned and started, Active.
     """
     state = make_state(
-        data_dir,
-        {"server-name": SERVER_NAME},
-        planned=False,
-        execs=GENERATE_EXECS,
-        leader=False,
+        data_dir, {"server-name": SERVER_NAME}, planned=False, execs=GENERATE_EXECS, leader=False
     )
-    waiting = ctx.run(ctx.on.update_status(), state)
 
-    out = ctx.run(ctx.on.leader_elected(), dataclasses.replace(waiting, leader=True))
+    out = ctx.run(ctx.on.config_changed(), state)
 
     _chown, generate = ctx.exec_history[synapse.CONTAINER_NAME]
     assert generate.command == _generate_argv(SERVER_NAME)
@@ -194,27 +199,46 @@ def test_a_unit_elected_leader_sets_up_synapse(ctx: testing.Context, data_dir: p
     assert out.unit_status == ops.ActiveStatus()
 
 
+@pytest.mark.usefixtures("other_pod")
 @pytest.mark.parametrize("event", RECONCILING_EVENTS)
-def test_a_unit_no_longer_leader_keeps_its_synapse_and_is_blocked(
+def test_a_unit_in_another_pod_with_a_configuration_is_left_alone(
     ctx: testing.Context, configured_data_dir: pathlib.Path, event: Event
 ):
-    """A unit with a configuration of its own keeps Synapse running, and is Blocked.
+    """What an older revision set up on another unit is not touched, and the unit is Blocked.
 
-    Arrange: /data holds homeserver.yaml; the unit is not the leader (it was
-        before, or its volume came from elsewhere).
+    Arrange: /data holds homeserver.yaml on pod synapse-1's unit (an older
+        revision ran Synapse on every unit); nothing planned.
     Act: run an event that reconciles the workload.
-    Assert: no command ran; Synapse is planned and running (it may be the one
-        with the data); the unit is Blocked, naming the fix.
+    Assert: no command ran, nothing was planned or started; Blocked.
     """
-    state = make_state(
-        configured_data_dir, {"server-name": SERVER_NAME}, planned=False, leader=False
-    )
+    state = make_state(configured_data_dir, {"server-name": SERVER_NAME}, planned=False)
 
     out = ctx.run(event(ctx, state), state)
 
     assert ctx.exec_history == {}
-    _assert_synapse_planned(out.get_container(synapse.CONTAINER_NAME))
-    assert out.unit_status == ops.BlockedStatus(ONE_UNIT)
+    container = out.get_container(synapse.CONTAINER_NAME)
+    assert container.layers == {}
+    assert out.unit_status == ops.BlockedStatus(EXTRA_UNIT)
+
+
+@pytest.mark.parametrize(
+    ("hostname", "ordinal", "runs_here"),
+    [
+        pytest.param("synapse-0", 0, True, id="pod-0"),
+        pytest.param("synapse-12", 12, False, id="pod-12"),
+        pytest.param("synapse-k8s-0", None, True, id="other-app"),
+        pytest.param("synapse-", None, True, id="no-ordinal"),
+        pytest.param("laptop", None, True, id="not-kubernetes"),
+    ],
+)
+def test_pod_ordinal_from_the_host_name(
+    pod_zero: mock.MagicMock, hostname: str, ordinal: int | None, runs_here: bool
+):
+    """The ordinal is read from <app>-<n> only; anything else is one unit, which runs Synapse."""
+    pod_zero.return_value = hostname
+
+    assert synapse.pod_ordinal("synapse") == ordinal
+    assert synapse.runs_here("synapse") is runs_here
 
 
 @pytest.mark.parametrize("server_name", ["matrix.example.com:8448", "[2001:db8::1]"])

@@ -23,7 +23,7 @@ import backup
 import backup_container
 import backup_restore
 import synapse
-from backup_observer import NOT_CONFIGURED, NOT_LEADER, NOT_LEADER_RESTORE, CreateParams
+from backup_observer import NOT_CONFIGURED, CreateParams
 from tests.unit.builders import (
     ALL_SECRETS,
     CREDENTIALS_WITHOUT_SECRET_KEY,
@@ -234,54 +234,81 @@ def test_container_not_connectable(
     run_backup.assert_not_called()
 
 
-def test_only_the_leader_backs_up(
-    ctx: testing.Context, configured_data_dir: pathlib.Path, run_backup: mock.MagicMock
+NOT_SYNAPSE_UNIT = (
+    "cannot {}: Synapse does not run on this unit; run the action on the unit in pod "
+    "synapse-0 (provider-id in juju status --format=yaml; normally synapse/0)"
+)
+
+
+@pytest.mark.usefixtures("other_pod")
+@pytest.mark.parametrize(
+    ("action", "params", "what"),
+    [
+        pytest.param("create-backup", {}, "back up", id="create"),
+        pytest.param("restore-backup", {"backup-id": "20250101T000000Z"}, "restore", id="restore"),
+        pytest.param(
+            "verify-backup", {"backup-id": "20250101T000000Z"}, "verify the backup", id="verify"
+        ),
+    ],
+)
+def test_container_actions_run_only_where_synapse_runs(
+    ctx: testing.Context,
+    configured_data_dir: pathlib.Path,
+    run_backup: mock.MagicMock,
+    action: str,
+    params: dict[str, str],
+    what: str,
 ):
-    """A non-leader unit refuses: one unit writes the backups under s3-path.
+    """A unit in another pod than 0 refuses: Synapse and its data are in pod 0.
 
-    Arrange: valid backup options on a unit that is not the leader (scaled out).
-    Act: run create-backup.
-    Assert: the failure names the leader as the unit to use; no backup and
-    no retention ran, and nothing was executed in the container.
+    Arrange: valid backup options on the leader unit of pod synapse-1 (a
+        unit added by scaling out; leadership does not decide it).
+    Act: run an action that uses the workload container.
+    Assert: the failure names pod 0's unit as the one to use; no backup or
+        restore ran, and nothing was executed in the container.
     """
-    state = make_state(configured_data_dir, CONFIG, leader=False)
-
-    with pytest.raises(testing.ActionFailed) as exc_info:
-        ctx.run(ctx.on.action("create-backup"), state)
-
-    assert exc_info.value.message == NOT_LEADER
-    assert "leader unit" in NOT_LEADER
-    run_backup.assert_not_called()
-    assert ctx.exec_history == {}
-
-
-def test_only_the_leader_restores(ctx: testing.Context, configured_data_dir: pathlib.Path):
-    """A non-leader unit refuses to restore: Synapse runs on the leader only.
-
-    Arrange: valid backup options on a unit that is not the leader.
-    Act: run restore-backup.
-    Assert: the failure names the leader as the unit to use; no restore ran
-        and nothing was executed in the container.
-    """
-    state = make_state(configured_data_dir, CONFIG, leader=False)
+    state = make_state(configured_data_dir, CONFIG, leader=True)
 
     with (
         pytest.raises(testing.ActionFailed) as exc_info,
         mock.patch.object(backup, "run_restore", autospec=True) as run_restore,
+        mock.patch.object(backup, "verify_backup", autospec=True) as verify_backup,
     ):
-        ctx.run(ctx.on.action("restore-backup", params={"backup-id": "20250101T000000Z"}), state)
+        ctx.run(ctx.on.action(action, params=params), state)
 
-    assert exc_info.value.message == NOT_LEADER_RESTORE
-    assert "leader unit" in NOT_LEADER_RESTORE
+    assert exc_info.value.message == NOT_SYNAPSE_UNIT.format(what)
+    run_backup.assert_not_called()
     run_restore.assert_not_called()
+    verify_backup.assert_not_called()
     assert ctx.exec_history == {}
 
 
-@pytest.mark.parametrize("action", ["list-backups", "delete-backup", "verify-backup"])
-def test_other_actions_run_on_any_unit(
+def test_pod_zero_backs_up_without_leadership(
+    ctx: testing.Context, configured_data_dir: pathlib.Path, run_backup: mock.MagicMock
+):
+    """The unit in pod 0 makes the backups whether or not it is the leader just now.
+
+    Arrange: valid backup options on pod synapse-0's unit, not the leader
+        (leadership moved, or is being re-elected).
+    Act: run create-backup.
+    Assert: the backup ran.
+    """
+    run_backup.return_value = _manifest()
+    state = make_state(configured_data_dir, CONFIG, leader=False)
+
+    ctx.run(ctx.on.action("create-backup"), state)
+
+    run_backup.assert_called_once()
+    assert ctx.action_results is not None
+    assert ctx.action_results["backup-id"] == "20250101T000000Z"
+
+
+@pytest.mark.usefixtures("other_pod")
+@pytest.mark.parametrize("action", ["list-backups", "delete-backup"])
+def test_s3_only_actions_run_on_any_unit(
     ctx: testing.Context, configured_data_dir: pathlib.Path, action: str
 ):
-    """Reading, checking and deleting backups need no leader; making and restoring do."""
+    """Listing and deleting backups use S3 only: any unit runs them."""
     state = make_state(configured_data_dir, CONFIG, leader=False)
     params = {} if action == "list-backups" else {"backup-id": "20250101T000000Z"}
 
