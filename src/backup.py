@@ -109,7 +109,8 @@ from synapse_layout import (
     read_synapse_config,
 )
 
-# The public API (see the seed); the parts live in the modules imported above.
+# The public API: the names of the seed specification and what the charm calls;
+# the parts live in the modules imported above.
 __all__ = [
     "ARCHIVE_PIECE_SIZE",
     "AWS_COMMAND",

@@ -72,7 +72,8 @@ REQUIRED_TOOLS = (
 GPG_S2K_COUNT = 65011712  # the most passphrase hashing OpenPGP can encode
 
 
-# The start of the stream programs below: 1 MiB pipes, fewer wake-ups for every stage.
+# The start of the stream programs (below, and the upload program in backup.py):
+# 1 MiB pipes, fewer wake-ups for every stage.
 _BIGGER_PIPE = """
 import fcntl
 def bigger_pipe(stream):

@@ -54,7 +54,7 @@ BACKUP_ACTION_TIMEOUT = 15 * 60
 DEPLOY_TIMEOUT = 20 * 60
 # After a restore Synapse is started again; it may take a while to answer.
 HEALTH_TIMEOUT = 5 * 60
-# create-backup names a backup after its UTC start time (backup.BACKUP_ID_FORMAT).
+# create-backup names a backup after its UTC start time (backup_store.BACKUP_ID_FORMAT).
 BACKUP_ID_PATTERN = re.compile(r"\d{8}T\d{6}Z")
 BACKUP_ID_FORMAT = "%Y%m%dT%H%M%SZ"
 # Tolerated difference between this machine's clock and the cluster's: far less

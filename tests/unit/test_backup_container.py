@@ -1,4 +1,4 @@
-"""backup.py functions that take an ops.Container, on Scenario's container.
+"""The backup modules' functions that take an ops.Container, on Scenario's container.
 
 The container is the charm's own, taken from a live Scenario event; /data is a
 mounted local directory. Commands are canned (testing.Exec) and S3Client is

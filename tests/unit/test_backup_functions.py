@@ -1,4 +1,4 @@
-"""Pure functions of src/backup.py: no ops, no Pebble, no S3."""
+"""Pure functions of the backup modules: no ops, no Pebble, no S3."""
 
 from __future__ import annotations
 

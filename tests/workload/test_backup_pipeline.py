@@ -1,6 +1,6 @@
 """The backup pipeline for real: bash, GNU tar, gpg, aws CLI and SeaweedFS.
 
-Each test calls src/backup.py with the Harness container whose execs run in
+Each test calls the backup API with the Harness container whose execs run in
 a bubblewrap sandbox as the Synapse user (see conftest.py).
 """
 
