@@ -34,10 +34,7 @@ NOT_CONFIGURED = (
 # (see synapse.runs_here): it has the data, and one unit writes the backups
 # under s3-path (two would interleave chains of two /data volumes, race on
 # backup ids, and run retention against each other).
-NOT_SYNAPSE_UNIT = (
-    "cannot {what}: Synapse does not run on this unit; run the action on the unit "
-    "in pod {app}-0 (provider-id in juju status --format=yaml; normally {app}/0)"
-)
+NOT_SYNAPSE_UNIT = "cannot {what}: Synapse runs on {app}/0 only; run the action there"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,9 +284,8 @@ class BackupObserver(ops.Object):
         Returns:
             Both, or None when the action was failed.
         """
-        app = self._charm.app.name
-        if not synapse.runs_here(app):
-            event.fail(NOT_SYNAPSE_UNIT.format(what=what, app=app))
+        if not synapse.runs_here(self._charm.unit.name):
+            event.fail(NOT_SYNAPSE_UNIT.format(what=what, app=self._charm.app.name))
             return None
         config = self._ready_config(event, what)
         container = self._ready_container(event, what) if config else None

@@ -61,20 +61,24 @@ class SynapseCharm(ops.CharmBase):
     def _extra_unit_problem(self) -> str | None:
         """Say why this unit should not be here, if it should not.
 
-        Synapse runs as one process (this charm has no workers), in pod 0
-        (see synapse.runs_here). Another unit would be a second homeserver
-        with the same name behind the same Service, with a database that no
-        backup holds. Scaling down removes the highest ordinals first, never
-        pod 0: the advice is safe whichever unit is the leader.
+        Synapse runs on unit 0 only (see synapse.runs_here). Another unit
+        would be a second homeserver with the same name behind the same
+        Service, with a database that no backup holds. Scaling down removes
+        the highest units first, never unit 0, so the advice is safe; but a
+        unit where an older revision ran Synapse has data of its own.
 
         Returns:
             The Blocked message for a unit that does not run Synapse, or None.
         """
-        if synapse.runs_here(self.app.name):
+        app = self.app.name
+        if synapse.runs_here(self.unit.name):
             return None
-        return (
-            f"Synapse runs in pod {self.app.name}-0 only: juju scale-application {self.app.name} 1"
-        )
+        if self.container.can_connect() and self.container.exists(backup.SYNAPSE_CONFIG_PATH):
+            return (
+                f"Synapse runs on {app}/0 only; this unit's /data holds a homeserver of "
+                f"its own: keep what you need of it, then juju scale-application {app} 1"
+            )
+        return f"Synapse runs on {app}/0 only: juju scale-application {app} 1"
 
     def _reconcile(self, _: ops.EventBase) -> None:
         """Generate Synapse's configuration once and keep its service running.
@@ -86,12 +90,10 @@ class SynapseCharm(ops.CharmBase):
         passphrase, and it should not wait in the container for the next
         action. (Juju runs one hook or action of a unit at a time.)
 
-        Only the unit in pod 0 sets Synapse up: on another unit that would
-        make a second homeserver, with a signing key of its own, under the
-        same name. Another unit gets only Synapse's ready check, which fails,
-        so that Kubernetes sends it no traffic. One that has a configuration
-        already (an older revision ran Synapse on every unit) is left as it
-        is: it is Blocked, and scaling down removes it.
+        Only unit 0 sets Synapse up: on another unit that would make a second
+        homeserver, with a signing key of its own, under the same name.
+        Another unit generates nothing, and its Synapse (which an older
+        revision ran on every unit) is stopped: see _hold_extra_unit.
         """
         if not self.container.can_connect():
             return
@@ -100,27 +102,31 @@ class SynapseCharm(ops.CharmBase):
         backup.sweep_leftovers(self.container)
         if self._server_name_problem():
             return
-        configured = synapse.configured_server_name(self.container) is not None
-        if not synapse.runs_here(self.app.name):
-            self._keep_traffic_away(configured)
+        if not synapse.runs_here(self.unit.name):
+            self._hold_extra_unit()
             return
-        if not configured:
+        if synapse.configured_server_name(self.container) is None:
             logger.info("generating the Synapse configuration")
             synapse.generate_config(self.container, str(self.config["server-name"]))
         self.container.add_layer(synapse.SERVICE_NAME, synapse.pebble_layer(), combine=True)
         self.container.replan()
 
-    def _keep_traffic_away(self, configured: bool) -> None:
-        """Plan only Synapse's ready check on a unit that does not run Synapse.
+    def _hold_extra_unit(self) -> None:
+        """Keep Synapse stopped on a unit that must not run it, and traffic away.
 
-        Args:
-            configured: whether the unit has a Synapse configuration already
-                (then nothing is changed: see _reconcile).
+        Plans Synapse disabled with a ready check that fails at once (see
+        synapse.extra_unit_layer), and stops a Synapse that runs. The unit's
+        data stays on its volume.
         """
-        if configured or synapse.CHECK_NAME in self.container.get_plan().checks:
-            return
-        logger.warning("Synapse runs in pod 0 only: not set up on this unit")
-        self.container.add_layer(synapse.SERVICE_NAME, synapse.ready_check_layer(), combine=True)
+        if not synapse.holds_no_synapse(self.container.get_plan()):
+            logger.warning("Synapse runs on unit 0 only: planned disabled on this unit")
+            self.container.add_layer(
+                synapse.SERVICE_NAME, synapse.extra_unit_layer(), combine=True
+            )
+        service = self.container.get_services(synapse.SERVICE_NAME).get(synapse.SERVICE_NAME)
+        if service is not None and service.is_running():
+            logger.warning("stopping Synapse: it runs on unit 0 only")
+            self.container.stop(synapse.SERVICE_NAME)
 
     def _on_collect_unit_status(self, event: ops.CollectStatusEvent) -> None:
         """Report the workload's status.

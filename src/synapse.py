@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import pathlib
-import re
-import socket
 from typing import Any
 
 import ops
@@ -72,57 +70,63 @@ def pebble_layer() -> ops.pebble.LayerDict:
     }
 
 
-def pod_ordinal(app_name: str) -> int | None:
-    """Return the ordinal of this unit's pod, where its host name tells it.
-
-    Juju runs the units of a Kubernetes charm as the pods of a StatefulSet
-    named after the application: pod ``<app>-<ordinal>``, whose name the charm
-    container has as host name. Unit numbers can differ from ordinals (after
-    a scale to zero, say); the ordinal is what scaling down goes by, highest
-    first.
-
-    Args:
-        app_name: the application's name.
-
-    Returns:
-        The ordinal, or None when the host name is not such a pod's name.
-    """
-    match = re.fullmatch(rf"{re.escape(app_name)}-([0-9]+)", socket.gethostname())
-    return int(match.group(1)) if match else None
-
-
-def runs_here(app_name: str) -> bool:
-    """Tell whether Synapse runs on this unit: the one in pod 0 of the application.
+def runs_here(unit_name: str) -> bool:
+    """Tell whether Synapse runs on this unit: unit 0, the one in pod 0.
 
     Synapse runs as one process (the charm has no workers), so one unit runs
-    it: pod 0's, which scaling down never removes, with the volume that has
-    always held the data. Leadership would not do: it can move to a unit with
-    an empty volume. Where the host name names no pod (not on Kubernetes),
-    there is one unit, and it runs Synapse.
+    it. Juju runs the units of a Kubernetes charm as the pods of a
+    StatefulSet and names each unit after its pod's ordinal: unit 0 is pod
+    0, which scaling down (to one unit or more) never removes, with the
+    volume that has held the data from the start. Leadership would not do:
+    it can move to a unit with an empty volume.
 
     Args:
-        app_name: the application's name.
+        unit_name: this unit's name, ``<app>/<number>``.
 
     Returns:
-        True on the unit that runs Synapse.
+        True on unit 0.
     """
-    return pod_ordinal(app_name) in (0, None)
+    return unit_name.rsplit("/", 1)[-1] == "0"
 
 
-def ready_check_layer() -> ops.pebble.LayerDict:
-    """Return a layer with only Synapse's ready check, for a unit that runs no Synapse.
+def extra_unit_layer() -> ops.pebble.LayerDict:
+    """Return the layer of a unit that must not run Synapse.
 
+    Synapse's service is planned disabled (over one an older revision may
+    have planned), and its ready check fails at once, as nothing answers:
     Juju's readiness probe of the workload container asks Pebble for the
-    ready-level checks: once this one has failed (three times, 10 s apart),
-    the pod is not ready and its Service sends it no traffic.
+    ready-level checks, so the pod is not ready and its Service sends it no
+    traffic.
 
     Returns:
-        The layer: the ready check of pebble_layer(), no service.
+        The layer: the service disabled, the ready check failing after one try.
     """
-    return {
-        "summary": "Synapse's ready check (Synapse does not run on this unit)",
-        "checks": {CHECK_NAME: pebble_layer()["checks"][CHECK_NAME]},
-    }
+    layer = pebble_layer()
+    layer["summary"] = "Synapse does not run on this unit (only on unit 0)"
+    layer["services"][SERVICE_NAME]["startup"] = "disabled"
+    check = layer["checks"][CHECK_NAME]
+    check["period"] = "5s"
+    check["threshold"] = 1
+    return layer
+
+
+def holds_no_synapse(plan: ops.pebble.Plan) -> bool:
+    """Tell whether a plan is that of extra_unit_layer.
+
+    Args:
+        plan: the container's plan.
+
+    Returns:
+        True when Synapse is planned disabled and its check is that layer's.
+    """
+    service = plan.services.get(SERVICE_NAME)
+    check = plan.checks.get(CHECK_NAME)
+    return (
+        service is not None
+        and service.startup == ops.pebble.ServiceStartup.DISABLED.value
+        and check is not None
+        and check.threshold == 1
+    )
 
 
 def configured_server_name(container: ops.Container) -> str | None:

@@ -573,10 +573,10 @@ def test_a_second_unit_runs_no_second_homeserver(
 ) -> None:
     """Scaled out, the new unit is Blocked with no Synapse; scaled back, all is active.
 
-    Synapse runs in pod 0 only, whichever unit leads: the new unit (pod 1)
-    gets no homeserver.yaml (no second signing key under the same name) and
-    refuses the actions that use the workload container, while pod 0 keeps
-    serving. Scaling back to one removes pod 1, as its Blocked message says.
+    Synapse runs on unit 0 (pod 0) only, whichever unit leads: unit 1 gets
+    no homeserver.yaml (no second signing key under the same name) and
+    refuses the actions that use the workload container, while unit 0 keeps
+    serving. Scaling back to one removes unit 1, as its Blocked message says.
     """
     second = f"{backup_configured}/1"
 
@@ -593,7 +593,7 @@ def test_a_second_unit_runs_no_second_homeserver(
         status = juju.wait(second_blocked, error=_app_error, timeout=10 * 60)
         units = status.apps[backup_configured].units
         assert units[UNIT_NAME].provider_id == f"{backup_configured}-0", units[UNIT_NAME]
-        assert "runs in pod synapse-0 only" in units[second].workload_status.message
+        assert f"Synapse runs on {UNIT_NAME} only" in units[second].workload_status.message
         listing = juju.ssh(second, "ls", "-A", DATA_DIR, container=CONTAINER_NAME).split()
         assert "homeserver.yaml" not in listing, listing
         assert synapse_health(juju, UNIT_NAME) == "OK"
@@ -604,7 +604,7 @@ def test_a_second_unit_runs_no_second_homeserver(
             ("restore-backup", {"backup-id": backup_id}),
         ]:
             refused = run_failing_action(juju, second, action, params)
-            assert "Synapse does not run on this unit" in refused.message, refused
+            assert f"Synapse runs on {UNIT_NAME} only" in refused.message, refused
     finally:
         juju.remove_unit(backup_configured, num_units=1)
 

@@ -21,6 +21,12 @@ def ctx() -> testing.Context[SynapseCharm]:
 
 
 @pytest.fixture
+def extra_ctx() -> testing.Context[SynapseCharm]:
+    """A Scenario context for unit 1: a unit added by scaling out, which runs no Synapse."""
+    return testing.Context(SynapseCharm, unit_id=1)
+
+
+@pytest.fixture
 def data_dir(tmp_path: pathlib.Path) -> pathlib.Path:
     """An empty local directory mounted as the container's /data."""
     path = tmp_path / "data"
@@ -33,24 +39,6 @@ def configured_data_dir(data_dir: pathlib.Path) -> pathlib.Path:
     """A /data holding the homeserver.yaml Synapse generated for SERVER_NAME."""
     (data_dir / "homeserver.yaml").write_text(homeserver_yaml())
     return data_dir
-
-
-@pytest.fixture(autouse=True)
-def pod_zero() -> Iterator[mock.MagicMock]:
-    """Run the charm as in pod 0 of the application's StatefulSet (host name synapse-0).
-
-    The host name stands for the pod's name, which Kubernetes gives the
-    charm container; tests of another pod set ``return_value``.
-    """
-    with mock.patch("socket.gethostname", return_value="synapse-0") as patched:
-        yield patched
-
-
-@pytest.fixture
-def other_pod(pod_zero: mock.MagicMock) -> mock.MagicMock:
-    """Run the charm as in pod 1: a unit added by scaling out, which runs no Synapse."""
-    pod_zero.return_value = "synapse-1"
-    return pod_zero
 
 
 @pytest.fixture(autouse=True)

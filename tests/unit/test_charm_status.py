@@ -560,24 +560,43 @@ def test_s3_blocked_and_waiting_workload(
     assert out.unit_status == ops.BlockedStatus("s3-credentials: denied")
 
 
-@pytest.mark.usefixtures("other_pod")
+@pytest.mark.parametrize(
+    ("homeserver", "message"),
+    [
+        pytest.param(
+            False, "Synapse runs on synapse/0 only: juju scale-application synapse 1", id="empty"
+        ),
+        pytest.param(
+            True,
+            "Synapse runs on synapse/0 only; this unit's /data holds a homeserver of its own: "
+            "keep what you need of it, then juju scale-application synapse 1",
+            id="own-homeserver",
+        ),
+    ],
+)
 def test_extra_unit_shown_before_s3_problems(
-    ctx: testing.Context, data_dir: pathlib.Path, check_bucket: mock.MagicMock
+    extra_ctx: testing.Context,
+    data_dir: pathlib.Path,
+    check_bucket: mock.MagicMock,
+    homeserver: bool,
+    message: str,
 ):
     """On a unit that does not run Synapse, that comes first: it is why nothing works there.
 
-    Arrange: pod synapse-1's unit, and S3 refusing the credentials.
+    Arrange: unit 1, with or without a homeserver.yaml of its own (an older
+        revision ran Synapse on every unit), and S3 refusing the credentials.
     Act: run update-status.
-    Assert: Blocked, naming the one pod that runs Synapse and the safe way to scale back.
+    Assert: Blocked, naming unit 0 and the safe way to scale back, and saying
+        when this unit holds data of its own.
     """
+    if homeserver:
+        (data_dir / "homeserver.yaml").write_text(homeserver_yaml())
     check_bucket.side_effect = backup.S3Error("denied", option="s3-credentials")
     state = make_state(data_dir, _config(), planned=False)
 
-    out = ctx.run(ctx.on.update_status(), state)
+    out = extra_ctx.run(extra_ctx.on.update_status(), state)
 
-    assert out.unit_status == ops.BlockedStatus(
-        "Synapse runs in pod synapse-0 only: juju scale-application synapse 1"
-    )
+    assert out.unit_status == ops.BlockedStatus(message)
 
 
 @pytest.mark.parametrize(

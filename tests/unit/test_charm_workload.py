@@ -129,23 +129,42 @@ def test_first_start_generates_config(ctx: testing.Context, data_dir: pathlib.Pa
     assert out.unit_status == ops.ActiveStatus()
 
 
-EXTRA_UNIT = "Synapse runs in pod synapse-0 only: juju scale-application synapse 1"
+EXTRA_UNIT = "Synapse runs on synapse/0 only: juju scale-application synapse 1"
+EXTRA_UNIT_WITH_DATA = (
+    "Synapse runs on synapse/0 only; this unit's /data holds a homeserver of its own: "
+    "keep what you need of it, then juju scale-application synapse 1"
+)
 
 
-@pytest.mark.usefixtures("synapse_writes_config", "other_pod")
+def _assert_synapse_held(container: testing.Container) -> None:
+    """Synapse is planned disabled and not running; its ready check fails at the first try."""
+    service = container.plan.services[synapse.SERVICE_NAME]
+    assert service.startup == "disabled"
+    check = container.plan.checks[synapse.CHECK_NAME]
+    assert check.level == ops.pebble.CheckLevel.READY
+    assert check.http == {"url": "http://localhost:8008/health"}
+    assert (check.threshold, check.period) == (1, "5s")
+    assert container.service_statuses.get(synapse.SERVICE_NAME) in (
+        None,
+        ops.pebble.ServiceStatus.INACTIVE,
+    )
+
+
+@pytest.mark.usefixtures("synapse_writes_config")
 @pytest.mark.parametrize("event", RECONCILING_EVENTS)
 @pytest.mark.parametrize("leader", [True, False], ids=["leader", "not-leader"])
-def test_a_unit_in_another_pod_makes_no_second_homeserver(
-    ctx: testing.Context, data_dir: pathlib.Path, event: Event, leader: bool
+def test_unit_1_makes_no_second_homeserver(
+    extra_ctx: testing.Context, data_dir: pathlib.Path, event: Event, leader: bool
 ):
     """A unit added by scaling out generates no configuration and runs no Synapse.
 
-    Arrange: a server-name, an empty /data, the unit of pod synapse-1, leader
-        or not, canned generate commands.
+    Arrange: a server-name, an empty /data, unit 1 (leader or not), canned
+        generate commands.
     Act: run an event that reconciles the workload.
-    Assert: nothing ran (no configuration, no signing key of its own); only
-        Synapse's ready check is planned, which keeps the pod out of the
-        Service; the unit is Blocked with advice that never removes pod 0.
+    Assert: nothing ran (no configuration, no signing key of its own);
+        Synapse is planned disabled with a ready check that fails at once,
+        which keeps the pod out of the Service; Blocked with advice that never
+        removes unit 0.
     """
     state = make_state(
         data_dir,
@@ -155,35 +174,52 @@ def test_a_unit_in_another_pod_makes_no_second_homeserver(
         leader=leader,
     )
 
-    out = ctx.run(event(ctx, state), state)
+    out = extra_ctx.run(event(extra_ctx, state), state)
 
-    assert ctx.exec_history == {}
+    assert extra_ctx.exec_history == {}
     assert list(data_dir.iterdir()) == []
-    container = out.get_container(synapse.CONTAINER_NAME)
-    assert container.plan.services == {}
-    check = container.plan.checks[synapse.CHECK_NAME]
-    assert check.level == ops.pebble.CheckLevel.READY
-    assert check.http == {"url": "http://localhost:8008/health"}
+    _assert_synapse_held(out.get_container(synapse.CONTAINER_NAME))
     assert out.unit_status == ops.BlockedStatus(EXTRA_UNIT)
 
 
-@pytest.mark.usefixtures("other_pod")
-def test_the_ready_check_is_planned_once(ctx: testing.Context, data_dir: pathlib.Path):
-    """Each update-status leaves the ready check alone: no new layer that restarts it."""
+def test_unit_1_plans_its_layer_once(extra_ctx: testing.Context, data_dir: pathlib.Path):
+    """Each update-status leaves the plan alone: no new layer that restarts the check."""
     state = make_state(data_dir, {"server-name": SERVER_NAME}, planned=False)
-    first = ctx.run(ctx.on.update_status(), state)
+    first = extra_ctx.run(extra_ctx.on.update_status(), state)
 
     with mock.patch.object(ops.Container, "add_layer") as add_layer:
-        ctx.run(ctx.on.update_status(), first)
+        extra_ctx.run(extra_ctx.on.update_status(), first)
 
     add_layer.assert_not_called()
 
 
-@pytest.mark.usefixtures("synapse_writes_config")
-def test_pod_zero_sets_up_synapse_without_leadership(ctx: testing.Context, data_dir: pathlib.Path):
-    """Pod 0's unit runs Synapse whether or not it is the leader.
+@pytest.mark.parametrize("event", RECONCILING_EVENTS)
+def test_unit_1_stops_the_synapse_an_older_revision_ran(
+    extra_ctx: testing.Context, configured_data_dir: pathlib.Path, event: Event
+):
+    """Where an older revision ran Synapse on every unit, unit 1's is stopped; its data stays.
 
-    Arrange: a server-name, an empty /data, pod synapse-0's unit, not the leader.
+    Arrange: unit 1 with a homeserver.yaml of its own, Synapse planned and running.
+    Act: run an event that reconciles the workload.
+    Assert: no command ran; Synapse is stopped and planned disabled; the data
+        is untouched; Blocked, saying this unit holds a homeserver of its own.
+    """
+    before = (configured_data_dir / "homeserver.yaml").read_text()
+    state = make_state(configured_data_dir, {"server-name": SERVER_NAME})
+
+    out = extra_ctx.run(event(extra_ctx, state), state)
+
+    assert extra_ctx.exec_history == {}
+    _assert_synapse_held(out.get_container(synapse.CONTAINER_NAME))
+    assert (configured_data_dir / "homeserver.yaml").read_text() == before
+    assert out.unit_status == ops.BlockedStatus(EXTRA_UNIT_WITH_DATA)
+
+
+@pytest.mark.usefixtures("synapse_writes_config")
+def test_unit_0_sets_up_synapse_without_leadership(ctx: testing.Context, data_dir: pathlib.Path):
+    """Unit 0 runs Synapse whether or not it is the leader.
+
+    Arrange: a server-name, an empty /data, unit 0, not the leader.
     Act: config-changed.
     Assert: the configuration was generated, Synapse is planned and started, Active.
     """
@@ -199,46 +235,18 @@ def test_pod_zero_sets_up_synapse_without_leadership(ctx: testing.Context, data_
     assert out.unit_status == ops.ActiveStatus()
 
 
-@pytest.mark.usefixtures("other_pod")
-@pytest.mark.parametrize("event", RECONCILING_EVENTS)
-def test_a_unit_in_another_pod_with_a_configuration_is_left_alone(
-    ctx: testing.Context, configured_data_dir: pathlib.Path, event: Event
-):
-    """What an older revision set up on another unit is not touched, and the unit is Blocked.
-
-    Arrange: /data holds homeserver.yaml on pod synapse-1's unit (an older
-        revision ran Synapse on every unit); nothing planned.
-    Act: run an event that reconciles the workload.
-    Assert: no command ran, nothing was planned or started; Blocked.
-    """
-    state = make_state(configured_data_dir, {"server-name": SERVER_NAME}, planned=False)
-
-    out = ctx.run(event(ctx, state), state)
-
-    assert ctx.exec_history == {}
-    container = out.get_container(synapse.CONTAINER_NAME)
-    assert container.layers == {}
-    assert out.unit_status == ops.BlockedStatus(EXTRA_UNIT)
-
-
 @pytest.mark.parametrize(
-    ("hostname", "ordinal", "runs_here"),
+    ("unit_name", "runs_here"),
     [
-        pytest.param("synapse-0", 0, True, id="pod-0"),
-        pytest.param("synapse-12", 12, False, id="pod-12"),
-        pytest.param("synapse-k8s-0", None, True, id="other-app"),
-        pytest.param("synapse-", None, True, id="no-ordinal"),
-        pytest.param("laptop", None, True, id="not-kubernetes"),
+        pytest.param("synapse/0", True, id="unit-0"),
+        pytest.param("synapse/1", False, id="unit-1"),
+        pytest.param("synapse/10", False, id="unit-10"),
+        pytest.param("synapse-0/3", False, id="app-name-ends-in-0"),
     ],
 )
-def test_pod_ordinal_from_the_host_name(
-    pod_zero: mock.MagicMock, hostname: str, ordinal: int | None, runs_here: bool
-):
-    """The ordinal is read from <app>-<n> only; anything else is one unit, which runs Synapse."""
-    pod_zero.return_value = hostname
-
-    assert synapse.pod_ordinal("synapse") == ordinal
-    assert synapse.runs_here("synapse") is runs_here
+def test_runs_here_only_on_unit_0(unit_name: str, runs_here: bool):
+    """The unit's number decides, not the application's name."""
+    assert synapse.runs_here(unit_name) is runs_here
 
 
 @pytest.mark.parametrize("server_name", ["matrix.example.com:8448", "[2001:db8::1]"])

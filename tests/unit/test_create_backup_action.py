@@ -234,13 +234,9 @@ def test_container_not_connectable(
     run_backup.assert_not_called()
 
 
-NOT_SYNAPSE_UNIT = (
-    "cannot {}: Synapse does not run on this unit; run the action on the unit in pod "
-    "synapse-0 (provider-id in juju status --format=yaml; normally synapse/0)"
-)
+NOT_SYNAPSE_UNIT = "cannot {}: Synapse runs on synapse/0 only; run the action there"
 
 
-@pytest.mark.usefixtures("other_pod")
 @pytest.mark.parametrize(
     ("action", "params", "what"),
     [
@@ -252,20 +248,19 @@ NOT_SYNAPSE_UNIT = (
     ],
 )
 def test_container_actions_run_only_where_synapse_runs(
-    ctx: testing.Context,
+    extra_ctx: testing.Context,
     configured_data_dir: pathlib.Path,
     run_backup: mock.MagicMock,
     action: str,
     params: dict[str, str],
     what: str,
 ):
-    """A unit in another pod than 0 refuses: Synapse and its data are in pod 0.
+    """Unit 1 refuses, even as the leader: Synapse and its data are on unit 0.
 
-    Arrange: valid backup options on the leader unit of pod synapse-1 (a
-        unit added by scaling out; leadership does not decide it).
+    Arrange: valid backup options on unit 1 (added by scaling out), the leader.
     Act: run an action that uses the workload container.
-    Assert: the failure names pod 0's unit as the one to use; no backup or
-        restore ran, and nothing was executed in the container.
+    Assert: the failure names unit 0 as the one to use; no backup or restore
+        ran, and nothing was executed in the container.
     """
     state = make_state(configured_data_dir, CONFIG, leader=True)
 
@@ -274,22 +269,22 @@ def test_container_actions_run_only_where_synapse_runs(
         mock.patch.object(backup, "run_restore", autospec=True) as run_restore,
         mock.patch.object(backup, "verify_backup", autospec=True) as verify_backup,
     ):
-        ctx.run(ctx.on.action(action, params=params), state)
+        extra_ctx.run(extra_ctx.on.action(action, params=params), state)
 
     assert exc_info.value.message == NOT_SYNAPSE_UNIT.format(what)
     run_backup.assert_not_called()
     run_restore.assert_not_called()
     verify_backup.assert_not_called()
-    assert ctx.exec_history == {}
+    assert extra_ctx.exec_history == {}
 
 
-def test_pod_zero_backs_up_without_leadership(
+def test_unit_zero_backs_up_without_leadership(
     ctx: testing.Context, configured_data_dir: pathlib.Path, run_backup: mock.MagicMock
 ):
-    """The unit in pod 0 makes the backups whether or not it is the leader just now.
+    """Unit 0 makes the backups whether or not it is the leader just now.
 
-    Arrange: valid backup options on pod synapse-0's unit, not the leader
-        (leadership moved, or is being re-elected).
+    Arrange: valid backup options on unit 0, not the leader (leadership
+        moved, or is being re-elected).
     Act: run create-backup.
     Assert: the backup ran.
     """
@@ -303,10 +298,9 @@ def test_pod_zero_backs_up_without_leadership(
     assert ctx.action_results["backup-id"] == "20250101T000000Z"
 
 
-@pytest.mark.usefixtures("other_pod")
 @pytest.mark.parametrize("action", ["list-backups", "delete-backup"])
 def test_s3_only_actions_run_on_any_unit(
-    ctx: testing.Context, configured_data_dir: pathlib.Path, action: str
+    extra_ctx: testing.Context, configured_data_dir: pathlib.Path, action: str
 ):
     """Listing and deleting backups use S3 only: any unit runs them."""
     state = make_state(configured_data_dir, CONFIG, leader=False)
@@ -317,7 +311,7 @@ def test_s3_only_actions_run_on_any_unit(
         pytest.raises(testing.ActionFailed) as exc_info,
         mock.patch.object(backup.S3Client, "__init__", side_effect=no_s3),
     ):
-        ctx.run(ctx.on.action(action, params=params), state)
+        extra_ctx.run(extra_ctx.on.action(action, params=params), state)
 
     assert "no S3 in unit tests" in exc_info.value.message
 
