@@ -93,17 +93,18 @@ class SynapseCharm(ops.CharmBase):
         Only unit 0 sets Synapse up: on another unit that would make a second
         homeserver, with a signing key of its own, under the same name.
         Another unit generates nothing, and its Synapse (which an older
-        revision ran on every unit) is stopped: see _hold_extra_unit.
+        revision ran on every unit) is stopped first, whatever else is wrong:
+        see _hold_extra_unit.
         """
         if not self.container.can_connect():
             return
+        extra_unit = not synapse.runs_here(self.unit.name)
+        if extra_unit:
+            self._hold_extra_unit()
         if backup.recover_interrupted_restore(self.container):
             return
         backup.sweep_leftovers(self.container)
-        if self._server_name_problem():
-            return
-        if not synapse.runs_here(self.unit.name):
-            self._hold_extra_unit()
+        if extra_unit or self._server_name_problem():
             return
         if synapse.configured_server_name(self.container) is None:
             logger.info("generating the Synapse configuration")
@@ -114,9 +115,9 @@ class SynapseCharm(ops.CharmBase):
     def _hold_extra_unit(self) -> None:
         """Keep Synapse stopped on a unit that must not run it, and traffic away.
 
-        Plans Synapse disabled with a ready check that fails at once (see
-        synapse.extra_unit_layer), and stops a Synapse that runs. The unit's
-        data stays on its volume.
+        Plans a disabled stand-in for Synapse with a ready check that fails
+        at once (see synapse.extra_unit_layer), and stops a Synapse that runs
+        or restarts (Pebble's backoff). The unit's data stays on its volume.
         """
         if not synapse.holds_no_synapse(self.container.get_plan()):
             logger.warning("Synapse runs on unit 0 only: planned disabled on this unit")
@@ -124,7 +125,8 @@ class SynapseCharm(ops.CharmBase):
                 synapse.SERVICE_NAME, synapse.extra_unit_layer(), combine=True
             )
         service = self.container.get_services(synapse.SERVICE_NAME).get(synapse.SERVICE_NAME)
-        if service is not None and service.is_running():
+        stopped = (ops.pebble.ServiceStatus.INACTIVE, ops.pebble.ServiceStatus.ERROR)
+        if service is not None and service.current not in stopped:
             logger.warning("stopping Synapse: it runs on unit 0 only")
             self.container.stop(synapse.SERVICE_NAME)
 
@@ -134,7 +136,7 @@ class SynapseCharm(ops.CharmBase):
         Args:
             event: the collect-status event.
         """
-        problem = self._server_name_problem()
+        problem = self._extra_unit_problem() or self._server_name_problem()
         if self.container.can_connect() and self.container.exists(backup.RESTORE_JOURNAL):
             event.add_status(
                 ops.BlockedStatus(
@@ -142,7 +144,6 @@ class SynapseCharm(ops.CharmBase):
                     f"see {backup.RESTORE_JOURNAL}"
                 )
             )
-        problem = problem or self._extra_unit_problem()
         if problem:
             event.add_status(ops.BlockedStatus(problem))
         elif not self.container.can_connect():

@@ -89,21 +89,30 @@ def runs_here(unit_name: str) -> bool:
     return unit_name.rsplit("/", 1)[-1] == "0"
 
 
+# What the service runs on a unit that must not run Synapse, should anything
+# start it (a replan, by hand): nothing that listens.
+STAND_IN_COMMAND = "sleep infinity"
+
+
 def extra_unit_layer() -> ops.pebble.LayerDict:
     """Return the layer of a unit that must not run Synapse.
 
-    Synapse's service is planned disabled (over one an older revision may
-    have planned), and its ready check fails at once, as nothing answers:
-    Juju's readiness probe of the workload container asks Pebble for the
-    ready-level checks, so the pod is not ready and its Service sends it no
-    traffic.
+    The service is planned disabled, over the Synapse an older revision may
+    have planned, and runs a stand-in that listens to nothing (Pebble's
+    replan would start a disabled service whose plan changed). Synapse's
+    ready check fails at its first try, as nothing answers: Juju's readiness
+    probe of the workload container asks Pebble for the ready-level checks,
+    so the pod is not ready and its Service sends it no traffic.
 
     Returns:
         The layer: the service disabled, the ready check failing after one try.
     """
     layer = pebble_layer()
     layer["summary"] = "Synapse does not run on this unit (only on unit 0)"
-    layer["services"][SERVICE_NAME]["startup"] = "disabled"
+    service = layer["services"][SERVICE_NAME]
+    service["summary"] = "stand-in: Synapse runs on unit 0 only"
+    service["command"] = STAND_IN_COMMAND
+    service["startup"] = "disabled"
     check = layer["checks"][CHECK_NAME]
     check["period"] = "5s"
     check["threshold"] = 1
@@ -111,21 +120,22 @@ def extra_unit_layer() -> ops.pebble.LayerDict:
 
 
 def holds_no_synapse(plan: ops.pebble.Plan) -> bool:
-    """Tell whether a plan is that of extra_unit_layer.
+    """Tell whether a plan has the service and check of extra_unit_layer, as they are now.
 
     Args:
         plan: the container's plan.
 
     Returns:
-        True when Synapse is planned disabled and its check is that layer's.
+        True when both are planned as extra_unit_layer has them.
     """
+    wanted = ops.pebble.Layer(extra_unit_layer())
     service = plan.services.get(SERVICE_NAME)
     check = plan.checks.get(CHECK_NAME)
     return (
         service is not None
-        and service.startup == ops.pebble.ServiceStartup.DISABLED.value
         and check is not None
-        and check.threshold == 1
+        and service.to_dict() == wanted.services[SERVICE_NAME].to_dict()
+        and check.to_dict() == wanted.checks[CHECK_NAME].to_dict()
     )
 
 

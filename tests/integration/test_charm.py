@@ -597,6 +597,8 @@ def test_a_second_unit_runs_no_second_homeserver(
         listing = juju.ssh(second, "ls", "-A", DATA_DIR, container=CONTAINER_NAME).split()
         assert "homeserver.yaml" not in listing, listing
         assert synapse_health(juju, UNIT_NAME) == "OK"
+        with pytest.raises(jubilant.TaskError):  # nothing listens on unit 1's port
+            synapse_health(juju, second)
         backup_id = str(backup.results["backup-id"])
         for action, params in [
             ("create-backup", {}),

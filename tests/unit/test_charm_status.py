@@ -560,6 +560,26 @@ def test_s3_blocked_and_waiting_workload(
     assert out.unit_status == ops.BlockedStatus("s3-credentials: denied")
 
 
+def test_workload_problem_shown_before_s3_problems(
+    ctx: testing.Context, configured_data_dir: pathlib.Path, check_bucket: mock.MagicMock
+):
+    """The workload's own Blocked message comes first: Synapse cannot serve, backups aside.
+
+    Arrange: unit 0 whose homeserver.yaml names another server than server-name,
+        and S3 refusing the credentials.
+    Act: run update-status.
+    Assert: Blocked on the server name.
+    """
+    check_bucket.side_effect = backup.S3Error("denied", option="s3-credentials")
+    state = make_state(configured_data_dir, _config(server_name="other.example.org"))
+
+    out = ctx.run(ctx.on.update_status(), state)
+
+    assert out.unit_status == ops.BlockedStatus(
+        f"server-name: Synapse was set up as {SERVER_NAME!r}; it cannot change"
+    )
+
+
 @pytest.mark.parametrize(
     ("homeserver", "message"),
     [

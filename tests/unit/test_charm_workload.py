@@ -137,9 +137,10 @@ EXTRA_UNIT_WITH_DATA = (
 
 
 def _assert_synapse_held(container: testing.Container) -> None:
-    """Synapse is planned disabled and not running; its ready check fails at the first try."""
+    """A disabled stand-in is planned, nothing runs; the ready check fails at the first try."""
     service = container.plan.services[synapse.SERVICE_NAME]
     assert service.startup == "disabled"
+    assert service.command == "sleep infinity"
     check = container.plan.checks[synapse.CHECK_NAME]
     assert check.level == ops.pebble.CheckLevel.READY
     assert check.http == {"url": "http://localhost:8008/health"}
@@ -186,6 +187,7 @@ def test_unit_1_plans_its_layer_once(extra_ctx: testing.Context, data_dir: pathl
     """Each update-status leaves the plan alone: no new layer that restarts the check."""
     state = make_state(data_dir, {"server-name": SERVER_NAME}, planned=False)
     first = extra_ctx.run(extra_ctx.on.update_status(), state)
+    _assert_synapse_held(first.get_container(synapse.CONTAINER_NAME))
 
     with mock.patch.object(ops.Container, "add_layer") as add_layer:
         extra_ctx.run(extra_ctx.on.update_status(), first)
@@ -212,6 +214,38 @@ def test_unit_1_stops_the_synapse_an_older_revision_ran(
     assert extra_ctx.exec_history == {}
     _assert_synapse_held(out.get_container(synapse.CONTAINER_NAME))
     assert (configured_data_dir / "homeserver.yaml").read_text() == before
+    assert out.unit_status == ops.BlockedStatus(EXTRA_UNIT_WITH_DATA)
+
+
+@pytest.mark.parametrize("event", RECONCILING_EVENTS)
+@pytest.mark.parametrize(
+    "config",
+    [
+        pytest.param({}, id="no-server-name"),
+        pytest.param({"server-name": "other.example.org"}, id="server-name-changed"),
+    ],
+)
+def test_unit_1_is_held_whatever_else_is_wrong(
+    extra_ctx: testing.Context,
+    configured_data_dir: pathlib.Path,
+    event: Event,
+    config: dict[str, str],
+):
+    """Unit 1 stops an older revision's Synapse even when server-name blocks everything else.
+
+    Arrange: unit 1 with a homeserver.yaml and Synapse running; server-name
+        unset, or other than the homeserver's.
+    Act: run an event that reconciles the workload.
+    Assert: Synapse is held (stopped, stand-in planned), no replan ran; the
+        status says first that Synapse runs on unit 0 only.
+    """
+    state = make_state(configured_data_dir, config)
+
+    with mock.patch.object(ops.Container, "replan") as replan:
+        out = extra_ctx.run(event(extra_ctx, state), state)
+
+    _assert_synapse_held(out.get_container(synapse.CONTAINER_NAME))
+    replan.assert_not_called()
     assert out.unit_status == ops.BlockedStatus(EXTRA_UNIT_WITH_DATA)
 
 
