@@ -189,12 +189,15 @@ def finish(piece, index):
         sys.exit(f"the upload of archive piece {index} failed")
 bigger_pipe(0)
 digest, size, index, room = hashlib.sha256(), 0, 0, piece_size
-piece, source = start(0), sys.stdin.buffer
+# One buffer, read into and passed on as views: a new 1 MiB bytes object per
+# read cost about 0.6 CPU-seconds per GiB more (see performance.md).
+piece, source = start(0), sys.stdin.buffer.raw
+buffer = memoryview(bytearray(1 << 20))
 try:
-    while chunk := source.read1(1 << 20):
-        digest.update(chunk)
-        size += len(chunk)
-        view = memoryview(chunk)
+    while count := source.readinto(buffer):
+        view = buffer[:count]
+        digest.update(view)
+        size += count
         while view:
             if not room:
                 finish(piece, index)

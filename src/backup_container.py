@@ -87,16 +87,17 @@ def bigger_pipe(stream):
 _DIGEST_PROGRAM = (
     _BIGGER_PIPE
     + """
-import hashlib, sys
+import hashlib, os, sys
 bigger_pipe(0)
 bigger_pipe(1)
 digest, size = hashlib.sha256(), 0
-source, sink = sys.stdin.buffer, sys.stdout.buffer
-while chunk := source.read1(1 << 20):
-    digest.update(chunk)
-    size += len(chunk)
-    sink.write(chunk)
-sink.flush()
+source, buffer = sys.stdin.buffer.raw, memoryview(bytearray(1 << 20))
+while count := source.readinto(buffer):  # one buffer, as the upload program
+    view = buffer[:count]
+    digest.update(view)
+    size += count
+    while view:
+        view = view[os.write(1, view):]
 with open(sys.argv[1], "w") as out:
     out.write(f"{digest.hexdigest()} {size}\\n")
 """
