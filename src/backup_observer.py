@@ -410,11 +410,9 @@ class BackupObserver(ops.Object):
             return
         deployment = self._deployment
         own = [m for m in manifests if m.metadata.get("deployment", deployment) == deployment]
-        expiring = set(
-            retention.expire_after_next_full(
-                own, self._config.backup_retention_count, "99999999T999999Z", links=listing.links
-            )
-        )
+        keep = self._config.backup_retention_count
+        next_id = backup.new_backup_id()  # ranked as the next backup will be, clock and all
+        expiring = set(retention.expire_after_next_full(own, keep, next_id, links=listing.links))
         formatted = format_backups(manifests, expiring)
         incomplete, unreadable = unlisted.incomplete, unlisted.unreadable
         if incomplete:

@@ -563,7 +563,10 @@ class S3Client:
         """List the complete backups, and what every manifest says it builds on.
 
         A manifest this charm cannot use (one from a newer charm, say) still
-        protects its parent: it is read leniently for its parent's id.
+        protects its parent: it is read leniently for its parent's id. So
+        does an incomplete backup that another backup builds on: it was
+        complete when that backup was made, and its parent is still needed
+        to mend the chain.
 
         Args:
             strict: fail when a manifest cannot be read (see list_backups).
@@ -576,23 +579,29 @@ class S3Client:
         """
         backups = self.list_backups(strict=strict)
         links = {manifest.backup_id: manifest.parent for manifest in backups if manifest.parent}
-        links.update(self._unusable_links({manifest.backup_id for manifest in backups}, strict))
+        unusable, incomplete = self._unlisted_links({m.backup_id for m in backups}, strict)
+        links.update(unusable)
+        links.update(_links_built_through(incomplete, links))
         return BackupListing(backups, links)
 
-    def _unusable_links(self, complete: Collection[str], strict: bool) -> dict[str, str]:
-        """Return the parent named by each manifest that does not parse as this charm's.
+    def _unlisted_links(
+        self, complete: Collection[str], strict: bool
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        """Return the parent named by each manifest of a backup that is not complete.
 
         Args:
             complete: the ids of the complete backups, whose manifests parse.
             strict: fail when a manifest cannot be read.
 
         Returns:
-            Each such manifest's id and the parent it names, when it names one.
+            Each id and the parent its manifest names: first for the manifests
+            this charm cannot use, then for those of incomplete backups.
 
         Raises:
             S3Error: if the bucket cannot be listed (or, when strict, a manifest read).
         """
-        links = {}
+        unusable: dict[str, str] = {}
+        incomplete: dict[str, str] = {}
         for name in self._list_names():
             backup_id = name.removesuffix(MANIFEST_SUFFIX)
             if name == backup_id or backup_id in complete:
@@ -605,18 +614,10 @@ class S3Client:
                 if strict:
                     raise
                 continue
-            try:
-                BackupManifest.from_json(text)
-                continue  # usable, only incomplete: nothing builds on it
-            except BackupError:
-                pass
-            try:
-                parent = json.loads(text).get("parent")
-            except (ValueError, AttributeError):
-                continue
-            if isinstance(parent, str) and BACKUP_ID_PATTERN.fullmatch(parent):
-                links[backup_id] = parent
-        return links
+            parent, usable = _named_parent(text)
+            if parent:
+                (incomplete if usable else unusable)[backup_id] = parent
+        return unusable, incomplete
 
     def exists_backup(self, backup_id: str) -> bool:
         """Tell whether a complete backup exists.
@@ -686,7 +687,8 @@ class S3Client:
             chain: also delete the incremental backups that depend on it.
             force: remove what a backup without a manifest left even if it
                 started less than EXEC_TIMEOUT ago, and delete a backup whose
-                manifest this charm cannot use (corrupt, or a newer charm's).
+                manifest this charm cannot use (corrupt, or a newer charm's),
+                or with chain, a dependant whose manifest it cannot use.
             now: the current time (default: now, UTC).
 
         Returns:
@@ -701,7 +703,7 @@ class S3Client:
             return self._delete_leftovers(backup_id, chain=chain, force=force, now=now)
         if not force:
             self._check_usable_or_incomplete(backup_id)
-        return self._delete_with_dependants(backup_id, chain=chain)
+        return self._delete_with_dependants(backup_id, chain=chain, force=force)
 
     def _check_usable_or_incomplete(self, backup_id: str) -> None:
         """Refuse to delete a backup whose manifest this charm cannot use.
@@ -727,12 +729,13 @@ class S3Client:
             if exc.option != "backup-id":  # not "incomplete" or "missing": S3 failed
                 raise
 
-    def _delete_with_dependants(self, backup_id: str, *, chain: bool) -> list[str]:
+    def _delete_with_dependants(self, backup_id: str, *, chain: bool, force: bool) -> list[str]:
         """Delete a backup's objects, after the backups that depend on it if chain is set.
 
         Args:
             backup_id: the backup.
             chain: also delete the incremental backups that depend on it.
+            force: also dependants whose manifests this charm cannot use.
 
         Returns:
             The ids deleted, dependants first.
@@ -740,17 +743,34 @@ class S3Client:
         Raises:
             S3Error: if others depend on it and chain is false, or S3 fails.
         """
-        dependants = descendants(backup_id, self.listing(strict=True).links)
+        listing = self.listing(strict=True)
+        dependants = descendants(backup_id, listing.links)
         if dependants and not chain:
             raise S3Error(
                 f"backup {backup_id} is needed by {', '.join(sorted(dependants))}; "
                 "use chain=true to delete it with them",
                 option="backup-id",
             )
-        doomed = [*sorted(dependants, reverse=True), backup_id]
+        if not force:
+            self._check_dependants_usable(dependants, listing)
+        doomed = children_first([*dependants, backup_id], listing.links)
         for name in doomed:
             self.delete_backup_objects(name)
         return doomed
+
+    def _check_dependants_usable(self, dependants: Iterable[str], listing: BackupListing) -> None:
+        """Refuse to delete dependants whose manifests this charm cannot use.
+
+        Args:
+            dependants: the backups that chain=true would delete too.
+            listing: the listing they were found in.
+
+        Raises:
+            S3Error: if one of them cannot be used, or S3 cannot tell.
+        """
+        complete = {manifest.backup_id for manifest in listing.backups}
+        for name in sorted(set(dependants) - complete):
+            self._check_usable_or_incomplete(name)
 
     def _delete_leftovers(
         self, backup_id: str, *, chain: bool, force: bool, now: datetime.datetime | None
@@ -764,7 +784,8 @@ class S3Client:
         Args:
             backup_id: the id.
             chain: also delete the backups that depend on it.
-            force: even if the backup started less than EXEC_TIMEOUT ago.
+            force: even if the backup started less than EXEC_TIMEOUT ago, and
+                dependants whose manifests this charm cannot use.
             now: the current time (default: now, UTC).
 
         Returns:
@@ -791,7 +812,8 @@ class S3Client:
                 "make sure no unit is making it, then use force=true",
                 option="backup-id",
             )
-        dependants = descendants(backup_id, self.listing(strict=True).links)
+        listing = self.listing(strict=True)
+        dependants = descendants(backup_id, listing.links)
         if dependants and not chain:
             raise S3Error(
                 f"backup {backup_id} has no manifest, but {', '.join(sorted(dependants))} "
@@ -799,10 +821,13 @@ class S3Client:
                 "use chain=true to delete it with them",
                 option="backup-id",
             )
-        for name in sorted(dependants, reverse=True):
+        if not force:
+            self._check_dependants_usable(dependants, listing)
+        doomed = children_first(dependants, listing.links)
+        for name in doomed:
             self.delete_backup_objects(name)
         self.delete_objects(leftovers)
-        return [*sorted(dependants, reverse=True), backup_id]
+        return [*doomed, backup_id]
 
     def delete_backup_objects(self, backup_id: str) -> None:
         """Delete whatever a backup has in S3, complete or not: manifest first.
@@ -1057,6 +1082,57 @@ def dependants_of(backup_id: str, manifests: Iterable[BackupManifest]) -> set[st
     return descendants(backup_id, {m.backup_id: m.parent for m in manifests if m.parent})
 
 
+def _named_parent(text: bytes) -> tuple[str, bool]:
+    """Return the parent a manifest names, read leniently, and whether this charm can use it.
+
+    Args:
+        text: the manifest.
+
+    Returns:
+        The parent's id ("" for none, or none that can be read), and whether
+        the manifest parses as this charm's.
+    """
+    try:
+        return BackupManifest.from_json(text).parent, True
+    except BackupError:
+        pass
+    try:
+        parent = json.loads(text).get("parent")
+    except (ValueError, AttributeError):
+        return "", False
+    if isinstance(parent, str) and BACKUP_ID_PATTERN.fullmatch(parent):
+        return parent, False
+    return "", False
+
+
+def _links_built_through(
+    incomplete: Mapping[str, str], links: Mapping[str, str]
+) -> dict[str, str]:
+    """Return the links of the incomplete backups that other backups build on.
+
+    An incomplete backup protects nothing by itself: it cannot be restored,
+    and delete-backup removes it. But a backup made on it while it was
+    complete still needs, through it, the backups it built on.
+
+    Args:
+        incomplete: each incomplete backup's parent.
+        links: each other backup's parent.
+
+    Returns:
+        The incomplete backups' links that some other backup's chain goes through.
+    """
+    kept: dict[str, str] = {}
+    parents = set(links.values())
+    todo = [backup_id for backup_id in incomplete if backup_id in parents]
+    while todo:
+        backup_id = todo.pop()
+        if backup_id not in kept:
+            kept[backup_id] = incomplete[backup_id]
+            if kept[backup_id] in incomplete:
+                todo.append(kept[backup_id])
+    return kept
+
+
 def descendants(backup_id: str, links: Mapping[str, str]) -> set[str]:
     """Return the backups whose chain goes through a backup.
 
@@ -1077,7 +1153,43 @@ def descendants(backup_id: str, links: Mapping[str, str]) -> set[str]:
         if current not in found:
             found.add(current)
             todo.extend(children.get(current, []))
+    found.discard(backup_id)  # a hand-made manifest may name itself as its parent
     return found
+
+
+def children_first(backup_ids: Iterable[str], links: Mapping[str, str]) -> list[str]:
+    """Order backups for deletion: each before the backups it builds on, newest first otherwise.
+
+    Ids are times from the clock of the unit that made each backup: one whose
+    clock was ahead makes a parent newer than its child. Deleting children
+    first still leaves every backup that remains with its parent, wherever
+    the deletion stops.
+
+    Args:
+        backup_ids: the backups.
+        links: each backup's parent (see S3Client.listing).
+
+    Returns:
+        The ids, dependants before what they depend on.
+    """
+    wanted = set(backup_ids)
+    children: dict[str, list[str]] = {}
+    for child, parent in links.items():
+        if child in wanted and parent in wanted:
+            children.setdefault(parent, []).append(child)
+    order: list[str] = []
+    seen: set[str] = set()
+    for start in sorted(wanted, reverse=True):
+        todo = [(start, False)]
+        while todo:
+            current, expanded = todo.pop()
+            if expanded:
+                order.append(current)
+            elif current not in seen:
+                seen.add(current)
+                todo.append((current, True))
+                todo.extend((child, False) for child in sorted(children.get(current, [])))
+    return order
 
 
 def _client_error(exc: Exception) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from backup import BackupManifest
+from backup_store import children_first
 
 
 def chain_roots(manifests: Iterable[BackupManifest]) -> dict[str, str | None]:
@@ -54,7 +55,8 @@ def expired(
             S3Client.listing), when ``manifests`` are only some of them.
 
     Returns:
-        The ids to delete, newest first.
+        The ids to delete, in the order to delete them: each before the
+        backups it builds on, newest first otherwise.
     """
     if keep_chains <= 0:
         return []
@@ -69,8 +71,9 @@ def expired(
     all_links.update(links or {})
     needed = _ancestors_of_the_rest(doomed, all_links)
     doomed_roots -= {roots[backup_id] for backup_id in doomed & needed}
-    return sorted((backup_id for backup_id, root in roots.items() if root in doomed_roots),
-                  reverse=True)  # fmt: skip
+    return children_first(
+        (backup_id for backup_id, root in roots.items() if root in doomed_roots), all_links
+    )
 
 
 def _ancestors_of_the_rest(doomed: set[str], links: Mapping[str, str]) -> set[str]:
@@ -106,11 +109,14 @@ def expire_after_next_full(
     Args:
         manifests: the complete backups retention may delete.
         keep_chains: how many complete chains to keep.
-        next_id: an id newer than every backup, standing for the next full one.
+        next_id: the next full backup's id: the time now. It is usually newer
+            than every backup, but not when a unit's clock was ahead, and
+            retention ranks chains by id.
         links: each backup's parent, for every backup under the path (see expired).
 
     Returns:
-        The ids that the next full backup's retention would delete.
+        The ids that the next full backup's retention would delete (never
+        its own chain, as after a backup).
     """
     manifests = list(manifests)
     if not manifests:
@@ -125,4 +131,5 @@ def expire_after_next_full(
         sha256=template.sha256,
         duration=0,
     )
-    return expired([*manifests, future], keep_chains, links=links)
+    return [backup_id for backup_id in expired([*manifests, future], keep_chains, links=links)
+            if backup_id != next_id]  # fmt: skip

@@ -85,7 +85,9 @@ def patched() -> Iterator[Patched]:
         mock.patch.object(backup, "run_restore", autospec=True) as run_restore,
         mock.patch.object(backup, "verify_backup", autospec=True) as verify_backup,
         mock.patch.object(backup.S3Client, "unlisted_backups", autospec=True) as unlisted,
-        mock.patch.object(backup.S3Client, "_unusable_links", autospec=True, return_value={}),
+        mock.patch.object(
+            backup.S3Client, "_unlisted_links", autospec=True, return_value=({}, {})
+        ),
     ):
         list_backups.return_value = []
         delete_backup.return_value = [BACKUP_ID]

@@ -24,6 +24,7 @@ from botocore.stub import Stubber
 
 import backup
 import backup_store
+import retention
 
 SECRET_KEY = "s3-lifecycle-secret-key-6b0f"
 BUCKET = "synapse-backups"
@@ -1173,3 +1174,93 @@ def test_delete_backup_with_chain(
     assert sorted(manifest.backup_id for manifest in client.list_backups()) == sorted(kept)
     for name in kept:
         client.chain(name)  # every kept backup is still restorable
+
+
+# --- chains that a damaged backup, a skewed clock or a newer charm left -------------------------
+# R1 <- I1 <- I2, and R2: I1's archive was damaged after I2 was made on it.
+R1, I1, I2, R2 = "20250101T000000Z", "20250102T000000Z", "20250103T000000Z", "20250201T000000Z"
+
+
+def _chain_with_a_damaged_link() -> dict[str, bytes]:
+    objects = _backup_objects(_manifest(R1))
+    objects.update(_backup_objects(_manifest(I1, backup_type="incremental", parent=R1), 99))
+    objects.update(_backup_objects(_manifest(I2, backup_type="incremental", parent=I1)))
+    objects.update(_backup_objects(_manifest(R2)))
+    return objects
+
+
+def test_an_incomplete_backup_that_another_builds_on_still_protects_its_parent():
+    """I2 needs R1 through I1, damaged or not: the link is kept, R1 is neither deleted nor expired.
+
+    Dropping it would let delete-backup and retention take R1, the one part
+    of I2's chain that a repair of I1 (from a copy of its archive) would
+    still need.
+    """
+    client, fake = _fake_client(_chain_with_a_damaged_link())
+
+    listing = client.listing(strict=True)
+
+    assert [m.backup_id for m in listing.backups] == [R2, I2, R1]
+    assert listing.links == {I1: R1, I2: I1}
+    with pytest.raises(backup.S3Error, match=f"is needed by {I1}, {I2}"):
+        client.delete_backup(R1)
+    assert retention.expired(listing.backups, 1, links=listing.links) == []
+    assert fake.calls.count(("delete_object", f"{PREFIX}/{R1}")) == 0
+
+
+def test_an_incomplete_backup_that_nothing_builds_on_protects_nothing():
+    """A damaged backup alone does not pin its chain: retention still expires it."""
+    objects = _chain_with_a_damaged_link()
+    del objects[f"{PREFIX}/{I2}"], objects[f"{PREFIX}/{I2}{backup_store.MANIFEST_SUFFIX}"]
+    client, _ = _fake_client(objects)
+
+    listing = client.listing(strict=True)
+
+    assert listing.links == {}
+    assert retention.expired(listing.backups, 1, links=listing.links) == [R1]
+
+
+def test_delete_chain_deletes_each_backup_before_its_parent_whatever_the_clock_said():
+    """B was made on A, whose unit's clock was years ahead: B is deleted before A.
+
+    Cut short after the first backup (S3 denies A's archive), the deletion
+    leaves every backup still listed with its parent.
+    """
+    full, ahead, after = "20250101T000000Z", "20300101T000000Z", "20250102T000000Z"
+    objects = _backup_objects(_manifest(full))
+    objects.update(_backup_objects(_manifest(ahead, backup_type="incremental", parent=full)))
+    objects.update(_backup_objects(_manifest(after, backup_type="incremental", parent=ahead)))
+    client, fake = _fake_client(objects)
+    fake.undeletable.add(f"{PREFIX}/{ahead}")
+
+    with pytest.raises(backup.S3Error):
+        client.delete_backup(full, chain=True)
+
+    listed = {m.backup_id: m.parent for m in client.list_backups()}
+    assert listed == {full: ""}  # `after` went first; `ahead` lost its manifest, not its parent
+    fake.undeletable.clear()
+    assert client.delete_backup(full, chain=True) == [full]  # `ahead` is only leftovers now
+
+
+def test_delete_chain_keeps_a_dependant_this_charm_cannot_use_unless_forced():
+    """chain=true does not delete a newer charm's incremental without force, as for the target."""
+    objects = _backup_objects(_manifest(R1))
+    objects.update(_backup_objects(_manifest(I1)))
+    objects[f"{PREFIX}/{I1}{backup_store.MANIFEST_SUFFIX}"] = _newer_charm_manifest(I1, parent=R1)
+    client, fake = _fake_client(objects)
+
+    with pytest.raises(backup.S3Error, match=f"backup {I1} cannot be used by this charm"):
+        client.delete_backup(R1, chain=True)
+    assert fake.objects == objects
+
+    assert client.delete_backup(R1, chain=True, force=True) == [I1, R1]
+    assert fake.objects == {}
+
+
+def test_a_manifest_that_names_itself_as_parent_is_not_its_own_dependant():
+    """A hand-made manifest naming itself: deleted once, not refused as needed by itself."""
+    objects = _backup_objects(_manifest(R1, backup_type="incremental", parent=R1))
+    client, fake = _fake_client(objects)
+
+    assert client.delete_backup(R1) == [R1]
+    assert fake.objects == {}

@@ -610,7 +610,9 @@ def s3_retention() -> Iterator[tuple[mock.MagicMock, mock.MagicMock]]:
         mock.patch.object(backup.S3Client, "list_backups", autospec=True) as list_backups,
         mock.patch.object(backup.S3Client, "delete_objects", autospec=True) as delete_objects,
         mock.patch.object(backup.S3Client, "_piece_names", autospec=True, side_effect=piece_names),
-        mock.patch.object(backup.S3Client, "_unusable_links", autospec=True, return_value={}),
+        mock.patch.object(
+            backup.S3Client, "_unlisted_links", autospec=True, return_value=({}, {})
+        ),
     ):
         yield list_backups, delete_objects
 

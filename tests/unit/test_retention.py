@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+import backup_store
 import retention
 from backup import BackupManifest
 
@@ -254,3 +255,49 @@ def test_expired_with_everything_still_deletes_what_no_one_else_needs():
         "20250102T000000Z",
         "20250101T000000Z",
     ]
+
+
+# --- a unit's clock that was ahead -----------------------------------------------------------
+# FULL was made with the clock right; AHEAD on it by a unit whose clock was years
+# ahead; AFTER on AHEAD once the clock was right again (it builds on the newest).
+FULL, AHEAD, AFTER = "20250101T000000Z", "20300101T000000Z", "20250102T000000Z"
+SKEWED = [_full(FULL), _incremental(AHEAD, FULL), _incremental(AFTER, AHEAD)]
+
+
+def test_expired_deletes_each_backup_before_its_parent_whatever_the_ids():
+    """Retention deletes in the order it returns: dependants first, not the newest id first."""
+    result = retention.expired([*SKEWED, _full("20250201T000000Z")], 1)
+
+    assert result == [AFTER, AHEAD, FULL]
+
+
+def test_expire_after_next_full_with_a_clock_that_was_ahead():
+    """Predicted with the id the next backup gets now, it never names that backup itself.
+
+    It matches what retention does after that backup, which never deletes
+    the new backup's own chain, even when an older chain has a newer id.
+    """
+    now = "20250105T000000Z"
+    manifests = [_full(AHEAD), _full(FULL)]
+
+    predicted = retention.expire_after_next_full(manifests, 1, now)
+
+    after_backup = [b for b in retention.expired([*manifests, _full(now)], 1) if b != now]
+    assert predicted == after_backup == [FULL]
+
+
+@pytest.mark.parametrize(
+    ("ids", "links", "expected"),
+    [
+        pytest.param(["b", "c", "a"], {}, ["c", "b", "a"], id="unrelated-newest-first"),
+        pytest.param(["a", "b", "c"], {"b": "a", "c": "b"}, ["c", "b", "a"], id="a-chain"),
+        pytest.param(["a", "z", "b"], {"z": "a", "b": "z"}, ["b", "z", "a"], id="parent-newer"),
+        pytest.param(["a", "b", "c"], {"c": "a", "b": "c"}, ["b", "c", "a"], id="child-older"),
+        pytest.param(["a", "b"], {"a": "b", "b": "a"}, ["a", "b"], id="a-cycle-once-each"),
+        pytest.param(["a"], {"a": "a"}, ["a"], id="its-own-parent"),
+        pytest.param(["b"], {"b": "a"}, ["b"], id="parent-not-deleted"),
+    ],
+)
+def test_children_first(ids: list[str], links: dict[str, str], expected: list[str]):
+    """Each backup comes before the one it builds on; otherwise newest first."""
+    assert backup_store.children_first(ids, links) == expected
