@@ -17,7 +17,7 @@ import re
 import secrets
 import shlex
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import ops
@@ -193,13 +193,20 @@ def build_restore_command(
         tar += ["--listed-incremental=/dev/null"]
         tar += ["--delay-directory-restore"]
     digest = ["python3", "-c", _DIGEST_PROGRAM, digest_file]
+    extract = _script([tar])
+    if staging_dir is not None:
+        # Replaying a rename cycle, GNU tar (1.34) makes a temporary directory
+        # relative to its working directory, not to --directory: in staging,
+        # never in the live data.
+        extract = "{ " + _script([["cd", "--", staging_dir]]) + " && " + extract + "; }"
     lines = _script_preamble(work_dir)
     lines += [
         " | ".join(
             [
                 (downloads[0] if len(downloads) == 1 else "{ " + " && ".join(downloads) + "; }")
                 + " 3>&1 >/dev/null",
-                *(_script([words]) for words in (digest, gpg, tar)),
+                *(_script([words]) for words in (digest, gpg)),
+                extract,
             ]
         ),
         "read -r sha256 size < " + shlex.quote(digest_file),
@@ -441,7 +448,11 @@ def _move(container: ops.Container, source: str, target: str) -> None:
 
 
 def _swap_in(
-    container: ops.Container, paths: Sequence[str], staging_dir: str, previous_dir: str
+    container: ops.Container,
+    paths: Sequence[str],
+    staging_dir: str,
+    previous_dir: str,
+    held: Collection[str],
 ) -> None:
     """Move the live paths aside and the staged ones in; roll back on failure.
 
@@ -453,12 +464,17 @@ def _swap_in(
         paths: the live paths to replace.
         staging_dir: where the backup was extracted.
         previous_dir: where the live data goes.
+        held: the paths the restored backup holds (its manifest's). Only
+            those are moved in: extracting a chain leaves in staging what an
+            older backup of it held, and a path deleted before the restored
+            backup was made must stay deleted.
 
     Raises:
         BackupError: if a move fails; the message says whether the previous
             data is back or where it is.
     """
-    staged = [path for path in paths if container.exists(staging_dir + path)]
+    held = set(held)
+    staged = [path for path in paths if path in held and container.exists(staging_dir + path)]
     journal = {"staging": staging_dir, "previous": previous_dir, "paths": list(paths),
                "staged": staged}  # fmt: skip
     try:
@@ -1012,7 +1028,7 @@ def _stop_and_swap(
             except pebble_errors as exc:
                 raise BackupError(f"Synapse could not be stopped: {exc}") from exc
         paths = _swap_paths(container, manifest)
-        _swap_in(container, paths, staging_dir, previous_dir)
+        _swap_in(container, paths, staging_dir, previous_dir, manifest.paths)
     except IncompleteRollbackError:
         raise  # never start Synapse on half-restored data
     except (BackupError, ops.pebble.Error) as exc:

@@ -1,17 +1,24 @@
 """The backup script's ``{ tar ...; } | gpg | digest | aws`` pipeline, split into commands.
 
 Tar's element of the pipeline is a group that lets tar's exit status 1 ("some
-files changed while read", a busy server) pass and fails with any other. These
+files changed while read", a busy server) pass and fails with any other,
+giving tar's messages (kept in a file, for the warning of a renamed
+directory) with the failure. These
 helpers check that group word for word and give back each command's words, so
 that a test can look at tar's options without the shell syntax around them.
 """
 
 from __future__ import annotations
 
+import re
 import shlex
 
-# What follows tar's words in its group: exit 1 is a warning, anything else fails.
-TAR_STATUS_GUARD = ' || { status=$?; [ "$status" -eq 1 ] || exit "$status"; }; }'
+# What follows tar's words in its group: its messages go to a file; exit 1 is a
+# warning, anything else fails after passing the messages on.
+TAR_STATUS_GUARD = re.compile(
+    r' 2>(\S+) \|\| \{ status=\$\?; \[ "\$status" -eq 1 \] '
+    r'\|\| \{ cat -- \1 >&2; exit "\$status"; \}; \}; \}'
+)
 PIPELINE_START = "{ tar --create "
 # Tar's last words: the database copy's, set in an array when it was copied.
 DATABASE_WORDS = ' ${database[@]+"${database[@]}"}'
@@ -32,10 +39,12 @@ def split_backup_pipeline(text: str) -> list[list[str]]:
         The words of each command, tar's without the group around it.
     """
     assert text.startswith(PIPELINE_START), text[:80]
-    tar_end = text.index(TAR_STATUS_GUARD + " | ")
-    tar_text = text[2:tar_end].removesuffix(DATABASE_WORDS)
+    guard = TAR_STATUS_GUARD.search(text)
+    assert guard, "tar's status guard is not there"
+    assert text[guard.end() :].startswith(" | ")
+    tar_text = text[2 : guard.start()].removesuffix(DATABASE_WORDS)
     commands: list[list[str]] = [shlex.split(tar_text), []]
-    for word in shlex.split(text[tar_end + len(TAR_STATUS_GUARD) + len(" | ") :]):
+    for word in shlex.split(text[guard.end() + len(" | ") :]):
         if word == "|":
             commands.append([])
         else:
@@ -61,6 +70,10 @@ def database_words(script: str) -> list[str]:
         assert "database=(" not in script
         return []
     # tar must be given them: the words end tar's command, before its status guard
-    assert DATABASE_WORDS + TAR_STATUS_GUARD in script, "tar is not given the database's words"
+    guard = TAR_STATUS_GUARD.search(script)
+    assert guard, "tar's status guard is not there"
+    assert script[: guard.start()].endswith(DATABASE_WORDS), (
+        "tar is not given the database's words"
+    )
     start = script.index("\ndatabase=(", script.index(empty) + 1) + len("\ndatabase=(")
     return shlex.split(script[start : script.index(")\nfi\n", start)])  # names may hold newlines

@@ -400,12 +400,10 @@ HOSTILE_NAMES = [
 def _pipeline_end(script: str, start: int) -> int:
     """Return where the pipeline starting at ``start`` ends.
 
-    That is the next line starting the snapshot-state upload (gpg) or the digest
-    read: words of the pipeline may hold quoted newlines, so the first newline is
-    not it.
+    That is the line that passes tar's messages on, which comes right after it:
+    words of the pipeline may hold quoted newlines, so the first newline is not it.
     """
-    ends = [script.find(marker, start) for marker in ("\ngpg ", "\nread -r sha256")]
-    return min(end for end in ends if end >= 0)
+    return script.index("\ncat -- ", start)
 
 
 def _pipeline_words(script: str) -> list[list[str]]:
@@ -449,7 +447,12 @@ def test_build_backup_command_shape():
     ]
     # tar's exit status 1 (a file changed while read) passes; any other fails the pipeline.
     (pipeline,) = [line for line in script.splitlines() if line.startswith(PIPELINE_START)]
-    assert pipeline.startswith("{ " + shlex.join(tar) + TAR_STATUS_GUARD + " | gpg ")
+    guard = TAR_STATUS_GUARD.match(pipeline, len("{ " + shlex.join(tar)))
+    assert guard
+    assert pipeline[guard.end() :].startswith(" | gpg ")
+    assert guard[1] == f"{WORK_DIR}/tar-errors"  # tar's messages, passed on after the pipeline
+    assert f"cat -- {WORK_DIR}/tar-errors >&2" in script.splitlines()
+    assert backup.DIRECTORY_RENAMED not in script  # a full backup: no parent to rename from
     assert gpg[0] == "gpg"
     assert gpg[gpg.index("--passphrase-file") + 1] == PASSPHRASE_FILE
     assert "--symmetric" in gpg

@@ -20,7 +20,9 @@ import sys
 import tarfile
 import time
 from typing import Any
+from unittest import mock
 
+import ops
 import pytest
 
 import backup
@@ -210,7 +212,9 @@ def test_build_backup_command_listed_incremental():
     tar reads and updates the state (device numbers ignored: a pod moves; new
     directory warnings silenced); after the archive, the state is encrypted
     with the same gpg options and uploaded as <id>.snar.gpg; the digest line
-    comes last, so a failed state upload fails the script before it.
+    comes last, so a failed state upload fails the script before it. Between
+    the archive and the state, tar's warning of a renamed directory stops the
+    script with the line that makes run_backup start a full backup instead.
     """
     command = backup.build_backup_command(
         _params(path="prod"),
@@ -226,9 +230,18 @@ def test_build_backup_command_listed_incremental():
     _bash_syntax_ok(script)
     # The pipeline's words hold quoted newlines (the digest program): split with shlex.
     start = script.index(PIPELINE_START)
+    errors = f"{WORK_DIR}/tar-errors"
+    pipeline_end = script.index(f"\ncat -- {errors} >&2\n", start)
     state_start = script.index("\ngpg ", start)
     read_start = script.index("\nread -r sha256 size < ", state_start)
-    tar, gpg, _, aws = split_backup_pipeline(script[start:state_start])
+    tar, gpg, _, aws = split_backup_pipeline(script[start:pipeline_end])
+    assert script[pipeline_end:state_start].splitlines()[1:] == [
+        f"cat -- {errors} >&2",
+        f"if grep --quiet --fixed-strings -- 'Directory has been renamed' {errors}; then",
+        f"echo {backup.DIRECTORY_RENAMED}",
+        "exit 0",
+        "fi",
+    ]
     options = tar[: tar.index("--add-file=data/homeserver.yaml")]
     assert f"--listed-incremental={SNAPSHOT_FILE}" in options
     assert "--no-check-device" in options
@@ -692,3 +705,121 @@ def test_manifest_databases(paths: tuple[str, ...], metadata: dict[str, str], ex
     manifest = _manifest(paths=paths, metadata=metadata)
 
     assert backup_restore._manifest_databases(manifest) == expected
+
+
+@needs_tar
+def test_a_renamed_directory_stops_the_incremental_script_and_restores_replay_in_staging(
+    tmp_path: pathlib.Path,
+):
+    """Tar's rename warning ends the script before the digest; renames replay inside staging.
+
+    Arrange: two media directories, a full backup, then the directories swap
+        names (a rename cycle). The only member is a directory, so tar keeps
+        its rename records here (the charm's members start with files, where
+        tar drops them).
+    Act: the incremental backup script; then both archives restored into a
+        staging dir by scripts started in another working directory.
+    Assert: the script prints only the line that makes run_backup start a full
+        backup (no digest, no snapshot state uploaded); the restore of what it
+        uploaded swaps the directories back, and tar made nothing in its
+        starting directory (it breaks rename cycles through a temporary
+        directory relative to it): archives that hold renames, as an older
+        charm's could, still restore.
+    """
+    env, bucket = _stub_tools(tmp_path)
+    media = tmp_path / "data" / "media_store" / "local_content"
+    for name in ("a", "b"):
+        (media / name).mkdir(parents=True)
+        (media / name / "file").write_text(name)
+
+    def backup_script(backup_id: str, state: pathlib.Path | None) -> tuple[str, pathlib.Path]:
+        work = tmp_path / f"work-{backup_id}"
+        work.mkdir()
+        snapshot = work / backup_chain.SNAPSHOT_STATE_FILE
+        if state is not None:
+            shutil.copy(state, snapshot)
+        command = backup.build_backup_command(
+            _params(path="prod"),
+            backup_id,
+            [str(media)],
+            str(work / "passphrase"),
+            work_dir=str(work),
+            snapshot_file=str(snapshot),
+        )
+        return _run(command, env, tmp_path), snapshot
+
+    full_output, full_state = backup_script(FULL_ID, None)
+    assert backup.DIRECTORY_RENAMED not in full_output.splitlines()
+    time.sleep(1.1)
+    (media / "a").rename(media / "swap")
+    (media / "b").rename(media / "a")
+    (media / "swap").rename(media / "b")
+
+    output, _ = backup_script(INCREMENTAL_ID, full_state)
+
+    assert output.splitlines() == [backup.DIRECTORY_RENAMED]
+    assert (bucket / INCREMENTAL_ID).exists()  # uploaded before tar's warning was read
+    assert not (bucket / f"{INCREMENTAL_ID}.snar.gpg").exists()
+    staging, elsewhere = tmp_path / "staging", tmp_path / "elsewhere"
+    staging.mkdir()
+    elsewhere.mkdir()
+    for backup_id in (FULL_ID, INCREMENTAL_ID):
+        work = tmp_path / f"restore-{backup_id}"
+        work.mkdir()
+        command = backup.build_restore_command(
+            _params(path="prod"),
+            backup_id,
+            str(work / "passphrase"),
+            staging_dir=str(staging),
+            work_dir=str(work),
+        )
+        _run(command, env, elsewhere)
+    restored = staging / media.relative_to("/")
+    assert (restored / "a" / "file").read_text() == "b"
+    assert (restored / "b" / "file").read_text() == "a"
+    assert not list(elsewhere.iterdir())
+
+
+# Pebble cannot run here: the container is a mock, and so is the S3 client
+# (the real ones are in tests/workload/test_incremental_trees.py).
+def test_after_a_directory_rename_an_automatic_backup_starts_again_as_a_full_one():
+    """What the incremental run uploaded is removed, and the parent's state: tar starts afresh."""
+    container, client, logged = mock.Mock(), mock.Mock(), []
+    client.has_manifest.return_value = False
+
+    backup._after_directory_rename(
+        container, client, INCREMENTAL_ID, WORK_DIR, _manifest(), required=False, log=logged.append
+    )
+
+    client.delete_backup_objects.assert_called_once_with(INCREMENTAL_ID)
+    container.remove_path.assert_called_once_with(SNAPSHOT_FILE)
+    assert logged == [
+        f"a directory was renamed since {FULL_ID}, which an incremental backup cannot record "
+        "here: making a full backup instead"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("required", "remove_error", "message"),
+    [
+        pytest.param(True, None, r"cannot record here: make a full backup \(type=full\)$",
+                     id="required"),
+        pytest.param(False, ops.pebble.PathError("generic-file-error", "denied"),
+                     "cannot remove the parent's snapshot state: ", id="state-not-removed"),
+    ],
+)  # fmt: skip
+def test_after_a_directory_rename_errors(
+    required: bool, remove_error: Exception | None, message: str
+):
+    """A required incremental backup fails as it is; a state that stays fails the backup."""
+    container, client = mock.Mock(), mock.Mock()
+    client.has_manifest.return_value = False
+    container.remove_path.side_effect = remove_error
+
+    with pytest.raises(backup.BackupError, match=message):
+        backup._after_directory_rename(
+            container, client, INCREMENTAL_ID, WORK_DIR, _manifest(), required=required,
+            log=lambda _: None,
+        )  # fmt: skip
+
+    assert client.delete_backup_objects.called is not required  # the caller's finally discards

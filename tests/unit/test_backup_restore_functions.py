@@ -403,6 +403,8 @@ def _pipeline_words(script: str) -> list[list[str]]:
 
     The aws command starts with env(1) setting AWS_CONFIG_FILE and ends with its
     redirections (the body goes to fd 3, the pipe; its JSON summary to /dev/null).
+    An extracting tar runs in the staging directory (``{ cd -- DIR && tar ...; }``):
+    that is checked here, and tar's words are returned without the group.
     """
     start = script.index("env AWS_CONFIG_FILE=")
     end = script.index("\nread -r sha256")
@@ -412,6 +414,13 @@ def _pipeline_words(script: str) -> list[list[str]]:
             commands.append([])
         else:
             commands[-1].append(word)
+    last = commands[-1]
+    if last[0] == "{":
+        assert [*last[1:3], last[4]] == ["cd", "--", "&&"], last[:5]
+        assert (last[-2][-1:], last[-1]) == (";", "}"), last[-2:]
+        tar = [*last[5:-2], last[-2].removesuffix(";")]
+        assert f"--directory={last[3]}" in tar, "tar does not run in the staging directory"
+        commands[-1] = tar
     return commands
 
 
