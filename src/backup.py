@@ -476,14 +476,17 @@ def build_backup_command(
         # is no cure: tar 1.34 replays nested renames, and directories whose
         # inodes were reused, wrongly. See docs/explanation/architecture.md.)
         lines += [
-            "if grep --quiet --fixed-strings -- "
+            "found=0",
+            "grep --quiet --fixed-strings -- "
             + shlex.quote(_TAR_RENAME_WARNING)
             + " "
             + shlex.quote(tar_errors)
-            + "; then",
+            + " || found=$?",
+            'if [ "$found" -eq 0 ]; then',
             ["echo", DIRECTORY_RENAMED],
             "exit 0",
             "fi",
+            '[ "$found" -eq 1 ] || exit "$found"  # grep itself failed',
         ]
     if snapshot_file:
         state_url = s3_parameters.object_url(backup_key + SNAPSHOT_STATE_SUFFIX)
@@ -669,7 +672,8 @@ def _run_pipeline(
         The pipeline's standard output.
 
     Raises:
-        BackupError: if the pipeline fails.
+        BackupError: if the pipeline fails, or a full backup saw a directory
+            renamed while it ran.
     """
     kind = f"incremental on {parent.backup_id}" if parent else "full"
     log(f"{kind} backup of {len(paths) + bool(database_path)} paths, about {size} bytes")
@@ -688,9 +692,15 @@ def _run_pipeline(
         piece_size=piece_size,
     )
     log("streaming tar | gpg | aws to " + s3_parameters.object_url(backup_key))
-    return run_in_container(
+    output = run_in_container(
         container, command, environment, secrets_to_hide=hidden, what="the backup pipeline"
     )
+    if parent is None and DIRECTORY_RENAMED in output.splitlines():
+        raise BackupError(
+            "tar met a directory under two names while it read the data (renamed, or "
+            "deleted and made again, during the backup): run the backup again"
+        )
+    return output
 
 
 def _after_directory_rename(
@@ -707,7 +717,8 @@ def _after_directory_rename(
 
     The incremental archive would restore the renamed directory empty (see
     build_backup_command): what it uploaded is removed, with the parent's
-    snapshot state in the work directory, so that tar starts afresh.
+    snapshot state and database fingerprint in the work directory, so that
+    tar starts afresh and the database is copied.
 
     Args:
         container: Synapse Container.
@@ -731,8 +742,9 @@ def _after_directory_rename(
     log(f"{problem}: making a full backup instead")
     _discard(client, backup_key)
     try:
-        container.remove_path(posixpath.join(work_dir, SNAPSHOT_STATE_FILE))
-    except ops.pebble.PathError as exc:
+        for name in (SNAPSHOT_STATE_FILE, DATABASE_STATE_FILE):
+            container.remove_path(posixpath.join(work_dir, name), recursive=True)
+    except ops.pebble.Error as exc:
         raise BackupError(f"cannot remove the parent's snapshot state: {exc}") from exc
 
 

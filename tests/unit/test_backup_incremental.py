@@ -237,10 +237,13 @@ def test_build_backup_command_listed_incremental():
     tar, gpg, _, aws = split_backup_pipeline(script[start:pipeline_end])
     assert script[pipeline_end:state_start].splitlines()[1:] == [
         f"cat -- {errors} >&2",
-        f"if grep --quiet --fixed-strings -- 'Directory has been renamed' {errors}; then",
+        "found=0",
+        f"grep --quiet --fixed-strings -- 'Directory has been renamed' {errors} || found=$?",
+        'if [ "$found" -eq 0 ]; then',
         f"echo {backup.DIRECTORY_RENAMED}",
         "exit 0",
         "fi",
+        '[ "$found" -eq 1 ] || exit "$found"  # grep itself failed',
     ]
     options = tar[: tar.index("--add-file=data/homeserver.yaml")]
     assert f"--listed-incremental={SNAPSHOT_FILE}" in options
@@ -792,7 +795,10 @@ def test_after_a_directory_rename_an_automatic_backup_starts_again_as_a_full_one
     )
 
     client.delete_backup_objects.assert_called_once_with(INCREMENTAL_ID)
-    container.remove_path.assert_called_once_with(SNAPSHOT_FILE)
+    assert container.remove_path.call_args_list == [
+        mock.call(SNAPSHOT_FILE, recursive=True),
+        mock.call(f"{WORK_DIR}/{backup_chain.DATABASE_STATE_FILE}", recursive=True),
+    ]
     assert logged == [
         f"a directory was renamed since {FULL_ID}, which an incremental backup cannot record "
         "here: making a full backup instead"
@@ -806,6 +812,8 @@ def test_after_a_directory_rename_an_automatic_backup_starts_again_as_a_full_one
                      id="required"),
         pytest.param(False, ops.pebble.PathError("generic-file-error", "denied"),
                      "cannot remove the parent's snapshot state: ", id="state-not-removed"),
+        pytest.param(False, ops.pebble.ConnectionError("pebble went away"),
+                     "cannot remove the parent's snapshot state: ", id="pebble-gone"),
     ],
 )  # fmt: skip
 def test_after_a_directory_rename_errors(
@@ -823,3 +831,20 @@ def test_after_a_directory_rename_errors(
         )  # fmt: skip
 
     assert client.delete_backup_objects.called is not required  # the caller's finally discards
+
+
+def test_a_full_backup_that_met_a_directory_under_two_names_fails_clearly():
+    """A full backup's tar warning (a directory renamed while it read) is a clear error.
+
+    The pipeline itself is faked (its output only): Pebble cannot run here.
+    """
+    with (
+        mock.patch.object(backup, "run_in_container", return_value="directory-renamed\n"),
+        pytest.raises(backup.BackupError, match=r"under two names .* run the backup again"),
+    ):
+        backup._run_pipeline(
+            mock.Mock(), _params(), FULL_ID, paths=["/data/homeserver.yaml"],
+            database_path=None, size=10, work_dir=WORK_DIR, parent=None,
+            piece_size=backup.ARCHIVE_PIECE_SIZE, environment={}, hidden=(),
+            log=lambda _: None,
+        )  # fmt: skip
