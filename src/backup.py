@@ -468,8 +468,8 @@ def build_backup_command(
     lines.append(_script([["cat", "--", tar_errors]]) + " >&2")  # its warnings, as before
     if snapshot_file:
         # GNU tar (1.34) attaches the records of renamed directories to the
-        # first member in its sorted order, and drops them when that is a
-        # file, as here (homeserver.yaml sorts before media_store): the
+        # first name it was given, in its sorted order, and drops them when
+        # that is a file, as here (homeserver.yaml sorts before media_store): the
         # archive would restore a renamed directory empty, or swapped with
         # another. Its warning tells run_backup to make a full backup
         # instead; nothing more of this one is uploaded. (Keeping the records
