@@ -227,6 +227,47 @@ with open(record, "w") as out:
 DIRECTORY_RENAMED = "directory-renamed"
 # GNU tar's warning, with or without "from <old name>" (LC_ALL=C).
 _TAR_RENAME_WARNING = "Directory has been renamed"
+# Tells whether an incremental archive lost files to a directory tar took for
+# renamed (argv: tar's messages, a copy of the parent's snapshot state). Tar
+# drops the rename records here (see build_backup_command), so a restore
+# makes the new name's directory from the archive alone: it lacks every file
+# tar left out as unchanged, i.e. not modified since the parent's snapshot
+# time. A directory deleted and another made with its inode holds only new
+# files, and loses nothing. Prints "lost" when a file may be missing, or when
+# it cannot tell (a quoted name, no snapshot time); prints nothing otherwise.
+# (GNU tar's incremen.c: a directory found under another name gets only its
+# changed children archived, one whose inode alone changed gets all of them.)
+_RENAMED_PROGRAM = r"""
+import os, re, stat, sys
+errors, state = sys.argv[1:]
+def lost():
+    print("lost")
+    sys.exit()
+try:
+    with open(state, "rb") as source:
+        header = re.match(rb"GNU tar-[^\n]*-2\n([0-9]+)\0([0-9]+)\0", source.read(256))
+except OSError:
+    header = None
+if not header:
+    lost()
+since = int(header[1]) * 10**9 + int(header[2])
+# Only "renamed from": tar archives all of a directory it knows by name but
+# not by inode ("Directory has been renamed", without "from"), as after a restore.
+renamed = re.compile(rb"tar: (.*): Directory has been renamed from .*$")
+with open(errors, "rb") as source:
+    for line in source:
+        warning = renamed.match(line.rstrip(b"\n"))
+        if not warning:
+            continue
+        name = b"/" + warning[1]
+        if b"\\" in name or not os.path.isdir(name) or os.path.islink(name):
+            lost()  # tar escaped something in the name: it cannot be read back
+        for top, dirs, files in os.walk(name):
+            for entry in dirs + files:
+                info = os.lstat(os.path.join(top, entry))
+                if not stat.S_ISDIR(info.st_mode) and info.st_mtime_ns <= since:
+                    lost()
+"""
 
 
 # Copies a live SQLite database consistently while Synapse writes to it, unless
@@ -384,12 +425,18 @@ def build_backup_command(
         "--quoting-style=escape",
         "--directory=/",
     ]
+    parent_state = posixpath.join(work_dir, "parent-state")
     if snapshot_file:
         tar += [f"--listed-incremental={snapshot_file}", "--no-check-device"]
         tar += ["--warning=no-new-dir"]
     tar.append("--no-unquote")  # names are literal: a backslash is not an escape
     tar += [f"--add-file={member}" for member in members]
     lines = _script_preamble(work_dir)
+    if snapshot_file:  # tar rewrites it: its snapshot time is read after tar
+        lines.append(
+            "if [ -e " + shlex.quote(snapshot_file) + " ]; then "
+            + _script([["cp", "--", snapshot_file, parent_state]]) + "; fi"
+        )  # fmt: skip
     database_members = ""
     if database_path:
         database_member = _relative(database_path)
@@ -470,11 +517,14 @@ def build_backup_command(
         # GNU tar (1.34) attaches the records of renamed directories to the
         # first name it was given, in its sorted order, and drops them when
         # that is a file, as here (homeserver.yaml sorts before media_store): the
-        # archive would restore a renamed directory empty, or swapped with
-        # another. Its warning tells run_backup to make a full backup
-        # instead; nothing more of this one is uploaded. (Keeping the records
-        # is no cure: tar 1.34 replays nested renames, and directories whose
-        # inodes were reused, wrongly. See docs/explanation/architecture.md.)
+        # archive would restore a renamed directory without its unchanged
+        # files, or swapped with another. When tar warned of one, and such
+        # files exist (_RENAMED_PROGRAM), the script tells run_backup to make
+        # a full backup instead; nothing more of this one is uploaded.
+        # (Keeping the records is no cure: tar 1.34 replays nested renames,
+        # and directories whose inodes were reused, wrongly. See
+        # docs/explanation/architecture.md.)
+        renamed = ["python3", "-c", _RENAMED_PROGRAM, tar_errors, parent_state]
         lines += [
             "found=0",
             "grep --quiet --fixed-strings -- "
@@ -482,11 +532,11 @@ def build_backup_command(
             + " "
             + shlex.quote(tar_errors)
             + " || found=$?",
-            'if [ "$found" -eq 0 ]; then',
+            '[ "$found" -le 1 ] || exit "$found"  # grep itself failed',
+            'if [ "$found" -eq 0 ] && [ -n "$(' + _script([renamed]) + ')" ]; then',
             ["echo", DIRECTORY_RENAMED],
             "exit 0",
             "fi",
-            '[ "$found" -eq 1 ] || exit "$found"  # grep itself failed',
         ]
     if snapshot_file:
         state_url = s3_parameters.object_url(backup_key + SNAPSHOT_STATE_SUFFIX)

@@ -235,16 +235,21 @@ def test_build_backup_command_listed_incremental():
     state_start = script.index("\ngpg ", start)
     read_start = script.index("\nread -r sha256 size < ", state_start)
     tar, gpg, _, aws = split_backup_pipeline(script[start:pipeline_end])
-    assert script[pipeline_end:state_start].splitlines()[1:] == [
+    renamed = shlex.join(["python3", "-c", backup._RENAMED_PROGRAM, errors])
+    renamed += f" {WORK_DIR}/parent-state"
+    assert script[pipeline_end:state_start].splitlines()[1:4] == [
         f"cat -- {errors} >&2",
         "found=0",
         f"grep --quiet --fixed-strings -- 'Directory has been renamed' {errors} || found=$?",
-        'if [ "$found" -eq 0 ]; then',
-        f"echo {backup.DIRECTORY_RENAMED}",
-        "exit 0",
-        "fi",
-        '[ "$found" -eq 1 ] || exit "$found"  # grep itself failed',
     ]
+    assert script[pipeline_end:state_start].endswith(
+        '[ "$found" -le 1 ] || exit "$found"  # grep itself failed\n'
+        f'if [ "$found" -eq 0 ] && [ -n "$({renamed})" ]; then\n'
+        f"echo {backup.DIRECTORY_RENAMED}\nexit 0\nfi"
+    )
+    # The parent's state is copied before tar rewrites it: its snapshot time is read after.
+    copy = f"if [ -e {SNAPSHOT_FILE} ]; then cp -- {SNAPSHOT_FILE} {WORK_DIR}/parent-state; fi"
+    assert script.index(copy) < start
     options = tar[: tar.index("--add-file=data/homeserver.yaml")]
     assert f"--listed-incremental={SNAPSHOT_FILE}" in options
     assert "--no-check-device" in options
@@ -848,3 +853,84 @@ def test_a_full_backup_that_met_a_directory_under_two_names_fails_clearly():
             piece_size=backup.ARCHIVE_PIECE_SIZE, environment={}, hidden=(),
             log=lambda _: None,
         )  # fmt: skip
+
+
+def _renamed(tmp_path: pathlib.Path, errors: bytes, since: int | None) -> str:
+    """Run the rename check on tar's messages and a parent state of that snapshot time (ns)."""
+    (tmp_path / "errors").write_bytes(errors)
+    state = tmp_path / "parent-state"
+    if since is not None:
+        seconds, nanoseconds = divmod(since, 10**9)
+        state.write_bytes(b"GNU tar-1.34-2\n%d\0%d\0rest of the state" % (seconds, nanoseconds))
+    result = subprocess.run(
+        [sys.executable, "-c", backup._RENAMED_PROGRAM, str(tmp_path / "errors"), str(state)],
+        capture_output=True, check=True, text=True,
+    )  # fmt: skip
+    return result.stdout.strip()
+
+
+@pytest.mark.parametrize(
+    ("layout", "message", "lost"),
+    [
+        pytest.param({"new": 10}, "renamed from 'old'", False, id="only-new-files"),
+        pytest.param({"sub/deeper/new": 10}, "renamed from 'o'", False, id="only-new-files-deep"),
+        pytest.param({}, "renamed from 'old'", False, id="empty"),
+        pytest.param({"new": 10, "old": -10}, "renamed from 'old'", True, id="an-unchanged-file"),
+        pytest.param({"sub/old": -10}, "renamed from 'o'", True, id="an-unchanged-file-deep"),
+        pytest.param({"same": 0}, "renamed from 'o'", True, id="modified-at-the-snapshot-time"),
+        # Known by name, not by inode (a restored directory): tar archived all of it.
+        pytest.param({"old": -10}, "renamed", False, id="a-new-inode-only"),
+    ],
+)
+def test_rename_check_finds_unchanged_files_of_a_renamed_directory(
+    tmp_path: pathlib.Path, layout: dict[str, int], message: str, lost: bool
+):
+    """Lost: a file of a directory tar took for renamed was not modified since the parent.
+
+    Such a file is not in the archive, and without tar's rename records the
+    restore would not have it. A directory whose files are all newer (a
+    deleted directory's inode given to a new one) loses nothing.
+    """
+    since = time.time_ns() - 100 * 10**9
+    directory = tmp_path / "data" / "renamed"
+    directory.mkdir(parents=True)
+    for name, offset in layout.items():
+        path = directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+        os.utime(path, ns=(since + offset * 10**9, since + offset * 10**9))
+    relative = str(directory).lstrip("/").encode()
+    errors = b"tar: something else\ntar: %s: Directory has been %s\n" % (
+        relative,
+        message.encode(),
+    )
+
+    assert _renamed(tmp_path, errors, since) == ("lost" if lost else "")
+
+
+@pytest.mark.parametrize(
+    ("name", "since"),
+    [
+        pytest.param(b"data/with\\040escape", 0, id="an-escaped-name"),
+        pytest.param(b"data/not-there", 0, id="not-a-directory"),
+        pytest.param(b"data/renamed", None, id="no-parent-state"),
+        pytest.param(b"data/link", 0, id="a-symlink"),
+    ],
+)
+def test_rename_check_says_lost_when_it_cannot_tell(
+    tmp_path: pathlib.Path, name: bytes, since: int | None
+):
+    """Any doubt is "lost": the charm then makes a full backup, slower and never wrong."""
+    (tmp_path / "data" / "renamed").mkdir(parents=True)
+    (tmp_path / "data" / "link").symlink_to(tmp_path / "data" / "renamed")
+    relative = str(tmp_path).lstrip("/").encode() + b"/" + name
+    errors = b"tar: %s: Directory has been renamed from 'x'\n" % relative
+
+    assert _renamed(tmp_path, errors, since) == "lost"
+
+
+def test_rename_check_without_a_rename_warning_finds_nothing(tmp_path: pathlib.Path):
+    """Other warnings of tar are not renames."""
+    errors = b"tar: data/x: file changed as we read it\n"
+
+    assert _renamed(tmp_path, errors, time.time_ns()) == ""
