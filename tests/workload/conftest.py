@@ -8,14 +8,17 @@ as the Synapse user (uid 991). Nothing else is simulated.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import ops
 import pytest
+from botocore.exceptions import BotoCoreError, ClientError
 from ops import testing
 
 from backup import S3Parameters
@@ -38,11 +41,37 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServe
 
 
 @pytest.fixture
-def bucket(s3_server: SeaweedServer) -> str:
-    """A new empty bucket."""
+def bucket(s3_server: SeaweedServer) -> Iterator[str]:
+    """A new empty bucket, deleted with its objects after the test.
+
+    SeaweedFS gives every bucket volumes of its own, and has a limited number:
+    with a bucket per test left behind, it answered InternalError to uploads
+    late in the session.
+    """
     name = f"backups-{secrets.token_hex(6)}"
     s3_server.create_bucket(name)
-    return name
+    yield name
+    if s3_server.running:
+        _delete_bucket(s3_server.client(), name)
+
+
+def _delete_bucket(client: Any, name: str) -> None:
+    """Delete a bucket, its objects and its unfinished uploads; a broken server is let be.
+
+    Args:
+        client: a boto3 S3 client of the server.
+        name: the bucket.
+    """
+    with contextlib.suppress(BotoCoreError, ClientError):
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
+            keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+            if keys:
+                client.delete_objects(Bucket=name, Delete={"Objects": keys})
+        for upload in client.list_multipart_uploads(Bucket=name).get("Uploads", []):
+            client.abort_multipart_upload(
+                Bucket=name, Key=upload["Key"], UploadId=upload["UploadId"]
+            )
+        client.delete_bucket(Bucket=name)
 
 
 def parameters_for(server: SeaweedServer, bucket: str, path: str = "synapse/prod") -> S3Parameters:
