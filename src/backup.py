@@ -270,6 +270,41 @@ with open(errors, "rb") as source:
 """
 
 
+# Tells whether tar's exit status 2 came only from paths deleted while tar
+# read the tree (argv: tar's messages, then the top-level members). GNU tar
+# 1.34 reports a file deleted under it as a warning (exit status 1), but a
+# directory deleted while its listed-incremental scan runs as an error
+# ("Cannot stat" or "Cannot open: No such file or directory", status 2), as
+# when Synapse
+# purges old media during a backup. The archive and its snapshot state are
+# sound then: the directory is left out, as if deleted just before. Exits 0
+# only when there was such a message, each named path is gone and is not a
+# top-level member, and every other message is one of tar's warnings; any
+# other message, or a name tar escaped (it cannot be checked), keeps the
+# error.
+_REMOVED_PROGRAM = r"""
+import os, re, sys
+errors, members = sys.argv[1], {os.fsencode(name) for name in sys.argv[2:]}
+removed = re.compile(rb"tar: (.*): Cannot (?:stat|open): No such file or directory")
+warning = re.compile(
+    rb"tar: .*: (file changed as we read it|File removed before we read it"
+    rb"|Directory has been renamed( from .*)?)"
+    rb"|tar: Exiting with failure status due to previous errors"
+)
+seen = False
+with open(errors, "rb") as source:
+    for line in source.read().splitlines():
+        gone = removed.fullmatch(line)
+        if gone:
+            name = gone[1].rstrip(b"/")
+            if b"\\" in name or name in members or os.path.lexists(b"/" + name):
+                sys.exit(1)
+            seen = True
+        elif not warning.fullmatch(line):
+            sys.exit(1)
+sys.exit(0 if seen else 1)
+"""
+
 # Copies a live SQLite database consistently while Synapse writes to it, unless
 # it has not changed since the parent backup. argv: the database, the copy,
 # where to record its fingerprint, and the parent's recorded fingerprint (or
@@ -492,19 +527,23 @@ def build_backup_command(
         "--output",
         "-",
     )
+    removed = ["python3", "-c", _REMOVED_PROGRAM, tar_errors, *members]
+    lines += ["only_removed_paths() {", _script([removed]), "}"]
     upload = ["python3", "-c", _UPLOAD_PROGRAM, digest_file, str(int(piece_size))]
     upload += [ARCHIVE_PIECE_INFIX, *aws]
     lines += [
         " | ".join(
             [
-                # Exit 1 is "some files changed while read" (a busy server);
-                # anything worse fails the backup.
+                # Exit 1 is "some files changed while read" (a busy server),
+                # 2 only from directories deleted while read is the same
+                # (_REMOVED_PROGRAM); anything worse fails the backup.
                 "{ "
                 + _script([tar])
                 + database_members
                 + " 2>"
                 + shlex.quote(tar_errors)
-                + ' || { status=$?; [ "$status" -eq 1 ] || { cat -- '
+                + ' || { status=$?; [ "$status" -eq 1 ] || '
+                + '{ [ "$status" -eq 2 ] && only_removed_paths; } || { cat -- '
                 + shlex.quote(tar_errors)
                 + ' >&2; exit "$status"; }; }; }',
                 _script([gpg]),

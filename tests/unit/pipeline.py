@@ -1,9 +1,10 @@
 """The backup script's ``{ tar ...; } | gpg | digest | aws`` pipeline, split into commands.
 
 Tar's element of the pipeline is a group that lets tar's exit status 1 ("some
-files changed while read", a busy server) pass and fails with any other,
-giving tar's messages (kept in a file, for the warning of a renamed
-directory) with the failure. These
+files changed while read", a busy server) pass, and 2 when the script's
+``only_removed_paths`` finds that it came only from directories deleted while
+tar read them; it fails with any other, giving tar's messages (kept in a
+file, for the warning of a renamed directory) with the failure. These
 helpers check that group word for word and give back each command's words, so
 that a test can look at tar's options without the shell syntax around them.
 """
@@ -14,11 +15,14 @@ import re
 import shlex
 
 # What follows tar's words in its group: its messages go to a file; exit 1 is a
-# warning, anything else fails after passing the messages on.
+# warning, and so is 2 from deleted directories only; anything else fails
+# after passing the messages on.
 TAR_STATUS_GUARD = re.compile(
     r' 2>(\S+) \|\| \{ status=\$\?; \[ "\$status" -eq 1 \] '
+    r'\|\| \{ \[ "\$status" -eq 2 \] && only_removed_paths; \} '
     r'\|\| \{ cat -- \1 >&2; exit "\$status"; \}; \}; \}'
 )
+REMOVED_CHECK_START = "\nonly_removed_paths() {\n"
 PIPELINE_START = "{ tar --create "
 # Tar's last words: the database copy's, set in an array when it was copied.
 DATABASE_WORDS = ' ${database[@]+"${database[@]}"}'
@@ -77,3 +81,23 @@ def database_words(script: str) -> list[str]:
     )
     start = script.index("\ndatabase=(", script.index(empty) + 1) + len("\ndatabase=(")
     return shlex.split(script[start : script.index(")\nfi\n", start)])  # names may hold newlines
+
+
+def removed_check_words(script: str) -> list[str]:
+    """Return the words of the command that ``only_removed_paths`` runs.
+
+    Args:
+        script: the whole backup script.
+
+    Returns:
+        The words: python3, -c, the program, tar's messages, the members.
+    """
+    start = script.index(REMOVED_CHECK_START) + len(REMOVED_CHECK_START)
+    lexer = shlex.shlex(script[start:], posix=True)
+    lexer.whitespace_split = True
+    words = []
+    for word in lexer:  # names may hold newlines; every word but the brace is longer
+        if word == "}":
+            return words
+        words.append(word)
+    raise AssertionError("only_removed_paths has no end")

@@ -24,6 +24,7 @@ from tests.unit.pipeline import (
     PIPELINE_START,
     TAR_STATUS_GUARD,
     database_words,
+    removed_check_words,
     split_backup_pipeline,
 )
 from tests.unit.tar_transform import apply_transform
@@ -445,7 +446,16 @@ def test_build_backup_command_shape():
         "--add-file=data/homeserver.yaml",
         "--add-file=data/media_store/local_content",
     ]
-    # tar's exit status 1 (a file changed while read) passes; any other fails the pipeline.
+    # tar's exit status 1 (a file changed while read) passes, 2 from deleted
+    # directories only too; any other fails the pipeline.
+    assert removed_check_words(script) == [
+        "python3",
+        "-c",
+        backup._REMOVED_PROGRAM,
+        f"{WORK_DIR}/tar-errors",
+        "data/homeserver.yaml",
+        "data/media_store/local_content",
+    ]
     (pipeline,) = [line for line in script.splitlines() if line.startswith(PIPELINE_START)]
     guard = TAR_STATUS_GUARD.match(pipeline, len("{ " + shlex.join(tar)))
     assert guard
@@ -514,6 +524,8 @@ def test_build_backup_command_quotes_hostile_paths(name: str):
     tar = _pipeline_words(script)[0]
     assert f"--add-file=data/{name}" in tar
     assert f"--add-file=data/media_store/{name}/x" in tar
+    # The check of tar's exit status 2 knows the same members, word for word.
+    assert removed_check_words(script)[4:] == [f"data/{name}", f"data/media_store/{name}/x"]
     # The copy goes on the data volume, where sweep_leftovers looks for it.
     snapshot_dir = f"/data/{backup_container.SNAPSHOT_DIR_PREFIX}20250101T000000Z"
     copy_member = f"{snapshot_dir}/data/db {name}/homeserver.db".lstrip("/")
@@ -838,20 +850,26 @@ def test_build_backup_command_archives_a_database_with_a_backslash(tmp_path: pat
 
 @pytest.mark.skipif(not shutil.which("tar"), reason="needs GNU tar")
 @pytest.mark.parametrize(
-    ("tar_status", "script_status"),
+    ("tar_status", "message", "script_status"),
     [
-        pytest.param(0, 0, id="tar-ok"),
-        pytest.param(1, 0, id="file-changed-while-read"),
-        pytest.param(2, 2, id="fatal-error"),
-        pytest.param(141, 141, id="killed-by-sigpipe"),
+        pytest.param(0, "", 0, id="tar-ok"),
+        pytest.param(1, "", 0, id="file-changed-while-read"),
+        pytest.param(2, "", 2, id="fatal-error"),
+        pytest.param(2, "{gone}: Cannot stat", 0, id="directory-deleted-while-read"),
+        # The member itself deleted: real tar's own "Cannot stat" (exit 2) stays an error.
+        pytest.param(0, "deleted", 2, id="member-deleted"),
+        pytest.param(141, "", 141, id="killed-by-sigpipe"),
     ],
 )
 def test_build_backup_command_tar_exit_status(
-    tmp_path: pathlib.Path, tar_status: int, script_status: int
+    tmp_path: pathlib.Path, tar_status: int, message: str, script_status: int
 ):
-    """A busy server makes tar exit 1: the backup still counts; any worse status fails it.
+    """A busy server makes tar exit 1, or 2 for directories it deleted: the backup counts.
 
-    Arrange: a real tar wrapped to exit with a given status once it archived the data.
+    Any other status fails it.
+
+    Arrange: a real tar wrapped to exit with a given status once it archived
+    the data, after printing an error (ENOENT) about a path.
     Act: run the backup script with bash.
     Assert: the script's exit status; on success, the digest line of the whole archive.
     """
@@ -862,11 +880,16 @@ def test_build_backup_command_tar_exit_status(
     work_dir.mkdir()
     environment, upload = _pipeline_stubs(tmp_path)
     real_tar = shutil.which("tar")
+    gone = str(data / "purged").lstrip("/")
+    error = (
+        message.startswith("{") and f"tar: {message.format(gone=gone)}: No such file or directory"
+    )
     _stub(
         pathlib.Path(environment["PATH"].split(":")[0]),
         "tar",
         "import subprocess, sys\n"
         f"code = subprocess.call([{real_tar!r}, *sys.argv[1:]])\n"
+        f"if {error!r}: print({error!r}, file=sys.stderr)\n"
         f"sys.exit(code or {tar_status})\n",
     )
     command = backup.build_backup_command(
@@ -876,17 +899,84 @@ def test_build_backup_command_tar_exit_status(
         str(work_dir / "passphrase"),
         work_dir=str(work_dir),
     )
+    if message == "deleted":
+        (data / "homeserver.yaml").unlink()
 
     result = subprocess.run(
         command, capture_output=True, text=True, check=False, env=environment, timeout=60
     )
 
     assert result.returncode == script_status, result.stderr
+    if message == "deleted":
+        assert "homeserver.yaml: Cannot stat: No such file or directory" in result.stderr
     if script_status == 0:
         _, size, members = backup_container._parse_digest(result.stdout)
         assert (size, members) == (upload.stat().st_size, 1)
     else:
         assert not result.stdout.strip()
+
+
+_GONE = "tar: {gone}: Cannot stat: No such file or directory"
+_TRAILER = "tar: Exiting with failure status due to previous errors"
+
+
+@pytest.mark.parametrize(
+    ("messages", "removed_only"),
+    [
+        pytest.param([_GONE, _TRAILER], True, id="a-deleted-directory"),
+        pytest.param(
+            ["tar: {gone}/: Cannot open: No such file or directory", _TRAILER],
+            True,
+            id="deleted-before-listed",
+        ),
+        pytest.param(
+            [
+                "tar: {here}: file changed as we read it",
+                "tar: {gone}/sub: File removed before we read it",
+                "tar: {here}: Directory has been renamed from 'data/old'",
+                _GONE,
+                _TRAILER,
+            ],
+            True,
+            id="with-warnings",
+        ),
+        pytest.param(["tar: {here}: Cannot stat: No such file or directory"], False, id="exists"),
+        pytest.param(
+            ["tar: {member}: Cannot stat: No such file or directory"], False, id="member"
+        ),
+        pytest.param([_GONE.replace("{gone}", "{gone}\\303")], False, id="escaped-name"),
+        pytest.param([_GONE, "tar: {here}: Cannot open: Permission denied"], False, id="denied"),
+        pytest.param([_GONE, "tar: {here}: Read error at byte 0"], False, id="read-error"),
+        pytest.param(
+            ["tar: {here}: file changed as we read it", _TRAILER], False, id="no-removal"
+        ),
+        pytest.param([], False, id="no-message"),
+    ],
+)
+def test_removed_paths_check(tmp_path: pathlib.Path, messages: list[str], removed_only: bool):
+    """Tar's exit status 2 passes only when every error names a deleted, non-member path.
+
+    Arrange: tar's messages naming paths (relative to /, as tar names them) that
+    exist, are gone, or are a top-level member (gone too).
+    Act: run the check program with python3.
+    Assert: its exit status.
+    """
+    here = tmp_path / "data" / "media"
+    here.mkdir(parents=True)
+    names = {
+        "here": str(here).lstrip("/"),
+        "gone": str(here / "purged").lstrip("/"),
+        "member": str(tmp_path / "data" / "gone-member").lstrip("/"),
+    }
+    errors = tmp_path / "tar-errors"
+    errors.write_text("".join(line.format(**names) + "\n" for line in messages))
+
+    result = subprocess.run(
+        [sys.executable, "-c", backup._REMOVED_PROGRAM, str(errors), names["member"]],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+
+    assert (result.returncode, result.stderr) == (0 if removed_only else 1, "")
 
 
 # --- redact and _parse_digest ---------------------------------------------------------------
