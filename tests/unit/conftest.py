@@ -14,6 +14,22 @@ from charm import SynapseCharm
 from tests.unit.builders import homeserver_yaml
 
 
+@pytest.fixture(scope="session", autouse=True)
+def host_data_dir_left_as_found() -> Iterator[None]:
+    """Remove the empty /data that tests running the backup script on this host leave.
+
+    The script copies the database into a directory on the data volume,
+    /data (see backup_container.SNAPSHOT_DIR_PREFIX), and removes that
+    directory, but ``mkdir -p`` made /data itself when the host had none.
+    Only an empty /data this session made is removed.
+    """
+    data = pathlib.Path("/data")
+    existed = data.exists()
+    yield
+    if not existed and data.is_dir() and not any(data.iterdir()):
+        data.rmdir()
+
+
 @pytest.fixture
 def ctx() -> testing.Context[SynapseCharm]:
     """A Scenario context for the charm (metadata, config and actions from the repo)."""
