@@ -270,39 +270,76 @@ with open(errors, "rb") as source:
 """
 
 
-# Tells whether tar's exit status 2 came only from paths deleted while tar
-# read the tree (argv: tar's messages, then the top-level members). GNU tar
-# 1.34 reports a file deleted under it as a warning (exit status 1), but a
-# directory deleted while its listed-incremental scan runs as an error
-# ("Cannot stat" or "Cannot open: No such file or directory", status 2), as
-# when Synapse
+# Tells whether tar's exit status 2 came only from directories deleted while
+# tar read the tree (argv: tar's messages, the snapshot state tar wrote, the
+# parent's (a copy, or ""), then the top-level members). GNU tar 1.34 reports
+# a file deleted under it as a warning (exit status 1), but a directory
+# deleted while its listed-incremental scan runs as an error ("Cannot stat"
+# or "Cannot open: No such file or directory", status 2), as when Synapse
 # purges old media during a backup. The archive and its snapshot state are
-# sound then: the directory is left out, as if deleted just before. Exits 0
-# only when there was such a message, each named path is gone and is not a
-# top-level member, and every other message is one of tar's warnings; any
-# other message, or a name tar escaped (it cannot be checked), keeps the
-# error.
+# sound then: the directory is left out, as if deleted just before. A
+# directory *renamed* while tar reads gets the same error for its old name,
+# and the archive has it under neither name: so the inode each of the two
+# states recorded for a gone name must not be a directory's anywhere under
+# the members now (an inode reused at once for a new directory also counts,
+# and fails the backup: the safe side). Exits 0 only when there was such an
+# error, each named path is gone, is not a member, and is not found
+# renamed, and every other message is one of tar's warnings; any other
+# message, or a name tar escaped (it cannot be checked), keeps the error. A
+# rename found is said on stderr.
 _REMOVED_PROGRAM = r"""
 import os, re, sys
-errors, members = sys.argv[1], {os.fsencode(name) for name in sys.argv[2:]}
+errors, state, parent_state = sys.argv[1:4]
+members = [os.fsencode(name) for name in sys.argv[4:]]
 removed = re.compile(rb"tar: (.*): Cannot (?:stat|open): No such file or directory")
 warning = re.compile(
     rb"tar: .*: (file changed as we read it|File removed before we read it"
     rb"|Directory has been renamed( from .*)?)"
     rb"|tar: Exiting with failure status due to previous errors"
 )
-seen = False
+gone = []
 with open(errors, "rb") as source:
     for line in source.read().splitlines():
-        gone = removed.fullmatch(line)
-        if gone:
-            name = gone[1].rstrip(b"/")
+        error = removed.fullmatch(line)
+        if error:
+            name = error[1].rstrip(b"/")
             if b"\\" in name or name in members or os.path.lexists(b"/" + name):
                 sys.exit(1)
-            seen = True
+            gone.append(name)
         elif not warning.fullmatch(line):
             sys.exit(1)
-sys.exit(0 if seen else 1)
+if not gone:
+    sys.exit(1)
+def inodes(path):
+    # GNU tar's snapshot format 2: a header line, the snapshot time, then per
+    # directory: nfs, mtime (s, ns), device, inode, name, its entries, "", "".
+    try:
+        with open(path, "rb") as source:
+            fields = source.read().partition(b"\n")[2].split(b"\0")[2:]
+    except OSError:
+        return {}
+    found, index = {}, 0
+    while index + 6 <= len(fields):
+        found[fields[index + 5]] = int(fields[index + 4])
+        index += 6
+        while index < len(fields) and fields[index]:
+            index += 1
+        index += 2
+    return found
+recorded = inodes(parent_state) if parent_state else {}
+recorded.update(inodes(state))
+wanted = {recorded[name]: name for name in gone if name in recorded}
+for member in members:
+    for top, dirs, files in os.walk(b"/" + member):
+        for entry in dirs:
+            path = os.path.join(top, entry)
+            try:
+                info = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if info.st_ino in wanted:
+                sys.exit("tar met a directory under two names while it read the data: "
+                         f"{os.fsdecode(wanted[info.st_ino])!r} is now {os.fsdecode(path[1:])!r}")
 """
 
 # Copies a live SQLite database consistently while Synapse writes to it, unless
@@ -527,7 +564,10 @@ def build_backup_command(
         "--output",
         "-",
     )
-    removed = ["python3", "-c", _REMOVED_PROGRAM, tar_errors, *members]
+    # The database's copy gone is a missing database, not a purge.
+    checked = [*members, copy_member] if database_path else members
+    removed = ["python3", "-c", _REMOVED_PROGRAM, tar_errors, snapshot_file or ""]
+    removed += [parent_state if snapshot_file else "", *checked]
     lines += ["only_removed_paths() {", _script([removed]), "}"]
     upload = ["python3", "-c", _UPLOAD_PROGRAM, digest_file, str(int(piece_size))]
     upload += [ARCHIVE_PIECE_INFIX, *aws]

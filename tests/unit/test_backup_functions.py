@@ -453,6 +453,8 @@ def test_build_backup_command_shape():
         "-c",
         backup._REMOVED_PROGRAM,
         f"{WORK_DIR}/tar-errors",
+        "",  # no snapshot states: a plain archive
+        "",
         "data/homeserver.yaml",
         "data/media_store/local_content",
     ]
@@ -524,8 +526,6 @@ def test_build_backup_command_quotes_hostile_paths(name: str):
     tar = _pipeline_words(script)[0]
     assert f"--add-file=data/{name}" in tar
     assert f"--add-file=data/media_store/{name}/x" in tar
-    # The check of tar's exit status 2 knows the same members, word for word.
-    assert removed_check_words(script)[4:] == [f"data/{name}", f"data/media_store/{name}/x"]
     # The copy goes on the data volume, where sweep_leftovers looks for it.
     snapshot_dir = f"/data/{backup_container.SNAPSHOT_DIR_PREFIX}20250101T000000Z"
     copy_member = f"{snapshot_dir}/data/db {name}/homeserver.db".lstrip("/")
@@ -533,6 +533,12 @@ def test_build_backup_command_quotes_hostile_paths(name: str):
     assert tar[-1] == f"--add-file={copy_member}"
     assert tar[-2].startswith("--transform=s,^")
     expression = tar[-2].removeprefix("--transform=")
+    # The check of tar's exit status 2 knows the same members, word for word.
+    assert removed_check_words(script)[6:] == [
+        f"data/{name}",
+        f"data/media_store/{name}/x",
+        copy_member,  # the database's copy gone is no purge either
+    ]
     assert apply_transform(expression, copy_member) == f"data/db {name}/homeserver.db"
     assert apply_transform(expression, f"data/db {name}/homeserver.db") == (
         f"data/db {name}/homeserver.db"
@@ -953,16 +959,31 @@ _TRAILER = "tar: Exiting with failure status due to previous errors"
         pytest.param([], False, id="no-message"),
     ],
 )
-def test_removed_paths_check(tmp_path: pathlib.Path, messages: list[str], removed_only: bool):
+@pytest.mark.parametrize(
+    "recorded",
+    [
+        "nowhere",
+        "state-gone",  # this run's state has the gone directory's inode: found nowhere now
+        "parent-gone",
+        "state-renamed",  # ...found under another name: a rename, not a purge
+        "parent-renamed",
+    ],
+)
+def test_removed_paths_check(
+    tmp_path: pathlib.Path, messages: list[str], removed_only: bool, recorded: str
+):
     """Tar's exit status 2 passes only when every error names a deleted, non-member path.
 
     Arrange: tar's messages naming paths (relative to /, as tar names them) that
-    exist, are gone, or are a top-level member (gone too).
+    exist, are gone, or are a top-level member (gone too); a snapshot state
+    (this run's or the parent's) that may record the gone directory's inode,
+    as a directory that is now elsewhere (renamed) or nowhere.
     Act: run the check program with python3.
-    Assert: its exit status.
+    Assert: its exit status, and its message for a rename.
     """
     here = tmp_path / "data" / "media"
     here.mkdir(parents=True)
+    (here / "moved").mkdir()
     names = {
         "here": str(here).lstrip("/"),
         "gone": str(here / "purged").lstrip("/"),
@@ -970,12 +991,32 @@ def test_removed_paths_check(tmp_path: pathlib.Path, messages: list[str], remove
     }
     errors = tmp_path / "tar-errors"
     errors.write_text("".join(line.format(**names) + "\n" for line in messages))
+    states = {"state": tmp_path / "state", "parent": tmp_path / "parent-state"}
+    for which, path in states.items():
+        inode = (here / "moved").stat().st_ino if recorded.endswith("renamed") else 1
+        other = b"0\x001\x002\x003\x004\x00%s/other\x00Yfile\x00\x00\x00" % names["here"].encode()
+        record = b"0\x001\x002\x003\x00%d\x00%s\x00Dsub\x00\x00\x00" % (
+            inode,
+            names["gone"].encode(),
+        )
+        state = b"GNU tar-1.34-2\n1\x000\x00" + other
+        path.write_bytes(state + record if recorded.startswith(which) else state)
 
     result = subprocess.run(
-        [sys.executable, "-c", backup._REMOVED_PROGRAM, str(errors), names["member"]],
+        [
+            sys.executable, "-c", backup._REMOVED_PROGRAM, str(errors), str(states["state"]),
+            str(states["parent"]), names["here"], names["member"],
+        ],
         capture_output=True, text=True, check=False, timeout=60,
     )  # fmt: skip
 
+    if removed_only and recorded.endswith("renamed"):
+        assert result.returncode == 1
+        assert result.stderr == (
+            "tar met a directory under two names while it read the data: "
+            f"{names['gone']!r} is now {names['here'] + '/moved'!r}\n"
+        )
+        return
     assert (result.returncode, result.stderr) == (0 if removed_only else 1, "")
 
 

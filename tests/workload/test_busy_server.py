@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
 from pathlib import Path
 
 from ops import testing
@@ -52,6 +53,14 @@ top = "/data/media_store/local_content/purged"
 for name in sorted(os.listdir(top))[::2]:
     shutil.rmtree(os.path.join(top, name))
 """
+# Renames them instead, as an operator moving media by hand might.
+RENAMER = """
+import os
+top = "/data/media_store/local_content/purged"
+for name in sorted(os.listdir(top))[::2]:
+    os.rename(os.path.join(top, name), os.path.join(top, "moved-" + name))
+"""
+REMOVAL_ERROR = r"Cannot (stat|open): No such file or directory"
 
 
 def _purge_tree(data: Path) -> Path:
@@ -64,12 +73,11 @@ def _purge_tree(data: Path) -> Path:
     return top
 
 
-def test_directories_deleted_during_the_backup_do_not_fail_it(
-    harness: Harness, s3_server: SeaweedServer, bucket: str
-) -> None:
-    """Tar's "Cannot stat" for a deleted directory: a sound backup, and a sound chain after it.
+def _racing(harness: Harness, s3_server: SeaweedServer, bucket: str, mutation: str) -> Path:
+    """Configure the charm, with a tar that starts ``mutation`` (a python program) when armed.
 
-    Before, every such backup failed with tar's exit code 2.
+    Returns:
+        The container's test-bin directory (``armed``, ``tar-messages``).
     """
     root = harness.get_filesystem_root("synapse")
     bin_dir = root / "test-bin"
@@ -77,14 +85,24 @@ def test_directories_deleted_during_the_backup_do_not_fail_it(
     real_tar = shutil.which("tar", path=":".join(default_path()))
     (bin_dir / "tar").write_text(WRAPPER.format(tar=real_tar))
     (bin_dir / "tar").chmod(0o755)
-    (bin_dir / "delete.py").write_text(DELETER)
+    (bin_dir / "delete.py").write_text(mutation)
     shutil.chown(bin_dir, SYNAPSE_UID, SYNAPSE_GID)
     sandbox = Sandbox(root, path_dirs=["/test-bin", *default_path()])
-
     configure(harness, s3_server, bucket)
     harness.container_pebble_ready("synapse")
     harness.handle_exec("synapse", [], handler=sandbox.handle)
-    data = root / "data"
+    return bin_dir
+
+
+def test_directories_deleted_during_the_backup_do_not_fail_it(
+    harness: Harness, s3_server: SeaweedServer, bucket: str
+) -> None:
+    """Tar's "Cannot stat" for a deleted directory: a sound backup, and a sound chain after it.
+
+    Before, every such backup failed with tar's exit code 2.
+    """
+    bin_dir = _racing(harness, s3_server, bucket, DELETER)
+    data = harness.get_filesystem_root("synapse") / "data"
 
     messages = ""
     for _ in range(ATTEMPTS):
@@ -92,9 +110,9 @@ def test_directories_deleted_during_the_backup_do_not_fail_it(
         (bin_dir / "armed").touch()
         full = _backup(harness, type="full")  # failed here before
         messages = (bin_dir / "tar-messages").read_text()
-        if re.search(r"Cannot (stat|open): No such file or directory", messages):
+        if re.search(REMOVAL_ERROR, messages):
             break
-    assert re.search(r"Cannot (stat|open): No such file or directory", messages), (
+    assert re.search(REMOVAL_ERROR, messages), (
         f"tar never met a deleted directory in {ATTEMPTS} tries; its messages: {messages!r}"
     )
     survivors = snapshot(data)
@@ -114,3 +132,33 @@ def test_directories_deleted_during_the_backup_do_not_fail_it(
         harness.run_action("restore-backup", {"backup-id": backup_id})
         actual = snapshot(data)
         assert actual == expected, describe_difference(expected, actual)
+
+
+def test_directories_renamed_during_the_backup_fail_it_clearly(
+    harness: Harness, s3_server: SeaweedServer, bucket: str
+) -> None:
+    """A directory renamed while tar reads: the same error for its old name, a clear failure.
+
+    The archive has it under neither name, so its old inode found under a
+    new name fails the backup, and nothing of it is listed. Before, the
+    check let the backup pass without the renamed files.
+    """
+    bin_dir = _racing(harness, s3_server, bucket, RENAMER)
+    data = harness.get_filesystem_root("synapse") / "data"
+
+    failure = None
+    for _ in range(ATTEMPTS):
+        _purge_tree(data)
+        (bin_dir / "armed").touch()
+        time.sleep(1.05)  # ids are per second
+        try:
+            harness.run_action("create-backup", {"type": "full"})
+        except testing.ActionFailed as exc:
+            failure = exc.message
+            break
+        # tar met no rename this time (all before or after its scan): it must have said nothing
+        assert not re.search(REMOVAL_ERROR, (bin_dir / "tar-messages").read_text())
+    assert failure, f"tar never met a renamed directory in {ATTEMPTS} tries"
+    assert "tar met a directory under two names while it read the data: " in failure
+    assert re.search(r"/purged/(m\d+)' is now '[^']*/purged/moved-\1'", failure), failure
+    assert harness.run_action("list-backups").results["backups"] == {}
