@@ -270,76 +270,107 @@ with open(errors, "rb") as source:
 """
 
 
-# Tells whether tar's exit status 2 came only from directories deleted while
-# tar read the tree (argv: tar's messages, the snapshot state tar wrote, the
-# parent's (a copy, or ""), then the top-level members). GNU tar 1.34 reports
-# a file deleted under it as a warning (exit status 1), but a directory
+# Checks, after tar, that the archive holds every directory under the
+# backed-up paths (argv: tar's messages, the snapshot state tar wrote or "",
+# tar's exit status, then the top-level members). Synapse keeps running
+# during a backup and deletes media on its own schedule. GNU tar 1.34
+# reports a file deleted under it as a warning (status 1), but a directory
 # deleted while its listed-incremental scan runs as an error ("Cannot stat"
-# or "Cannot open: No such file or directory", status 2), as when Synapse
-# purges old media during a backup. The archive and its snapshot state are
-# sound then: the directory is left out, as if deleted just before. A
-# directory *renamed* while tar reads gets the same error for its old name,
-# and the archive has it under neither name: so the inode each of the two
-# states recorded for a gone name must not be a directory's anywhere under
-# the members now (an inode reused at once for a new directory also counts,
-# and fails the backup: the safe side). Exits 0 only when there was such an
-# error, each named path is gone, is not a member, and is not found
-# renamed, and every other message is one of tar's warnings; any other
-# message, or a name tar escaped (it cannot be checked), keeps the error. A
-# rename found is said on stderr.
-_REMOVED_PROGRAM = r"""
-import os, re, sys
-errors, state, parent_state = sys.argv[1:4]
+# or "Cannot open: No such file or directory", status 2); the archive and
+# its state are sound then, the directory left out as if deleted before. So
+# status 2 passes when there was such an error, each path it names is gone
+# and is not a member, and every other message is one of tar's warnings;
+# any other message, or a name tar escaped, keeps the error (exit 1, no
+# message). A directory *renamed* or moved while tar reads gets the same
+# messages (or only "File removed before we read it", status 1), and the
+# archive may have it under neither name. So, with a snapshot state, every
+# directory under the members must be recorded in it (every directory tar
+# scanned is) under its own name, or be new: one whose device and inode the
+# state records under another name was renamed, and one with an entry whose
+# ctime is older than tar's start (a rename leaves its entries' ctimes) was
+# moved in; either fails the backup with a message (an inode the file system
+# gave at once to a new directory fails it the same way: the safe side).
+# When tar warned that a directory was renamed, the script's rename check
+# (_RENAMED_PROGRAM) decides instead.
+_TAR_READ_CHECK_PROGRAM = r"""
+import os, re, stat, sys
+errors, state, status = sys.argv[1], sys.argv[2], int(sys.argv[3])
 members = [os.fsencode(name) for name in sys.argv[4:]]
-removed = re.compile(rb"tar: (.*): Cannot (?:stat|open): No such file or directory")
-warning = re.compile(
-    rb"tar: .*: (file changed as we read it|File removed before we read it"
-    rb"|Directory has been renamed( from .*)?)"
-    rb"|tar: Exiting with failure status due to previous errors"
-)
-gone = []
+if status not in (0, 1, 2):
+    sys.exit(1)
 with open(errors, "rb") as source:
-    for line in source.read().splitlines():
+    messages = source.read()
+if status == 2:
+    removed = re.compile(rb"tar: (.*): Cannot (?:stat|open): No such file or directory")
+    warning = re.compile(
+        rb"tar: .*: (file changed as we read it|File removed before we read it"
+        rb"|Directory has been renamed( from .*)?)"
+        rb"|tar: Exiting with failure status due to previous errors"
+    )
+    seen = False
+    for line in messages.splitlines():
         error = removed.fullmatch(line)
         if error:
             name = error[1].rstrip(b"/")
             if b"\\" in name or name in members or os.path.lexists(b"/" + name):
                 sys.exit(1)
-            gone.append(name)
+            seen = True
         elif not warning.fullmatch(line):
             sys.exit(1)
-if not gone:
-    sys.exit(1)
-def inodes(path):
-    # GNU tar's snapshot format 2: a header line, the snapshot time, then per
-    # directory: nfs, mtime (s, ns), device, inode, name, its entries, "", "".
+    if not seen:
+        sys.exit(1)
+# Where tar warned of a renamed directory, its state may keep an old name for
+# an inode: the script's rename check, after the pipeline, decides instead.
+if not state or b"Directory has been renamed" in messages:
+    sys.exit(0)
+def fail(problem):
+    sys.exit(f"{problem} while tar read the data: run the backup again")
+# GNU tar's snapshot format 2: a header line, the snapshot time (s, ns), then
+# per directory: nfs, mtime (s, ns), device, inode, name, its entries, "", "".
+with open(state, "rb") as source:
+    header, _, body = source.read().partition(b"\n")
+fields = body.split(b"\0")
+if not re.fullmatch(rb"GNU tar-[^\n]*-2", header) or len(fields) < 2:
+    fail("tar's snapshot state could not be read")
+since = int(fields[0]) * 10**9 + int(fields[1])
+recorded, names, index = {}, {}, 2
+while index + 6 <= len(fields):
+    key = (int(fields[index + 3]), int(fields[index + 4]))
+    recorded[fields[index + 5]] = key
+    names[key] = fields[index + 5]
+    index += 6
+    while index < len(fields) and fields[index]:
+        index += 1
+    index += 2
+def entries(path):
     try:
-        with open(path, "rb") as source:
-            fields = source.read().partition(b"\n")[2].split(b"\0")[2:]
-    except OSError:
-        return {}
-    found, index = {}, 0
-    while index + 6 <= len(fields):
-        found[fields[index + 5]] = int(fields[index + 4])
-        index += 6
-        while index < len(fields) and fields[index]:
-            index += 1
-        index += 2
-    return found
-recorded = inodes(parent_state) if parent_state else {}
-recorded.update(inodes(state))
-wanted = {recorded[name]: name for name in gone if name in recorded}
-for member in members:
-    for top, dirs, files in os.walk(b"/" + member):
-        for entry in dirs:
-            path = os.path.join(top, entry)
-            try:
-                info = os.lstat(path)
-            except FileNotFoundError:
-                continue
-            if info.st_ino in wanted:
-                sys.exit("tar met a directory under two names while it read the data: "
-                         f"{os.fsdecode(wanted[info.st_ino])!r} is now {os.fsdecode(path[1:])!r}")
+        with os.scandir(b"/" + path) as found:
+            return list(found)
+    except FileNotFoundError:  # deleted since tar read it
+        return []
+def older(entry):
+    try:
+        return entry.stat(follow_symlinks=False).st_ctime_ns < since
+    except FileNotFoundError:
+        return False
+todo = list(members)
+while todo:
+    path = todo.pop()
+    try:
+        info = os.lstat(b"/" + path)
+    except FileNotFoundError:
+        continue
+    if not stat.S_ISDIR(info.st_mode):
+        continue
+    key = (info.st_dev, info.st_ino)
+    inside = entries(path)
+    if recorded.get(path) != key:
+        if key in names and names[key] != path:
+            fail(f"tar met a directory under two names ({os.fsdecode(names[key])!r} is now "
+                 f"{os.fsdecode(path)!r})")
+        if any(older(entry) for entry in inside):
+            fail(f"a directory was moved to {os.fsdecode(path)!r}")
+    todo += [path + b"/" + entry.name for entry in inside if entry.is_dir(follow_symlinks=False)]
 """
 
 # Copies a live SQLite database consistently while Synapse writes to it, unless
@@ -566,26 +597,26 @@ def build_backup_command(
     )
     # The database's copy gone is a missing database, not a purge.
     checked = [*members, copy_member] if database_path else members
-    removed = ["python3", "-c", _REMOVED_PROGRAM, tar_errors, snapshot_file or ""]
-    removed += [parent_state if snapshot_file else "", *checked]
-    lines += ["only_removed_paths() {", _script([removed]), "}"]
+    check = ["python3", "-c", _TAR_READ_CHECK_PROGRAM, tar_errors, snapshot_file or ""]
+    check_call = _script([check]) + ' "$1" ' + _script([checked])  # $1: tar's exit status
+    lines += ["check_tar_read() {", check_call, "}"]
     upload = ["python3", "-c", _UPLOAD_PROGRAM, digest_file, str(int(piece_size))]
     upload += [ARCHIVE_PIECE_INFIX, *aws]
     lines += [
         " | ".join(
             [
                 # Exit 1 is "some files changed while read" (a busy server),
-                # 2 only from directories deleted while read is the same
-                # (_REMOVED_PROGRAM); anything worse fails the backup.
+                # 2 only from directories deleted while read is the same; tar
+                # must also have met every directory under its own name
+                # (_TAR_READ_CHECK_PROGRAM). Anything else fails the backup.
                 "{ "
                 + _script([tar])
                 + database_members
                 + " 2>"
                 + shlex.quote(tar_errors)
-                + ' || { status=$?; [ "$status" -eq 1 ] || '
-                + '{ [ "$status" -eq 2 ] && only_removed_paths; } || { cat -- '
+                + ' || tar_status=$?; check_tar_read "${tar_status:-0}" || { cat -- '
                 + shlex.quote(tar_errors)
-                + ' >&2; exit "$status"; }; }; }',
+                + ' >&2; exit "${tar_status:-1}"; }; }',
                 _script([gpg]),
                 _script([upload]),
             ]

@@ -1,9 +1,10 @@
 """The backup script's ``{ tar ...; } | gpg | digest | aws`` pipeline, split into commands.
 
-Tar's element of the pipeline is a group that lets tar's exit status 1 ("some
-files changed while read", a busy server) pass, and 2 when the script's
-``only_removed_paths`` finds that it came only from directories deleted while
-tar read them; it fails with any other, giving tar's messages (kept in a
+Tar's element of the pipeline is a group that runs the script's
+``check_tar_read`` with tar's exit status: it lets 1 ("some files changed
+while read", a busy server) pass, and 2 when it came only from directories
+deleted while tar read them, and checks that tar met every directory under
+its own name. Otherwise the group fails, giving tar's messages (kept in a
 file, for the warning of a renamed directory) with the failure. These
 helpers check that group word for word and give back each command's words, so
 that a test can look at tar's options without the shell syntax around them.
@@ -14,15 +15,14 @@ from __future__ import annotations
 import re
 import shlex
 
-# What follows tar's words in its group: its messages go to a file; exit 1 is a
-# warning, and so is 2 from deleted directories only; anything else fails
-# after passing the messages on.
+# What follows tar's words in its group: its messages go to a file; the check
+# decides, from tar's exit status, and fails the group after passing the
+# messages on.
 TAR_STATUS_GUARD = re.compile(
-    r' 2>(\S+) \|\| \{ status=\$\?; \[ "\$status" -eq 1 \] '
-    r'\|\| \{ \[ "\$status" -eq 2 \] && only_removed_paths; \} '
-    r'\|\| \{ cat -- \1 >&2; exit "\$status"; \}; \}; \}'
+    r' 2>(\S+) \|\| tar_status=\$\?; check_tar_read "\$\{tar_status:-0\}" '
+    r'\|\| \{ cat -- \1 >&2; exit "\$\{tar_status:-1\}"; \}; \}'
 )
-REMOVED_CHECK_START = "\nonly_removed_paths() {\n"
+CHECK_START = "\ncheck_tar_read() {\n"
 PIPELINE_START = "{ tar --create "
 # Tar's last words: the database copy's, set in an array when it was copied.
 DATABASE_WORDS = ' ${database[@]+"${database[@]}"}'
@@ -83,16 +83,16 @@ def database_words(script: str) -> list[str]:
     return shlex.split(script[start : script.index(")\nfi\n", start)])  # names may hold newlines
 
 
-def removed_check_words(script: str) -> list[str]:
-    """Return the words of the command that ``only_removed_paths`` runs.
+def check_words(script: str) -> list[str]:
+    """Return the words of the command that ``check_tar_read`` runs.
 
     Args:
         script: the whole backup script.
 
     Returns:
-        The words: python3, -c, the program, tar's messages, the members.
+        The words: python3, -c, the program, tar's messages, the state, ``$1``, the members.
     """
-    start = script.index(REMOVED_CHECK_START) + len(REMOVED_CHECK_START)
+    start = script.index(CHECK_START) + len(CHECK_START)
     lexer = shlex.shlex(script[start:], posix=True)
     lexer.whitespace_split = True
     words = []
@@ -100,4 +100,4 @@ def removed_check_words(script: str) -> list[str]:
         if word == "}":
             return words
         words.append(word)
-    raise AssertionError("only_removed_paths has no end")
+    raise AssertionError("check_tar_read has no end")

@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import tarfile
+import time
 
 import pydantic
 import pytest
@@ -23,8 +24,8 @@ import backup_store
 from tests.unit.pipeline import (
     PIPELINE_START,
     TAR_STATUS_GUARD,
+    check_words,
     database_words,
-    removed_check_words,
     split_backup_pipeline,
 )
 from tests.unit.tar_transform import apply_transform
@@ -447,14 +448,14 @@ def test_build_backup_command_shape():
         "--add-file=data/media_store/local_content",
     ]
     # tar's exit status 1 (a file changed while read) passes, 2 from deleted
-    # directories only too; any other fails the pipeline.
-    assert removed_check_words(script) == [
+    # directories only too; any other fails the pipeline (check_tar_read).
+    assert check_words(script) == [
         "python3",
         "-c",
-        backup._REMOVED_PROGRAM,
+        backup._TAR_READ_CHECK_PROGRAM,
         f"{WORK_DIR}/tar-errors",
-        "",  # no snapshot states: a plain archive
-        "",
+        "",  # no snapshot state: a plain archive
+        "$1",  # tar's exit status
         "data/homeserver.yaml",
         "data/media_store/local_content",
     ]
@@ -534,7 +535,7 @@ def test_build_backup_command_quotes_hostile_paths(name: str):
     assert tar[-2].startswith("--transform=s,^")
     expression = tar[-2].removeprefix("--transform=")
     # The check of tar's exit status 2 knows the same members, word for word.
-    assert removed_check_words(script)[6:] == [
+    assert check_words(script)[6:] == [
         f"data/{name}",
         f"data/media_store/{name}/x",
         copy_member,  # the database's copy gone is no purge either
@@ -922,6 +923,19 @@ def test_build_backup_command_tar_exit_status(
         assert not result.stdout.strip()
 
 
+def _check_tar_read(
+    errors: pathlib.Path, state: pathlib.Path | None, status: int, *members: str
+) -> subprocess.CompletedProcess[str]:
+    """Run the check the backup script runs after tar, as it runs it."""
+    return subprocess.run(
+        [
+            sys.executable, "-c", backup._TAR_READ_CHECK_PROGRAM, str(errors),
+            str(state) if state else "", str(status), *members,
+        ],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+
+
 _GONE = "tar: {gone}: Cannot stat: No such file or directory"
 _TRAILER = "tar: Exiting with failure status due to previous errors"
 
@@ -959,31 +973,18 @@ _TRAILER = "tar: Exiting with failure status due to previous errors"
         pytest.param([], False, id="no-message"),
     ],
 )
-@pytest.mark.parametrize(
-    "recorded",
-    [
-        "nowhere",
-        "state-gone",  # this run's state has the gone directory's inode: found nowhere now
-        "parent-gone",
-        "state-renamed",  # ...found under another name: a rename, not a purge
-        "parent-renamed",
-    ],
-)
-def test_removed_paths_check(
-    tmp_path: pathlib.Path, messages: list[str], removed_only: bool, recorded: str
+def test_tar_exit_status_2_passes_only_for_deleted_directories(
+    tmp_path: pathlib.Path, messages: list[str], removed_only: bool
 ):
     """Tar's exit status 2 passes only when every error names a deleted, non-member path.
 
     Arrange: tar's messages naming paths (relative to /, as tar names them) that
-    exist, are gone, or are a top-level member (gone too); a snapshot state
-    (this run's or the parent's) that may record the gone directory's inode,
-    as a directory that is now elsewhere (renamed) or nowhere.
+    exist, are gone, or are a top-level member (gone too); no snapshot state.
     Act: run the check program with python3.
-    Assert: its exit status, and its message for a rename.
+    Assert: its exit status, silent.
     """
     here = tmp_path / "data" / "media"
     here.mkdir(parents=True)
-    (here / "moved").mkdir()
     names = {
         "here": str(here).lstrip("/"),
         "gone": str(here / "purged").lstrip("/"),
@@ -991,33 +992,116 @@ def test_removed_paths_check(
     }
     errors = tmp_path / "tar-errors"
     errors.write_text("".join(line.format(**names) + "\n" for line in messages))
-    states = {"state": tmp_path / "state", "parent": tmp_path / "parent-state"}
-    for which, path in states.items():
-        inode = (here / "moved").stat().st_ino if recorded.endswith("renamed") else 1
-        other = b"0\x001\x002\x003\x004\x00%s/other\x00Yfile\x00\x00\x00" % names["here"].encode()
-        record = b"0\x001\x002\x003\x00%d\x00%s\x00Dsub\x00\x00\x00" % (
-            inode,
-            names["gone"].encode(),
-        )
-        state = b"GNU tar-1.34-2\n1\x000\x00" + other
-        path.write_bytes(state + record if recorded.startswith(which) else state)
 
-    result = subprocess.run(
-        [
-            sys.executable, "-c", backup._REMOVED_PROGRAM, str(errors), str(states["state"]),
-            str(states["parent"]), names["here"], names["member"],
-        ],
-        capture_output=True, text=True, check=False, timeout=60,
-    )  # fmt: skip
+    result = _check_tar_read(errors, None, 2, names["here"], names["member"])
 
-    if removed_only and recorded.endswith("renamed"):
-        assert result.returncode == 1
-        assert result.stderr == (
-            "tar met a directory under two names while it read the data: "
-            f"{names['gone']!r} is now {names['here'] + '/moved'!r}\n"
-        )
-        return
     assert (result.returncode, result.stderr) == (0 if removed_only else 1, "")
+
+
+@pytest.mark.parametrize(("status", "passes"), [(0, True), (1, True), (141, False), (3, False)])
+def test_tar_exit_status_other_than_2(tmp_path: pathlib.Path, status: int, passes: bool):
+    """0 and 1 pass (without a state, nothing more is checked); a status above 2 fails."""
+    errors = tmp_path / "tar-errors"
+    errors.write_text("tar: data/x: file changed as we read it\n")
+
+    assert (_check_tar_read(errors, None, status).returncode == 0) == passes
+
+
+def _odd_tree(top: pathlib.Path) -> None:
+    """Directories with names that test a parser of tar's state: NULs apart, anything goes."""
+    for name in ("plain", "with\nnewline", "123", "-1", "Ylike", "Dlike", "empty", "a/b/c/d"):
+        (top / name).mkdir(parents=True)
+    (top / os.fsdecode(b"non-utf8-\xff\xfe")).mkdir()
+    for directory in ("plain", "with\nnewline", "123", "a/b", os.fsdecode(b"non-utf8-\xff\xfe")):
+        (top / directory / "file").write_text("x")
+
+
+def _tar_state(tmp_path: pathlib.Path, member: str, state: pathlib.Path) -> int:
+    """Archive a member (relative to /) as the backup script does, to nowhere: tar's status."""
+    return subprocess.run(
+        [
+            "tar", "--create", "--file=-", "--format=posix", "--quoting-style=escape",
+            "--directory=/", f"--listed-incremental={state}", "--no-check-device",
+            "--no-unquote", f"--add-file={member}",
+        ],
+        stdout=subprocess.DEVNULL, stderr=(tmp_path / "tar-errors").open("wb"),
+        check=False, timeout=60, env={**os.environ, "LC_ALL": "C"},
+    ).returncode  # fmt: skip
+
+
+@pytest.mark.skipif(not shutil.which("tar"), reason="needs GNU tar")
+@pytest.mark.parametrize("incremental", [False, True], ids=["full", "incremental"])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        pytest.param("none", "", id="nothing-changed"),
+        pytest.param("new-directory", "", id="a-directory-made-since"),
+        pytest.param("deleted", "", id="a-directory-deleted-since"),
+        pytest.param("renamed", "tar met a directory under two names", id="renamed"),
+        pytest.param("moved-in", "a directory was moved to", id="moved-in-from-outside"),
+        pytest.param("replaced", "a directory was moved to", id="replaced-by-an-old-one"),
+    ],
+)
+def test_tar_read_check_against_real_tar_states(
+    tmp_path: pathlib.Path, incremental: bool, change: str, message: str
+):
+    """After tar, every directory under the members must be in its state under its own name.
+
+    Arrange: a tree with odd names, archived by real tar with a snapshot state
+    (after a first run, for an incremental one); then a change to the tree,
+    as if made while tar read it, after tar had passed.
+    Act: run the check program with tar's exit status 0.
+    Assert: new and deleted directories pass; a directory under another name
+    (its inode recorded under the old one), or an old one moved in from
+    outside the members (entries older than tar's start), fails with a message.
+    A misread state would fail the unchanged odd tree.
+    """
+    top = tmp_path / "data" / "media"
+    _odd_tree(top)
+    outside = tmp_path / "elsewhere"
+    (outside / "old").mkdir(parents=True)
+    (outside / "old" / "file").write_text("made before tar ran")
+    member = str(top).lstrip("/")
+    state = tmp_path / "state"
+    if incremental:
+        assert _tar_state(tmp_path, member, state) == 0
+        (top / "plain" / "file").write_text("changed")
+    time.sleep(0.02)
+    assert _tar_state(tmp_path, member, state) == 0
+    time.sleep(0.02)
+    if change == "new-directory":
+        (top / "new" / "sub").mkdir(parents=True)
+        (top / "new" / "sub" / "file").write_text("made after tar started")
+    elif change == "deleted":
+        shutil.rmtree(top / "a")
+    elif change == "renamed":
+        (top / "with\nnewline").rename(top / "renamed")
+    elif change == "moved-in":
+        (outside / "old").rename(top / "plain" / "old")
+    elif change == "replaced":
+        shutil.rmtree(top / "123")
+        (outside / "old").rename(top / "123")
+
+    result = _check_tar_read(tmp_path / "tar-errors", state, 0, member)
+
+    if message:
+        assert result.returncode == 1
+        assert result.stderr.startswith(message), result.stderr
+        assert result.stderr.endswith(" while tar read the data: run the backup again\n")
+    else:
+        assert (result.returncode, result.stderr) == (0, "")
+
+
+def test_tar_read_check_fails_on_a_state_it_cannot_read(tmp_path: pathlib.Path):
+    """A state that is not GNU tar's format 2 fails the check: nothing is taken on trust."""
+    state = tmp_path / "state"
+    state.write_bytes(b"GNU tar-1.34-1\n123\n")
+    (tmp_path / "tar-errors").write_text("")
+
+    result = _check_tar_read(tmp_path / "tar-errors", state, 0, str(tmp_path).lstrip("/"))
+
+    assert result.returncode == 1
+    assert "tar's snapshot state could not be read" in result.stderr
 
 
 # --- redact and _parse_digest ---------------------------------------------------------------

@@ -1209,20 +1209,24 @@ def test_an_incomplete_backup_that_another_builds_on_still_protects_its_parent()
 
 
 def test_two_damaged_links_in_a_row_still_protect_the_full_backup():
-    """R1 <- I1 <- I2 <- I3, I1 and I2 both damaged: I3 still needs R1, through both links."""
+    """R1 <- I1 <- I2 <- I3, I1 and I2 both damaged: I3 still needs R1, through both links.
+
+    I1B, complete, also builds on I1: I1 is reached twice.
+    """
     objects = _backup_objects(_manifest(R1))
     objects.update(_backup_objects(_manifest(I1, backup_type="incremental", parent=R1), 99))
     objects.update(_backup_objects(_manifest(I2, backup_type="incremental", parent=I1), 99))
-    i3 = "20250104T000000Z"
+    i3, i1b = "20250104T000000Z", "20250105T000000Z"
     objects.update(_backup_objects(_manifest(i3, backup_type="incremental", parent=I2)))
+    objects.update(_backup_objects(_manifest(i1b, backup_type="incremental", parent=I1)))
     objects.update(_backup_objects(_manifest(R2)))
     client, fake = _fake_client(objects)
 
     listing = client.listing(strict=True)
 
-    assert [m.backup_id for m in listing.backups] == [R2, i3, R1]
-    assert listing.links == {I1: R1, I2: I1, i3: I2}
-    with pytest.raises(backup.S3Error, match=f"is needed by {I1}, {I2}, {i3}"):
+    assert [m.backup_id for m in listing.backups] == [R2, i1b, i3, R1]
+    assert listing.links == {I1: R1, I2: I1, i3: I2, i1b: I1}
+    with pytest.raises(backup.S3Error, match=f"is needed by {I1}, {I2}, {i3}, {i1b}"):
         client.delete_backup(R1)
     assert retention.expired(listing.backups, 1, links=listing.links) == []
     assert fake.calls.count(("delete_object", f"{PREFIX}/{R1}")) == 0

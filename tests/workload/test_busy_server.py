@@ -11,11 +11,12 @@ restore-backup actions run against SeaweedFS (see conftest.py).
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
-import time
 from pathlib import Path
 
+import pytest
 from ops import testing
 
 from charm import SynapseCharm
@@ -29,14 +30,16 @@ Harness = testing.Harness[SynapseCharm]
 
 DIRECTORIES = 3000  # enough for the scan to overlap the deletions (10 of 10 tries here)
 ATTEMPTS = 4
-# The wrapper starts the deleter with the first `tar --create` after it is armed.
+# The wrapper starts the change (delete.py) with the first `tar --create` after
+# it is armed: at once, racing tar's scan (RACE), or once tar has scanned
+# everything and started to write, while its output waits (GATE: tar then
+# meets every change while it writes, deterministically).
 WRAPPER = """#!/bin/bash
 case " $* " in
 *" --create "*)
     if rm /test-bin/armed 2>/dev/null; then
-        python3 /test-bin/delete.py &
-        (exec -a tar {tar} "$@") 2>/test-bin/tar-messages  # named as the charm calls it
-        status=$?
+        {start}
+        status=${{PIPESTATUS[0]}}
         cat /test-bin/tar-messages >&2
         wait
         exit "$status"
@@ -44,6 +47,18 @@ case " $* " in
     ;;
 esac
 exec -a tar {tar} "$@"
+"""
+# Named as the charm calls it: tar's messages start with "tar: ".
+TAR = '(exec -a tar {tar} "$@") 2>/test-bin/tar-messages'
+RACE = "python3 /test-bin/delete.py &\n        " + TAR
+GATE = TAR + " | python3 /test-bin/gate.py"
+GATE_PROGRAM = """
+import subprocess, sys
+first = sys.stdin.buffer.read1(1)  # tar has scanned the tree; its pipe fills while
+subprocess.run([sys.executable, "/test-bin/delete.py"], check=True)  # this runs
+sys.stdout.buffer.write(first)
+while chunk := sys.stdin.buffer.read1(1 << 16):
+    sys.stdout.buffer.write(chunk)
 """
 # Deletes every other directory of the purge tree, as Synapse's media purge
 # would: files first, then their directories.
@@ -60,20 +75,27 @@ top = "/data/media_store/local_content/purged"
 for name in sorted(os.listdir(top))[::2]:
     os.rename(os.path.join(top, name), os.path.join(top, "moved-" + name))
 """
+RENAME_ONE = """
+import os
+top = "/data/media_store/local_content/purged"
+os.rename(os.path.join(top, "m00050"), os.path.join(top, "zz-moved"))
+"""
 REMOVAL_ERROR = r"Cannot (stat|open): No such file or directory"
 
 
-def _purge_tree(data: Path) -> Path:
+def _purge_tree(data: Path, directories: int = DIRECTORIES) -> Path:
     top = data / "media_store/local_content/purged"
     if top.exists():
         shutil.rmtree(top)
-    for index in range(DIRECTORIES):
+    for index in range(directories):
         _write(top / f"m{index:05d}/thumbnails/scaled", b"x" * 64)
         _write(top / f"m{index:05d}/original", b"y" * 64)
     return top
 
 
-def _racing(harness: Harness, s3_server: SeaweedServer, bucket: str, mutation: str) -> Path:
+def _racing(
+    harness: Harness, s3_server: SeaweedServer, bucket: str, mutation: str, start: str = RACE
+) -> Path:
     """Configure the charm, with a tar that starts ``mutation`` (a python program) when armed.
 
     Returns:
@@ -83,9 +105,10 @@ def _racing(harness: Harness, s3_server: SeaweedServer, bucket: str, mutation: s
     bin_dir = root / "test-bin"
     bin_dir.mkdir()
     real_tar = shutil.which("tar", path=":".join(default_path()))
-    (bin_dir / "tar").write_text(WRAPPER.format(tar=real_tar))
+    (bin_dir / "tar").write_text(WRAPPER.format(start=start.format(tar=real_tar), tar=real_tar))
     (bin_dir / "tar").chmod(0o755)
     (bin_dir / "delete.py").write_text(mutation)
+    (bin_dir / "gate.py").write_text(GATE_PROGRAM)
     shutil.chown(bin_dir, SYNAPSE_UID, SYNAPSE_GID)
     sandbox = Sandbox(root, path_dirs=["/test-bin", *default_path()])
     configure(harness, s3_server, bucket)
@@ -125,40 +148,78 @@ def test_directories_deleted_during_the_backup_do_not_fail_it(
     assert (incremental["type"], incremental["parent"]) == ("incremental", full["backup-id"])
     changed = snapshot(data)
 
-    for backup_id, expected in (
-        (full["backup-id"], survivors),
-        (incremental["backup-id"], changed),
-    ):
-        harness.run_action("restore-backup", {"backup-id": backup_id})
-        actual = snapshot(data)
-        assert actual == expected, describe_difference(expected, actual)
+    # The full backup has every survivor as it is; of the deleted directories, it
+    # may have what tar wrote before they went (a backup of a server at work).
+    harness.run_action("restore-backup", {"backup-id": full["backup-id"]})
+    actual = snapshot(data)
+    deleted = re.compile(rb"media_store/local_content/purged/m\d*[02468](/|$)")
+    extra = {name: entry for name, entry in actual.items() if name not in survivors}
+    assert all(deleted.match(name) for name in extra), sorted(extra)[:5]
+    kept = {name: entry for name, entry in actual.items() if name in survivors}
+    assert kept == survivors, describe_difference(survivors, kept)
+    # The incremental one, made when they were gone, has none of them.
+    harness.run_action("restore-backup", {"backup-id": incremental["backup-id"]})
+    actual = snapshot(data)
+    assert actual == changed, describe_difference(changed, actual)
 
 
+@pytest.mark.parametrize(
+    ("renamer", "new_name"),
+    [
+        pytest.param(RENAMER, r"purged/moved-\1", id="many"),
+        # One, to a name after it that tar had not reached.
+        pytest.param(RENAME_ONE, "purged/zz-moved", id="one"),
+    ],
+)
 def test_directories_renamed_during_the_backup_fail_it_clearly(
+    harness: Harness, s3_server: SeaweedServer, bucket: str, renamer: str, new_name: str
+) -> None:
+    """Directories renamed after tar's scan, before it wrote them: a clear failure.
+
+    tar reports the old names as removed and the archive has them under
+    neither name. The check after tar finds their inodes, recorded in tar's
+    state under the old names, under new ones.
+    """
+    bin_dir = _racing(harness, s3_server, bucket, renamer, start=GATE)
+    data = harness.get_filesystem_root("synapse") / "data"
+    _purge_tree(data, 100)
+    # Written before the purge tree, and more than a pipe holds: tar waits in it.
+    _write(data / "media_store/local_content/aaa-large", os.urandom(1 << 20))
+    (bin_dir / "armed").touch()
+
+    with pytest.raises(testing.ActionFailed) as failure:
+        harness.run_action("create-backup", {"type": "full"})
+
+    assert "File removed before we read it" in (bin_dir / "tar-messages").read_text()
+    message = failure.value.message
+    assert "tar met a directory under two names (" in message, message
+    assert re.search(rf"/purged/(m\d+)' is now '[^']*/{new_name}'\)", message), message
+    assert "while tar read the data: run the backup again" in message
+    assert harness.run_action("list-backups").results["backups"] == {}
+
+
+def test_directory_moved_in_during_the_backup_fails_it_clearly(
     harness: Harness, s3_server: SeaweedServer, bucket: str
 ) -> None:
-    """A directory renamed while tar reads: the same error for its old name, a clear failure.
+    """A directory of old files moved in after tar passed its new place: a clear failure.
 
-    The archive has it under neither name, so its old inode found under a
-    new name fails the backup, and nothing of it is listed. Before, the
-    check let the backup pass without the renamed files.
+    tar says nothing at all (exit status 0), and the archive lacks it.
     """
-    bin_dir = _racing(harness, s3_server, bucket, RENAMER)
+    mover = """
+import os
+os.rename("/data/staged", "/data/media_store/local_content/aaa-large-dir")
+"""
+    bin_dir = _racing(harness, s3_server, bucket, mover, start=GATE)
     data = harness.get_filesystem_root("synapse") / "data"
+    _write(data / "staged/old-file", b"made before the backup")
+    _write(data / "media_store/local_content/aaa-large", os.urandom(1 << 20))
+    (bin_dir / "armed").touch()
 
-    failure = None
-    for _ in range(ATTEMPTS):
-        _purge_tree(data)
-        (bin_dir / "armed").touch()
-        time.sleep(1.05)  # ids are per second
-        try:
-            harness.run_action("create-backup", {"type": "full"})
-        except testing.ActionFailed as exc:
-            failure = exc.message
-            break
-        # tar met no rename this time (all before or after its scan): it must have said nothing
-        assert not re.search(REMOVAL_ERROR, (bin_dir / "tar-messages").read_text())
-    assert failure, f"tar never met a renamed directory in {ATTEMPTS} tries"
-    assert "tar met a directory under two names while it read the data: " in failure
-    assert re.search(r"/purged/(m\d+)' is now '[^']*/purged/moved-\1'", failure), failure
+    with pytest.raises(testing.ActionFailed) as failure:
+        harness.run_action("create-backup", {"type": "full"})
+
+    assert (bin_dir / "tar-messages").read_text() == ""
+    assert "a directory was moved to 'data/media_store/local_content/aaa-large-dir'" in (
+        failure.value.message
+    )
     assert harness.run_action("list-backups").results["backups"] == {}
