@@ -282,15 +282,18 @@ with open(errors, "rb") as source:
 # and is not a member, and every other message is one of tar's warnings;
 # any other message, or a name tar escaped, keeps the error (exit 1, no
 # message). A directory *renamed* or moved while tar reads gets the same
-# messages (or only "File removed before we read it", status 1), and the
-# archive may have it under neither name. So, with a snapshot state, every
-# directory under the members must be recorded in it (every directory tar
-# scanned is) under its own name, or be new: one whose device and inode the
-# state records under another name was renamed, and one with an entry whose
-# ctime is older than tar's start (a rename leaves its entries' ctimes) was
-# moved in; either fails the backup with a message (an inode the file system
-# gave at once to a new directory fails it the same way: the safe side).
-# When tar warned that a directory was renamed, the script's rename check
+# messages, or only "File removed before we read it", or none (moved to a
+# place tar has passed), and the archive has it under neither name. So,
+# with a snapshot state, every directory under the members must be recorded
+# in it (every directory tar scanned is) under its own name, or be new: a
+# directory tar did not record under its name that holds an entry whose
+# ctime is older than tar's start (a rename leaves its entries' ctimes;
+# anything made or moved in since has a newer one) fails the backup with a
+# message. Directories match by inode alone, as tar matches them with
+# --no-check-device (it keeps a directory's old device number in the
+# state). A new directory that got a deleted one's inode holds only new
+# entries, and passes. Where tar warned that a directory was renamed *from*
+# another name, its state may keep the old name: the script's rename check
 # (_RENAMED_PROGRAM) decides instead.
 _TAR_READ_CHECK_PROGRAM = r"""
 import os, re, stat, sys
@@ -319,9 +322,7 @@ if status == 2:
             sys.exit(1)
     if not seen:
         sys.exit(1)
-# Where tar warned of a renamed directory, its state may keep an old name for
-# an inode: the script's rename check, after the pipeline, decides instead.
-if not state or b"Directory has been renamed" in messages:
+if not state or re.search(rb"^tar: .*: Directory has been renamed from ", messages, re.M):
     sys.exit(0)
 def fail(problem):
     sys.exit(f"{problem} while tar read the data: run the backup again")
@@ -332,12 +333,12 @@ with open(state, "rb") as source:
 fields = body.split(b"\0")
 if not re.fullmatch(rb"GNU tar-[^\n]*-2", header) or len(fields) < 2:
     fail("tar's snapshot state could not be read")
-since = int(fields[0]) * 10**9 + int(fields[1])
+# A second of margin: file times come from the kernel's coarse clock.
+since = (int(fields[0]) - 1) * 10**9 + int(fields[1])
 recorded, names, index = {}, {}, 2
 while index + 6 <= len(fields):
-    key = (int(fields[index + 3]), int(fields[index + 4]))
-    recorded[fields[index + 5]] = key
-    names[key] = fields[index + 5]
+    recorded[fields[index + 5]] = int(fields[index + 4])
+    names[int(fields[index + 4])] = fields[index + 5]
     index += 6
     while index < len(fields) and fields[index]:
         index += 1
@@ -362,14 +363,12 @@ while todo:
         continue
     if not stat.S_ISDIR(info.st_mode):
         continue
-    key = (info.st_dev, info.st_ino)
     inside = entries(path)
-    if recorded.get(path) != key:
-        if key in names and names[key] != path:
-            fail(f"tar met a directory under two names ({os.fsdecode(names[key])!r} is now "
-                 f"{os.fsdecode(path)!r})")
-        if any(older(entry) for entry in inside):
-            fail(f"a directory was moved to {os.fsdecode(path)!r}")
+    if recorded.get(path) != info.st_ino and any(older(entry) for entry in inside):
+        if names.get(info.st_ino, path) != path:
+            fail(f"tar met a directory under two names ({os.fsdecode(names[info.st_ino])!r} "
+                 f"is now {os.fsdecode(path)!r})")
+        fail(f"a directory was moved to {os.fsdecode(path)!r}")
     todo += [path + b"/" + entry.name for entry in inside if entry.is_dir(follow_symlinks=False)]
 """
 

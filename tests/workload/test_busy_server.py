@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,18 @@ RENAME_ONE = """
 import os
 top = "/data/media_store/local_content/purged"
 os.rename(os.path.join(top, "m00050"), os.path.join(top, "zz-moved"))
+"""
+# Synapse at work: deletes old media directories, and makes new ones for uploads
+# (the file system may give them the deleted ones' inodes).
+PURGE_AND_UPLOAD = """
+import os, shutil
+top = "/data/media_store/local_content/purged"
+for name in sorted(os.listdir(top))[::2]:
+    shutil.rmtree(os.path.join(top, name))
+for index in range(50):
+    os.makedirs(os.path.join(top, f"upload{index:02d}", "thumbnails"))
+    with open(os.path.join(top, f"upload{index:02d}", "original"), "wb") as file:
+        file.write(b"new media")
 """
 REMOVAL_ERROR = r"Cannot (stat|open): No such file or directory"
 
@@ -186,6 +199,7 @@ def test_directories_renamed_during_the_backup_fail_it_clearly(
     # Written before the purge tree, and more than a pipe holds: tar waits in it.
     _write(data / "media_store/local_content/aaa-large", os.urandom(1 << 20))
     (bin_dir / "armed").touch()
+    time.sleep(1.1)  # the check gives tar's start a second of margin
 
     with pytest.raises(testing.ActionFailed) as failure:
         harness.run_action("create-backup", {"type": "full"})
@@ -214,6 +228,7 @@ os.rename("/data/staged", "/data/media_store/local_content/aaa-large-dir")
     _write(data / "staged/old-file", b"made before the backup")
     _write(data / "media_store/local_content/aaa-large", os.urandom(1 << 20))
     (bin_dir / "armed").touch()
+    time.sleep(1.1)  # the check gives tar's start a second of margin
 
     with pytest.raises(testing.ActionFailed) as failure:
         harness.run_action("create-backup", {"type": "full"})
@@ -223,3 +238,28 @@ os.rename("/data/staged", "/data/media_store/local_content/aaa-large-dir")
         failure.value.message
     )
     assert harness.run_action("list-backups").results["backups"] == {}
+
+
+def test_a_purge_and_uploads_while_tar_writes_pass(
+    harness: Harness, s3_server: SeaweedServer, bucket: str
+) -> None:
+    """Deleted directories, and new ones (maybe with their inodes), made while tar writes: fine.
+
+    The backup has every directory that was there throughout, as it was.
+    """
+    bin_dir = _racing(harness, s3_server, bucket, PURGE_AND_UPLOAD, start=GATE)
+    data = harness.get_filesystem_root("synapse") / "data"
+    _purge_tree(data, 100)
+    _write(data / "media_store/local_content/aaa-large", os.urandom(1 << 20))
+    before = snapshot(data)
+    (bin_dir / "armed").touch()
+
+    full = _backup(harness, type="full")
+
+    after = snapshot(data)
+    harness.run_action("restore-backup", {"backup-id": full["backup-id"]})
+    restored = snapshot(data)
+    throughout = {name: entry for name, entry in before.items() if after.get(name) == entry}
+    assert len(throughout) > len(before) // 2
+    kept = {name: restored.get(name) for name in throughout}
+    assert kept == throughout, describe_difference(throughout, kept)
