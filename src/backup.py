@@ -278,10 +278,11 @@ with open(errors, "rb") as source:
 # deleted while its listed-incremental scan runs as an error ("Cannot stat"
 # or "Cannot open: No such file or directory", status 2); the archive and
 # its state are sound then, the directory left out as if deleted before. So
-# status 2 passes when there was such an error, each path it names is gone
-# and is not a member, and every other message is one of tar's warnings;
-# any other message, or a name tar escaped, keeps the error (exit 1, no
-# message). A directory *renamed* or moved while tar reads gets the same
+# status 2 passes when there was such an error, each path it names is gone,
+# or a directory again (made anew, as by an upload, and judged by the walk
+# below), and is not a member, and every other message is one of tar's
+# warnings; any other message, or a name tar escaped, keeps the error (exit
+# 1, no message). A directory *renamed* or moved while tar reads gets the same
 # messages, or only "File removed before we read it", or none (moved to a
 # place tar has passed), and the archive has it under neither name. So,
 # with a snapshot state, every directory under the members must be recorded
@@ -310,19 +311,26 @@ if status == 2:
         rb"|Directory has been renamed( from .*)?)"
         rb"|tar: Exiting with failure status due to previous errors"
     )
-    seen = False
+    seen, again = False, []
     for line in messages.splitlines():
         error = removed.fullmatch(line)
         if error:
             name = error[1].rstrip(b"/")
-            if b"\\" in name or name in members or os.path.lexists(b"/" + name):
+            if b"\\" in name or name in members:
                 sys.exit(1)
+            if os.path.lexists(b"/" + name):
+                again.append(name)  # made again since (an upload): the walk below judges it
             seen = True
         elif not warning.fullmatch(line):
             sys.exit(1)
     if not seen:
         sys.exit(1)
-if not state or re.search(rb"^tar: .*: Directory has been renamed from ", messages, re.M):
+    for name in again:
+        if not state or os.path.islink(b"/" + name) or not os.path.isdir(b"/" + name):
+            sys.exit(1)
+if re.search(rb"^tar: .*: Directory has been renamed from ", messages, re.M):
+    sys.exit(1 if status == 2 and again else 0)
+if not state:
     sys.exit(0)
 def fail(problem):
     sys.exit(f"{problem} while tar read the data: run the backup again")

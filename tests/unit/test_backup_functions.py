@@ -1121,6 +1121,58 @@ def test_tar_read_check_against_real_tar_states(
         assert (result.returncode, result.stderr) == (0, "")
 
 
+@pytest.mark.skipif(not shutil.which("tar"), reason="needs GNU tar")
+@pytest.mark.parametrize(
+    ("again", "message"),
+    [
+        pytest.param("new-directory", "", id="made-again-by-an-upload"),
+        pytest.param("old-directory", "a directory was moved to", id="an-old-one-moved-there"),
+        pytest.param("file", None, id="a-file-now"),
+    ],
+)
+def test_tar_exit_status_2_for_a_directory_made_again(
+    tmp_path: pathlib.Path, again: str, message: str | None
+):
+    """A purged directory made again before tar ended (an upload): the walk judges it.
+
+    Arrange: a real tar state of a tree; tar's "Cannot stat" (status 2) for a
+    directory that was deleted while tar read, and is there again: a new
+    directory with new files, an old directory moved there, or a file.
+    Act: run the check program.
+    Assert: the new directory passes; the old one fails as moved; a file
+    fails silently (exit 1: tar's messages say the rest).
+    """
+    top = tmp_path / "data" / "media"
+    _odd_tree(top)
+    outside = tmp_path / "elsewhere" / "old"
+    outside.mkdir(parents=True)
+    (outside / "file").write_text("made before tar ran")
+    time.sleep(1.1)  # older than tar's start, with the check's second of margin
+    member = str(top).lstrip("/")
+    state = tmp_path / "state"
+    assert _tar_state(tmp_path, member, state) == 0
+    shutil.rmtree(top / "plain")
+    if again == "new-directory":
+        (top / "plain").mkdir()
+        (top / "plain" / "upload").write_text("new")
+    elif again == "old-directory":
+        outside.rename(top / "plain")
+    else:
+        (top / "plain").write_text("a file")
+    errors = tmp_path / "tar-errors"
+    errors.write_text(f"tar: {member}/plain: Cannot stat: No such file or directory\n")
+
+    result = _check_tar_read(errors, state, 2, member)
+
+    if message is None:
+        assert (result.returncode, result.stderr) == (1, "")
+    elif message:
+        assert result.returncode == 1
+        assert result.stderr.startswith(message), result.stderr
+    else:
+        assert (result.returncode, result.stderr) == (0, "")
+
+
 def test_tar_read_check_fails_on_a_state_it_cannot_read(tmp_path: pathlib.Path):
     """A state that is not GNU tar's format 2 fails the check: nothing is taken on trust."""
     state = tmp_path / "state"
