@@ -1,12 +1,16 @@
-"""Backups of a server that deletes media while the backup reads it.
+"""Backups of a server that changes its media while the backup reads it.
 
-Synapse purges old and remote media on its own schedule, so a backup may
-meet directories that disappear under it. GNU tar 1.34 reports a directory
-deleted during its listed-incremental scan as an error (exit status 2,
-"Cannot stat: No such file or directory"), where a deleted file is only a
-warning. Here the deletion runs for real, in the bubblewrap container,
-started with tar by a wrapper; the charm's real create-backup and
-restore-backup actions run against SeaweedFS (see conftest.py).
+Synapse purges old and remote media on its own schedule, and makes new
+directories for uploads, so a backup may meet directories that disappear,
+or appear, under it. GNU tar 1.34 reports a directory deleted during its
+listed-incremental scan as an error (exit status 2, "Cannot stat: No such
+file or directory"), where a deleted file is only a warning: such backups
+must pass. A directory renamed or moved while tar reads is in the archive
+under neither name: such backups must fail, clearly (the check the script
+runs after tar, see docs/explanation/architecture.md). Here each change
+runs for real, in the bubblewrap container, started with tar by a wrapper;
+the charm's real create-backup and restore-backup actions run against
+SeaweedFS (see conftest.py).
 """
 
 from __future__ import annotations
