@@ -380,6 +380,27 @@ def _run(command: list[str], env: dict[str, str], cwd: pathlib.Path) -> str:
     return result.stdout
 
 
+def _restore_into(
+    staging: pathlib.Path,
+    backup_id: str,
+    env: dict[str, str],
+    tmp_path: pathlib.Path,
+    *,
+    cwd: pathlib.Path,
+) -> str:
+    """Run the restore script of one backup into staging, in its own work dir; return stdout."""
+    work = tmp_path / f"restore-{backup_id}"
+    work.mkdir()
+    command = backup.build_restore_command(
+        _params(path="prod"),
+        backup_id,
+        str(work / "passphrase"),
+        staging_dir=str(staging),
+        work_dir=str(work),
+    )
+    return _run(command, env, cwd)
+
+
 def _tree(directory: pathlib.Path) -> dict[str, bytes]:
     return {
         str(path.relative_to(directory)): path.read_bytes()
@@ -474,16 +495,8 @@ def test_incremental_chain_round_trip(tmp_path: pathlib.Path):
     staging = tmp_path / "staging"
     staging.mkdir()
     for backup_id, members in ((FULL_ID, full_members), (INCREMENTAL_ID, incremental_members)):
-        work = tmp_path / f"restore-{backup_id}"
-        work.mkdir()
-        command = backup.build_restore_command(
-            _params(path="prod"),
-            backup_id,
-            str(work / "passphrase"),
-            staging_dir=str(staging),
-            work_dir=str(work),
-        )
-        _, size, restored_members = backup_container._parse_digest(_run(command, env, tmp_path))
+        output = _restore_into(staging, backup_id, env, tmp_path, cwd=tmp_path)
+        _, size, restored_members = backup_container._parse_digest(output)
         assert size == (bucket / backup_id).stat().st_size
         assert restored_members == members, backup_id
     assert "tar: Deleting" in (tmp_path / f"restore-{INCREMENTAL_ID}" / "index").read_text()
@@ -779,16 +792,7 @@ def test_a_renamed_directory_stops_the_incremental_script_and_restores_replay_in
     staging.mkdir()
     elsewhere.mkdir()
     for backup_id in (FULL_ID, INCREMENTAL_ID):
-        work = tmp_path / f"restore-{backup_id}"
-        work.mkdir()
-        command = backup.build_restore_command(
-            _params(path="prod"),
-            backup_id,
-            str(work / "passphrase"),
-            staging_dir=str(staging),
-            work_dir=str(work),
-        )
-        _run(command, env, elsewhere)
+        _restore_into(staging, backup_id, env, tmp_path, cwd=elsewhere)
     restored = staging / media.relative_to("/")
     assert (restored / "a" / "file").read_text() == "b"
     assert (restored / "b" / "file").read_text() == "a"
