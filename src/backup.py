@@ -272,7 +272,8 @@ with open(errors, "rb") as source:
 
 # Checks, after tar, that the archive holds every directory under the
 # backed-up paths (argv: tar's messages, the snapshot state tar wrote or "",
-# tar's exit status, then the top-level members). Synapse keeps running
+# a file made on the data volume just before tar started or "", tar's exit
+# status, then the top-level members). Synapse keeps running
 # during a backup and deletes media on its own schedule. GNU tar 1.34
 # reports a file deleted under it as a warning (status 1), but a directory
 # deleted while its listed-incremental scan runs as an error ("Cannot stat"
@@ -293,13 +294,16 @@ with open(errors, "rb") as source:
 # message. Directories match by inode alone, as tar matches them with
 # --no-check-device (it keeps a directory's old device number in the
 # state). A new directory that got a deleted one's inode holds only new
-# entries, and passes. Where tar warned that a directory was renamed *from*
+# entries, and passes. On the data volume, "tar's start" is the ctime of the
+# file made before it: file times there come from the volume's clock (a
+# network file server's), which may disagree with the unit's, where tar
+# takes its own. Where tar warned that a directory was renamed *from*
 # another name, its state may keep the old name: the script's rename check
 # (_RENAMED_PROGRAM) decides instead.
 _TAR_READ_CHECK_PROGRAM = r"""
 import os, re, stat, sys
-errors, state, status = sys.argv[1], sys.argv[2], int(sys.argv[3])
-members = [os.fsencode(name) for name in sys.argv[4:]]
+errors, state, clock, status = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+members = [os.fsencode(name) for name in sys.argv[5:]]
 if status not in (0, 1, 2):
     sys.exit(1)
 with open(errors, "rb") as source:
@@ -343,6 +347,13 @@ if not re.fullmatch(rb"GNU tar-[^\n]*-2", header) or len(fields) < 2:
     fail("tar's snapshot state could not be read")
 # A second of margin: file times come from the kernel's coarse clock.
 since = (int(fields[0]) - 1) * 10**9 + int(fields[1])
+volume = since_volume = None
+if clock:
+    try:
+        marker = os.stat(clock)
+    except FileNotFoundError:
+        fail(f"{clock} (the time tar started, on the data volume) went missing")
+    volume, since_volume = marker.st_dev, marker.st_ctime_ns - 10**9
 recorded, names, index = {}, {}, 2
 while index + 6 <= len(fields):
     recorded[fields[index + 5]] = int(fields[index + 4])
@@ -359,9 +370,10 @@ def entries(path):
         return []
 def older(entry):
     try:
-        return entry.stat(follow_symlinks=False).st_ctime_ns < since
+        info = entry.stat(follow_symlinks=False)
     except FileNotFoundError:
         return False
+    return info.st_ctime_ns < (since_volume if info.st_dev == volume else since)
 todo = list(members)
 while todo:
     path = todo.pop()
@@ -464,6 +476,51 @@ def _sed_replacement(text: str) -> str:
     return re.sub(r"([\\&,])", r"\\\1", text)
 
 
+def _database_copy_lines(
+    database_path: str, backup_key: str, work_dir: str, database_state: str | None
+) -> tuple[list[Sequence[str] | str], str, str]:
+    """Return the backup script's lines that copy the database before tar runs.
+
+    They copy it (unless unchanged since the parent) and set the array
+    ``database`` to tar's words for the copy (empty when not copied). The
+    script makes a file beside the copy just before tar starts: its ctime is
+    tar's start by the data volume's clock (check_tar_read).
+
+    Args:
+        database_path: the SQLite database.
+        backup_key: the backup being made.
+        work_dir: the private work directory.
+        database_state: the parent's database fingerprint file, if any.
+
+    Returns:
+        The lines, the copy's member name (relative to /), and that file.
+    """
+    database_member = _relative(database_path)
+    snapshot_dir = _database_copy_dir(backup_key)
+    database_copy = posixpath.join(snapshot_dir, database_member)
+    record = posixpath.join(work_dir, DATABASE_STATE_FILE)
+    copy = ["python3", "-c", _SNAPSHOT_PROGRAM, database_path, database_copy, record]
+    copy.append(database_state or "")
+    # Tar allows one -C with --listed-incremental: the copy is added from /
+    # and renamed to the database's own name in the archive.
+    copy_member = _relative(database_copy)
+    clock_file = posixpath.join(snapshot_dir, "tar-started")
+    transform = f"s,^{_sed_literal(copy_member)}$,{_sed_replacement(database_member)},"
+    lines: list[Sequence[str] | str] = [
+        "SNAPSHOT_DIR=" + shlex.quote(snapshot_dir),
+        ["rm", "-rf", "--", snapshot_dir],  # its copy's existence means "copied"
+        ["mkdir", "-p", "--", posixpath.dirname(database_copy)],
+        copy,
+        "database=()  # stays empty when the database has not changed since the parent",
+        "if [ -e " + shlex.quote(database_copy) + " ]; then",
+        ["chmod", f"--reference={database_path}", "--", database_copy],
+        ["touch", f"--reference={database_path}", "--", database_copy],
+        "database=(" + _script([[f"--transform={transform}", "--add-file=" + copy_member]]) + ")",
+        "fi",
+    ]
+    return lines, copy_member, clock_file
+
+
 def build_backup_command(
     s3_parameters: S3Parameters,
     backup_key: str,
@@ -547,32 +604,12 @@ def build_backup_command(
             "if [ -e " + shlex.quote(snapshot_file) + " ]; then "
             + _script([["cp", "--", snapshot_file, parent_state]]) + "; fi"
         )  # fmt: skip
-    database_members = ""
+    database_members = copy_member = clock_file = ""
     if database_path:
-        database_member = _relative(database_path)
-        snapshot_dir = _database_copy_dir(backup_key)
-        database_copy = posixpath.join(snapshot_dir, database_member)
-        record = posixpath.join(work_dir, DATABASE_STATE_FILE)
-        copy = ["python3", "-c", _SNAPSHOT_PROGRAM, database_path, database_copy, record]
-        copy.append(database_state or "")
-        # Tar allows one -C with --listed-incremental: the copy is added from /
-        # and renamed to the database's own name in the archive.
-        copy_member = _relative(database_copy)
-        transform = f"s,^{_sed_literal(copy_member)}$,{_sed_replacement(database_member)},"
-        lines += [
-            "SNAPSHOT_DIR=" + shlex.quote(snapshot_dir),
-            ["rm", "-rf", "--", snapshot_dir],  # its copy's existence means "copied"
-            ["mkdir", "-p", "--", posixpath.dirname(database_copy)],
-            copy,
-            "database=()  # stays empty when the database has not changed since the parent",
-            "if [ -e " + shlex.quote(database_copy) + " ]; then",
-            ["chmod", f"--reference={database_path}", "--", database_copy],
-            ["touch", f"--reference={database_path}", "--", database_copy],
-            "database=("
-            + _script([[f"--transform={transform}", "--add-file=" + copy_member]])
-            + ")",
-            "fi",
-        ]
+        database_lines, copy_member, clock_file = _database_copy_lines(
+            database_path, backup_key, work_dir, database_state
+        )
+        lines += database_lines
         database_members = ' ${database[@]+"${database[@]}"}'
     aws = [
         AWS_COMMAND,
@@ -604,9 +641,11 @@ def build_backup_command(
     )
     # The database's copy gone is a missing database, not a purge.
     checked = [*members, copy_member] if database_path else members
-    check = ["python3", "-c", _TAR_READ_CHECK_PROGRAM, tar_errors, snapshot_file or ""]
+    check = ["python3", "-c", _TAR_READ_CHECK_PROGRAM, tar_errors, snapshot_file or "", clock_file]
     check_call = _script([check]) + ' "$1" ' + _script([checked])  # $1: tar's exit status
     lines += ["check_tar_read() {", check_call, "}"]
+    if clock_file:  # its ctime is tar's start by the data volume's clock
+        lines.append(["touch", "--", clock_file])
     upload = ["python3", "-c", _UPLOAD_PROGRAM, digest_file, str(int(piece_size))]
     upload += [ARCHIVE_PIECE_INFIX, *aws]
     lines += [

@@ -455,6 +455,7 @@ def test_build_backup_command_shape():
         backup._TAR_READ_CHECK_PROGRAM,
         f"{WORK_DIR}/tar-errors",
         "",  # no snapshot state: a plain archive
+        "",  # no database copied: no file made on the data volume before tar
         "$1",  # tar's exit status
         "data/homeserver.yaml",
         "data/media_store/local_content",
@@ -535,7 +536,12 @@ def test_build_backup_command_quotes_hostile_paths(name: str):
     assert tar[-2].startswith("--transform=s,^")
     expression = tar[-2].removeprefix("--transform=")
     # The check of tar's exit status 2 knows the same members, word for word.
-    assert check_words(script)[6:] == [
+    # The file whose ctime is tar's start by the data volume's clock, made
+    # after the copy, beside it (not archived: tar is given the copy alone).
+    clock_file = f"{snapshot_dir}/tar-started"
+    assert check_words(script)[5] == clock_file
+    assert f"\ntouch -- {shlex.quote(clock_file)}\n{{ tar --create " in script
+    assert check_words(script)[7:] == [
         f"data/{name}",
         f"data/media_store/{name}/x",
         copy_member,  # the database's copy gone is no purge either
@@ -924,13 +930,17 @@ def test_build_backup_command_tar_exit_status(
 
 
 def _check_tar_read(
-    errors: pathlib.Path, state: pathlib.Path | None, status: int, *members: str
+    errors: pathlib.Path,
+    state: pathlib.Path | None,
+    status: int,
+    *members: str,
+    clock: pathlib.Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run the check the backup script runs after tar, as it runs it."""
     return subprocess.run(
         [
             sys.executable, "-c", backup._TAR_READ_CHECK_PROGRAM, str(errors),
-            str(state) if state else "", str(status), *members,
+            str(state) if state else "", str(clock) if clock else "", str(status), *members,
         ],
         capture_output=True, text=True, check=False, timeout=60,
     )  # fmt: skip
@@ -1171,6 +1181,85 @@ def test_tar_exit_status_2_for_a_directory_made_again(
         assert result.stderr.startswith(message), result.stderr
     else:
         assert (result.returncode, result.stderr) == (0, "")
+
+
+def _shift_tar_clock(state: pathlib.Path, seconds: int) -> None:
+    """Move the snapshot time in tar's state, as if the unit's clock were off by so much."""
+    header, _, body = state.read_bytes().partition(b"\n")
+    time_s, _, rest = body.partition(b"\0")
+    state.write_bytes(b"%s\n%d\0%s" % (header, int(time_s) + seconds, rest))
+
+
+@pytest.mark.skipif(not shutil.which("tar"), reason="needs GNU tar")
+@pytest.mark.parametrize(
+    ("shift", "marker", "change", "message"),
+    [
+        # A network volume whose clock is behind the unit's: a directory made
+        # during the backup looked moved in; by the volume's own clock it is new.
+        pytest.param(5, "data-volume", "new-directory", "", id="volume-behind-new-directory"),
+        pytest.param(5, None, "new-directory", "a directory was moved to", id="no-marker"),
+        pytest.param(5, "data-volume", "moved-in", "a directory was moved to", id="moved-in"),
+        # A volume ahead of the unit: an old directory moved in is still old.
+        pytest.param(-5, "data-volume", "moved-in", "a directory was moved to", id="volume-ahead"),
+        # The marker's clock is its file system's: elsewhere tar's own clock counts.
+        pytest.param(5, "another-device", "new-directory", "a directory was moved to", id="tmpfs"),
+        pytest.param(5, "gone", "new-directory", "/", id="marker-deleted"),
+    ],
+)
+def test_tar_read_check_reads_the_data_volume_clock(
+    tmp_path: pathlib.Path, shift: int, marker: str | None, change: str, message: str
+):
+    """New or old is judged by the data volume's clock, from a file made before tar.
+
+    Arrange: a tree archived by real tar, after a file was made beside it
+    (on the same file system, as the backup script makes it on the data
+    volume; or on a tmpfs); tar's snapshot time then shifted by some
+    seconds, as if the unit's clock and the volume's disagreed; then a
+    directory made, or an old one moved in, as if while tar read.
+    Act: run the check program.
+    Assert: on the marker's file system the marker's time decides (a new
+    directory passes, an old one moved in fails, whichever clock is ahead);
+    elsewhere, or without a marker, tar's shifted time does; a marker gone
+    is an error.
+    """
+    top = tmp_path / "data" / "media"
+    _odd_tree(top)
+    outside = tmp_path / "elsewhere"
+    (outside / "old").mkdir(parents=True)
+    (outside / "old" / "file").write_text("made before tar ran")
+    time.sleep(1.1)  # older than the marker, with the check's second of margin
+    clock = None
+    if marker == "another-device":
+        shm = pathlib.Path("/dev/shm")
+        assert shm.stat().st_dev != tmp_path.stat().st_dev, "no tmpfs at /dev/shm"
+        clock = shm / f"tar-started-{os.getpid()}-{time.monotonic_ns()}"
+    elif marker:
+        clock = tmp_path / "tar-started"
+    if clock:
+        clock.touch()
+    member = str(top).lstrip("/")
+    state = tmp_path / "state"
+    try:
+        assert _tar_state(tmp_path, member, state) == 0
+        _shift_tar_clock(state, shift)
+        _change_after_tar(change, top, state, outside)
+        (tmp_path / "tar-errors").write_text("")
+        if marker == "gone" and clock:
+            clock.unlink()
+
+        result = _check_tar_read(tmp_path / "tar-errors", state, 0, member, clock=clock)
+    finally:
+        if clock and marker == "another-device":
+            clock.unlink()
+
+    if message:
+        assert result.returncode == 1
+        assert result.stderr.startswith(message), result.stderr
+        assert result.stderr.endswith(" while tar read the data: run the backup again\n")
+    else:
+        assert (result.returncode, result.stderr) == (0, "")
+    if marker == "gone":
+        assert f"{clock} (the time tar started, on the data volume) went missing" in result.stderr
 
 
 def test_tar_read_check_fails_on_a_state_it_cannot_read(tmp_path: pathlib.Path):

@@ -256,7 +256,8 @@ def test_build_backup_command_listed_incremental():
     copy = f"if [ -e {SNAPSHOT_FILE} ]; then cp -- {SNAPSHOT_FILE} {WORK_DIR}/parent-state; fi"
     assert script.index(copy) < start
     # After tar, the check reads the state tar wrote: every directory met under its own name.
-    assert check_words(script)[3:6] == [errors, SNAPSHOT_FILE, "$1"]
+    clock = f"/data/{backup_container.SNAPSHOT_DIR_PREFIX}{INCREMENTAL_ID}/tar-started"
+    assert check_words(script)[3:7] == [errors, SNAPSHOT_FILE, clock, "$1"]
     options = tar[: tar.index("--add-file=data/homeserver.yaml")]
     assert f"--listed-incremental={SNAPSHOT_FILE}" in options
     assert "--no-check-device" in options
