@@ -271,9 +271,9 @@ with open(errors, "rb") as source:
 
 
 # Checks, after tar, that the archive holds every directory under the
-# backed-up paths (argv: tar's messages, the snapshot state tar wrote or "",
-# a file made on the data volume just before tar started or "", tar's exit
-# status, then the top-level members). Synapse keeps running
+# backed-up paths (argv: tar's messages, its index, the snapshot state tar
+# wrote or "", a file made on the data volume just before tar started or "",
+# tar's exit status, then the top-level members). Synapse keeps running
 # during a backup and deletes media on its own schedule. GNU tar 1.34
 # reports a file deleted under it as a warning (status 1), but a directory
 # deleted while its listed-incremental scan runs as an error ("Cannot stat"
@@ -286,11 +286,12 @@ with open(errors, "rb") as source:
 # 1, no message). A directory *renamed* or moved while tar reads gets the same
 # messages, or only "File removed before we read it", or none (moved to a
 # place tar has passed), and the archive has it under neither name. So,
-# with a snapshot state, every directory under the members must be recorded
-# in it (every directory tar scanned is) under its own name, or be new: a
-# directory tar did not record under its name that holds an entry whose
+# with a snapshot state, every directory under the members must have been
+# archived under its own name (in tar's index, and recorded in its state
+# with its inode: a directory tar read and then replaced by another has
+# the other's), or be new: one that was not, and holds an entry whose
 # ctime is older than tar's start (a rename leaves its entries' ctimes;
-# anything made or moved in since has a newer one) fails the backup with a
+# anything made or moved in since has a newer one), fails the backup with a
 # message. Directories match by inode alone, as tar matches them with
 # --no-check-device (it keeps a directory's old device number in the
 # state). A new directory that got a deleted one's inode holds only new
@@ -298,12 +299,13 @@ with open(errors, "rb") as source:
 # file made before it: file times there come from the volume's clock (a
 # network file server's), which may disagree with the unit's, where tar
 # takes its own. Where tar warned that a directory was renamed *from*
-# another name, its state may keep the old name: the script's rename check
-# (_RENAMED_PROGRAM) decides instead.
+# another name (between backups), its state may pair a name with another
+# directory's inode: then the index alone counts, and a directory replaced
+# under a name tar had archived goes unnoticed.
 _TAR_READ_CHECK_PROGRAM = r"""
 import os, re, stat, sys
-errors, state, clock, status = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-members = [os.fsencode(name) for name in sys.argv[5:]]
+errors, listing, state, clock = sys.argv[1:5]
+status, members = int(sys.argv[5]), [os.fsencode(name) for name in sys.argv[6:]]
 if status not in (0, 1, 2):
     sys.exit(1)
 with open(errors, "rb") as source:
@@ -332,8 +334,7 @@ if status == 2:
     for name in again:
         if not state or os.path.islink(b"/" + name) or not os.path.isdir(b"/" + name):
             sys.exit(1)
-if re.search(rb"^tar: .*: Directory has been renamed from ", messages, re.M):
-    sys.exit(1 if status == 2 and again else 0)
+renamed = re.search(rb"^tar: .*: Directory has been renamed from ", messages, re.M)
 if not state:
     sys.exit(0)
 def fail(problem):
@@ -362,6 +363,21 @@ while index + 6 <= len(fields):
     while index < len(fields) and fields[index]:
         index += 1
     index += 2
+# The directories tar archived: in its index, one name per line, escaped
+# (--quoting-style=escape), with a "/" at the end.
+escapes = dict(zip(b"abfnrtv\\", b"\a\b\f\n\r\t\v\\"))
+def unescape(match):
+    if match[1]:
+        return bytes([int(match[1], 8)])
+    if match[2][0] not in escapes:
+        fail("tar's index could not be read")
+    return bytes([escapes[match[2][0]]])
+archived = set()
+with open(listing, "rb") as source:
+    for line in source:
+        if line.endswith(b"/\n"):
+            archived.add(re.sub(rb"\\(?:([0-3][0-7]{2})|(.))", unescape, line[:-2], flags=re.S))
+archived.difference_update(again if status == 2 else ())
 def entries(path):
     try:
         with os.scandir(b"/" + path) as found:
@@ -384,8 +400,11 @@ while todo:
     if not stat.S_ISDIR(info.st_mode):
         continue
     inside = entries(path)
-    if recorded.get(path) != info.st_ino and any(older(entry) for entry in inside):
-        if names.get(info.st_ino, path) != path:
+    # Where tar warned of a directory renamed from another name, its state may
+    # record a name with another directory's inode: the index alone counts.
+    known = path in archived and (renamed or recorded.get(path) == info.st_ino)
+    if not known and any(older(entry) for entry in inside):
+        if not renamed and names.get(info.st_ino, path) != path:
             fail(f"tar met a directory under two names ({os.fsdecode(names[info.st_ino])!r} "
                  f"is now {os.fsdecode(path)!r})")
         fail(f"a directory was moved to {os.fsdecode(path)!r}")
@@ -641,7 +660,8 @@ def build_backup_command(
     )
     # The database's copy gone is a missing database, not a purge.
     checked = [*members, copy_member] if database_path else members
-    check = ["python3", "-c", _TAR_READ_CHECK_PROGRAM, tar_errors, snapshot_file or "", clock_file]
+    check = ["python3", "-c", _TAR_READ_CHECK_PROGRAM, tar_errors, index_file]
+    check += [snapshot_file or "", clock_file]
     check_call = _script([check]) + ' "$1" ' + _script([checked])  # $1: tar's exit status
     lines += ["check_tar_read() {", check_call, "}"]
     if clock_file:  # its ctime is tar's start by the data volume's clock

@@ -90,8 +90,8 @@ def check_words(script: str) -> list[str]:
         script: the whole backup script.
 
     Returns:
-        The words: python3, -c, the program, tar's messages, the state, the file made
-        on the data volume before tar, ``$1``, the members.
+        The words: python3, -c, the program, tar's messages, its index, the state,
+        the file made on the data volume before tar, ``$1``, the members.
     """
     start = script.index(CHECK_START) + len(CHECK_START)
     lexer = shlex.shlex(script[start:], posix=True)

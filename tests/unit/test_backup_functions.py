@@ -454,6 +454,7 @@ def test_build_backup_command_shape():
         "-c",
         backup._TAR_READ_CHECK_PROGRAM,
         f"{WORK_DIR}/tar-errors",
+        f"{WORK_DIR}/index",  # what tar archived, one name per line
         "",  # no snapshot state: a plain archive
         "",  # no database copied: no file made on the data volume before tar
         "$1",  # tar's exit status
@@ -539,9 +540,9 @@ def test_build_backup_command_quotes_hostile_paths(name: str):
     # The file whose ctime is tar's start by the data volume's clock, made
     # after the copy, beside it (not archived: tar is given the copy alone).
     clock_file = f"{snapshot_dir}/tar-started"
-    assert check_words(script)[5] == clock_file
+    assert check_words(script)[6] == clock_file
     assert f"\ntouch -- {shlex.quote(clock_file)}\n{{ tar --create " in script
-    assert check_words(script)[7:] == [
+    assert check_words(script)[8:] == [
         f"data/{name}",
         f"data/media_store/{name}/x",
         copy_member,  # the database's copy gone is no purge either
@@ -936,11 +937,15 @@ def _check_tar_read(
     *members: str,
     clock: pathlib.Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run the check the backup script runs after tar, as it runs it."""
+    """Run the check the backup script runs after tar, as it runs it.
+
+    tar's index is read from ``index`` beside its messages (_tar_state puts it there).
+    """
     return subprocess.run(
         [
             sys.executable, "-c", backup._TAR_READ_CHECK_PROGRAM, str(errors),
-            str(state) if state else "", str(clock) if clock else "", str(status), *members,
+            str(errors.with_name("index")), str(state) if state else "",
+            str(clock) if clock else "", str(status), *members,
         ],
         capture_output=True, text=True, check=False, timeout=60,
     )  # fmt: skip
@@ -1021,18 +1026,26 @@ def _odd_tree(top: pathlib.Path) -> None:
     """Directories with names that test a parser of tar's state: NULs apart, anything goes."""
     for name in ("plain", "with\nnewline", "123", "-1", "Ylike", "Dlike", "empty", "a/b/c/d"):
         (top / name).mkdir(parents=True)
-    (top / os.fsdecode(b"non-utf8-\xff\xfe")).mkdir()
-    for directory in ("plain", "with\nnewline", "123", "a/b", os.fsdecode(b"non-utf8-\xff\xfe")):
+    # And what tar escapes in its index: a name that looks escaped, control
+    # characters, a backslash at the end, bytes that are not UTF-8.
+    odd = ["back\\101slash", "tab\tbell\a\x01\x7f", "ütf8", "ends\\", "non-utf8-\udcff\udcfe"]
+    for name in odd:
+        (top / name).mkdir()
+    for directory in ("plain", "with\nnewline", "123", "a/b", *odd):
         (top / directory / "file").write_text("x")
 
 
 def _tar_state(tmp_path: pathlib.Path, member: str, state: pathlib.Path) -> int:
-    """Archive a member (relative to /) as the backup script does, to nowhere: tar's status."""
+    """Archive a member (relative to /) as the backup script does, to nowhere: tar's status.
+
+    Its index and messages go to ``index`` and ``tar-errors`` in tmp_path.
+    """
     return subprocess.run(
         [
-            "tar", "--create", "--file=-", "--format=posix", "--quoting-style=escape",
+            "tar", "--create", "--file=-", "--format=posix", "--verbose",
+            f"--index-file={tmp_path / 'index'}", "--quoting-style=escape",
             "--directory=/", f"--listed-incremental={state}", "--no-check-device",
-            "--no-unquote", f"--add-file={member}",
+            "--warning=no-new-dir", "--no-unquote", f"--add-file={member}",
         ],
         stdout=subprocess.DEVNULL, stderr=(tmp_path / "tar-errors").open("wb"),
         check=False, timeout=60, env={**os.environ, "LC_ALL": "C"},
@@ -1069,6 +1082,9 @@ def _change_after_tar(
         (outside / "old").rename(top / "123")
 
 
+_MOVED = "a directory was moved to"
+
+
 @pytest.mark.skipif(not shutil.which("tar"), reason="needs GNU tar")
 @pytest.mark.parametrize("incremental", [False, True], ids=["full", "incremental"])
 @pytest.mark.parametrize(
@@ -1086,8 +1102,11 @@ def _change_after_tar(
         pytest.param("replaced", None, "a directory was moved to", id="replaced-by-an-old-one"),
         # A directory known by name with a new inode (after a restore): still checked.
         pytest.param("moved-in", "", "a directory was moved to", id="moved-in-after-a-restore"),
-        # Renamed from another name: the script's rename check decides instead.
-        pytest.param("moved-in", " from 'x'", "", id="moved-in-with-a-rename-warning"),
+        # Renamed from another name: the state may pair names and inodes
+        # wrongly, so tar's index alone counts; a directory it did not
+        # archive is still found.
+        pytest.param("moved-in", " from 'x'", _MOVED, id="moved-in-with-a-rename-warning"),
+        pytest.param("renamed", " from 'x'", _MOVED, id="renamed-with-a-rename-warning"),
     ],
 )
 def test_tar_read_check_against_real_tar_states(
@@ -1133,10 +1152,60 @@ def test_tar_read_check_against_real_tar_states(
 
 @pytest.mark.skipif(not shutil.which("tar"), reason="needs GNU tar")
 @pytest.mark.parametrize(
+    "between",
+    [
+        pytest.param("nothing", id="unchanged"),
+        # Two directories swapped names: tar warns "renamed from" for both,
+        # and its state pairs one name with the other's inode.
+        pytest.param("swapped", id="renamed-from-between-backups"),
+    ],
+)
+def test_tar_read_check_reads_back_every_name_tar_archived(tmp_path: pathlib.Path, between: str):
+    """Every directory tar archived is found by its name in tar's index, however odd.
+
+    Arrange: a tree with names tar escapes in its index, archived twice by
+    real tar (an incremental backup), with two directories swapping names
+    in between or not; then tar's recorded time moved 5 s on, so that every
+    entry in the tree looks older than tar's start.
+    Act: run the check program with tar's own messages; then again after an
+    old directory was moved in under a new name.
+    Assert: the first passes: a name misread from the index, or a name paired
+    with another inode in the state (after "renamed from"), would look like a
+    directory moved in; the second fails, with or without the warning.
+    """
+    top = tmp_path / "data" / "media"
+    _odd_tree(top)
+    member = str(top).lstrip("/")
+    state = tmp_path / "state"
+    assert _tar_state(tmp_path, member, state) == 0
+    if between == "swapped":
+        (top / "plain").rename(top / "swap")
+        (top / "123").rename(top / "plain")
+        (top / "swap").rename(top / "123")
+    assert _tar_state(tmp_path, member, state) == 0
+    errors = tmp_path / "tar-errors"
+    assert ("Directory has been renamed from" in errors.read_text()) == (between == "swapped")
+    assert "\\\\101" in (tmp_path / "index").read_text()  # escaped: read back to one backslash
+    _shift_tar_clock(state, 5)
+
+    assert _check_tar_read(errors, state, 0, member).returncode == 0
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "old").write_text("made before tar ran")
+    (tmp_path / "elsewhere").rename(top / "a" / "moved")
+    result = _check_tar_read(errors, state, 0, member)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"a directory was moved to '{member}/a/moved'"), result.stderr
+
+
+@pytest.mark.skipif(not shutil.which("tar"), reason="needs GNU tar")
+@pytest.mark.parametrize(
     ("again", "message"),
     [
         pytest.param("new-directory", "", id="made-again-by-an-upload"),
-        pytest.param("old-directory", "a directory was moved to", id="an-old-one-moved-there"),
+        pytest.param("old-directory", _MOVED, id="an-old-one-moved-there"),
+        # tar's state then counts for nothing: a name in the index that tar
+        # could not read is no directory archived.
+        pytest.param("old-directory-renamed-from", _MOVED, id="an-old-one-after-renamed-from"),
         pytest.param("file", None, id="a-file-now"),
     ],
 )
@@ -1165,12 +1234,16 @@ def test_tar_exit_status_2_for_a_directory_made_again(
     if again == "new-directory":
         (top / "plain").mkdir()
         (top / "plain" / "upload").write_text("new")
-    elif again == "old-directory":
+    elif again.startswith("old-directory"):
         outside.rename(top / "plain")
     else:
         (top / "plain").write_text("a file")
     errors = tmp_path / "tar-errors"
-    errors.write_text(f"tar: {member}/plain: Cannot stat: No such file or directory\n")
+    messages = [f"tar: {member}/plain: Cannot stat: No such file or directory"]
+    if again.endswith("renamed-from"):
+        messages.append(f"tar: {member}/123: Directory has been renamed from 'x'")
+    errors.write_text("".join(line + "\n" for line in messages))
+    assert f"{member}/plain/\n" in (tmp_path / "index").read_text()  # archived before it went
 
     result = _check_tar_read(errors, state, 2, member)
 

@@ -257,7 +257,7 @@ def test_build_backup_command_listed_incremental():
     assert script.index(copy) < start
     # After tar, the check reads the state tar wrote: every directory met under its own name.
     clock = f"/data/{backup_container.SNAPSHOT_DIR_PREFIX}{INCREMENTAL_ID}/tar-started"
-    assert check_words(script)[3:7] == [errors, SNAPSHOT_FILE, clock, "$1"]
+    assert check_words(script)[3:8] == [errors, f"{WORK_DIR}/index", SNAPSHOT_FILE, clock, "$1"]
     options = tar[: tar.index("--add-file=data/homeserver.yaml")]
     assert f"--listed-incremental={SNAPSHOT_FILE}" in options
     assert "--no-check-device" in options
