@@ -273,7 +273,8 @@ with open(errors, "rb") as source:
 # Checks, after tar, that the archive holds every directory under the
 # backed-up paths (argv: tar's messages, its index, the snapshot state tar
 # wrote or "", a file made on the data volume just before tar started or "",
-# tar's exit status, then the top-level members). Synapse keeps running
+# where to leave a finding for the script or "", tar's exit status, then the
+# top-level members). Synapse keeps running
 # during a backup and deletes media on its own schedule. GNU tar 1.34
 # reports a file deleted under it as a warning (status 1), but a directory
 # deleted while its listed-incremental scan runs as an error ("Cannot stat"
@@ -301,11 +302,14 @@ with open(errors, "rb") as source:
 # takes its own. Where tar warned that a directory was renamed *from*
 # another name (between backups), its state may pair a name with another
 # directory's inode: then the index alone counts, and a directory replaced
-# under a name tar had archived goes unnoticed.
+# under a name tar had archived goes unnoticed. And then tar may leave out a
+# directory inside a renamed one that the rename would restore: a finding
+# goes to a file, and fails the backup only when the script's rename check
+# (_RENAMED_PROGRAM) does not make a full backup instead.
 _TAR_READ_CHECK_PROGRAM = r"""
 import os, re, stat, sys
-errors, listing, state, clock = sys.argv[1:5]
-status, members = int(sys.argv[5]), [os.fsencode(name) for name in sys.argv[6:]]
+errors, listing, state, clock, deferred = sys.argv[1:6]
+status, members = int(sys.argv[6]), [os.fsencode(name) for name in sys.argv[7:]]
 if status not in (0, 1, 2):
     sys.exit(1)
 with open(errors, "rb") as source:
@@ -338,7 +342,12 @@ renamed = re.search(rb"^tar: .*: Directory has been renamed from ", messages, re
 if not state:
     sys.exit(0)
 def fail(problem):
-    sys.exit(f"{problem} while tar read the data: run the backup again")
+    message = f"{problem} while tar read the data: run the backup again"
+    if renamed and deferred:  # the script decides after its rename check
+        with open(deferred, "w") as file:
+            file.write(message + "\n")
+        sys.exit(0)
+    sys.exit(message)
 # GNU tar's snapshot format 2: a header line, the snapshot time (s, ns), then
 # per directory: nfs, mtime (s, ns), device, inode, name, its entries, "", "".
 with open(state, "rb") as source:
@@ -661,9 +670,12 @@ def build_backup_command(
     # The database's copy gone is a missing database, not a purge.
     checked = [*members, copy_member] if database_path else members
     check = ["python3", "-c", _TAR_READ_CHECK_PROGRAM, tar_errors, index_file]
-    check += [snapshot_file or "", clock_file]
+    deferred = posixpath.join(work_dir, "tar-read-deferred") if snapshot_file else ""
+    check += [snapshot_file or "", clock_file, deferred]
     check_call = _script([check]) + ' "$1" ' + _script([checked])  # $1: tar's exit status
     lines += ["check_tar_read() {", check_call, "}"]
+    if deferred:  # left by an earlier run in this work directory
+        lines.append(["rm", "-f", "--", deferred])
     if clock_file:  # its ctime is tar's start by the data volume's clock
         lines.append(["touch", "--", clock_file])
     upload = ["python3", "-c", _UPLOAD_PROGRAM, digest_file, str(int(piece_size))]
@@ -712,6 +724,13 @@ def build_backup_command(
             'if [ "$found" -eq 0 ] && [ -n "$(' + _script([renamed]) + ')" ]; then',
             ["echo", DIRECTORY_RENAMED],
             "exit 0",
+            "fi",
+            # What check_tar_read found after such a warning fails the backup
+            # unless a full one is made instead (tar may leave out directories
+            # in a renamed one that it would have restored by the rename).
+            "if [ -e " + shlex.quote(deferred) + " ]; then",
+            _script([["cat", "--", deferred]]) + " >&2",
+            "exit 1",
             "fi",
         ]
     if snapshot_file:

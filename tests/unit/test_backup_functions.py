@@ -457,6 +457,7 @@ def test_build_backup_command_shape():
         f"{WORK_DIR}/index",  # what tar archived, one name per line
         "",  # no snapshot state: a plain archive
         "",  # no database copied: no file made on the data volume before tar
+        "",  # no state, so no rename check to wait for
         "$1",  # tar's exit status
         "data/homeserver.yaml",
         "data/media_store/local_content",
@@ -542,7 +543,7 @@ def test_build_backup_command_quotes_hostile_paths(name: str):
     clock_file = f"{snapshot_dir}/tar-started"
     assert check_words(script)[6] == clock_file
     assert f"\ntouch -- {shlex.quote(clock_file)}\n{{ tar --create " in script
-    assert check_words(script)[8:] == [
+    assert check_words(script)[9:] == [
         f"data/{name}",
         f"data/media_store/{name}/x",
         copy_member,  # the database's copy gone is no purge either
@@ -936,6 +937,7 @@ def _check_tar_read(
     status: int,
     *members: str,
     clock: pathlib.Path | None = None,
+    deferred: pathlib.Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run the check the backup script runs after tar, as it runs it.
 
@@ -945,7 +947,8 @@ def _check_tar_read(
         [
             sys.executable, "-c", backup._TAR_READ_CHECK_PROGRAM, str(errors),
             str(errors.with_name("index")), str(state) if state else "",
-            str(clock) if clock else "", str(status), *members,
+            str(clock) if clock else "", str(deferred) if deferred else "", str(status),
+            *members,
         ],
         capture_output=True, text=True, check=False, timeout=60,
     )  # fmt: skip
@@ -1148,6 +1151,44 @@ def test_tar_read_check_against_real_tar_states(
         assert result.stderr.endswith(" while tar read the data: run the backup again\n")
     else:
         assert (result.returncode, result.stderr) == (0, "")
+
+
+@pytest.mark.skipif(not shutil.which("tar"), reason="needs GNU tar")
+@pytest.mark.parametrize("warning", [False, True], ids=["no-rename-warning", "renamed-from"])
+def test_tar_read_check_leaves_its_finding_for_after_the_rename_check(
+    tmp_path: pathlib.Path, warning: bool
+):
+    """After "renamed from", a finding goes to a file for the script, not to a failure.
+
+    Arrange: a real tar state, then an old directory moved in after tar passed.
+    Act: run the check program with a file to defer to, with and without
+    tar's warning.
+    Assert: with the warning it passes and the file holds the message (the
+    script reads it after deciding on a full backup); without, it fails at
+    once and writes no file.
+    """
+    top = tmp_path / "data" / "media"
+    _odd_tree(top)
+    (tmp_path / "elsewhere" / "old").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "old" / "file").write_text("made before tar ran")
+    time.sleep(1.1)  # older than tar's start, with the check's second of margin
+    member = str(top).lstrip("/")
+    state = tmp_path / "state"
+    assert _tar_state(tmp_path, member, state) == 0
+    _change_after_tar("moved-in", top, state, tmp_path / "elsewhere")
+    errors = tmp_path / "tar-errors"
+    errors.write_text(f"tar: {member}/x: Directory has been renamed from 'y'\n" if warning else "")
+    deferred = tmp_path / "deferred"
+
+    result = _check_tar_read(errors, state, 0, member, deferred=deferred)
+
+    message = f"{_MOVED} '{member}/plain/old' while tar read the data: run the backup again\n"
+    if warning:
+        assert (result.returncode, result.stderr) == (0, "")
+        assert deferred.read_text() == message
+    else:
+        assert (result.returncode, result.stderr) == (1, message)
+        assert not deferred.exists()
 
 
 @pytest.mark.skipif(not shutil.which("tar"), reason="needs GNU tar")

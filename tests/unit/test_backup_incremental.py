@@ -250,14 +250,20 @@ def test_build_backup_command_listed_incremental():
     assert script[pipeline_end:state_start].endswith(
         '[ "$found" -le 1 ] || exit "$found"  # grep itself failed\n'
         f'if [ "$found" -eq 0 ] && [ -n "$({renamed})" ]; then\n'
-        f"echo {backup.DIRECTORY_RENAMED}\nexit 0\nfi"
+        f"echo {backup.DIRECTORY_RENAMED}\nexit 0\nfi\n"
+        f"if [ -e {WORK_DIR}/tar-read-deferred ]; then\n"
+        f"cat -- {WORK_DIR}/tar-read-deferred >&2\nexit 1\nfi"
     )
     # The parent's state is copied before tar rewrites it: its snapshot time is read after.
     copy = f"if [ -e {SNAPSHOT_FILE} ]; then cp -- {SNAPSHOT_FILE} {WORK_DIR}/parent-state; fi"
     assert script.index(copy) < start
     # After tar, the check reads the state tar wrote: every directory met under its own name.
     clock = f"/data/{backup_container.SNAPSHOT_DIR_PREFIX}{INCREMENTAL_ID}/tar-started"
-    assert check_words(script)[3:8] == [errors, f"{WORK_DIR}/index", SNAPSHOT_FILE, clock, "$1"]
+    deferred = f"{WORK_DIR}/tar-read-deferred"  # its finding, when tar warned of a rename
+    assert check_words(script)[3:9] == [
+        errors, f"{WORK_DIR}/index", SNAPSHOT_FILE, clock, deferred, "$1"
+    ]  # fmt: skip
+    assert f"\nrm -f -- {deferred}\n" in script[: script.index(PIPELINE_START)]
     options = tar[: tar.index("--add-file=data/homeserver.yaml")]
     assert f"--listed-incremental={SNAPSHOT_FILE}" in options
     assert "--no-check-device" in options
@@ -798,6 +804,97 @@ def test_a_renamed_directory_stops_the_incremental_script_and_restores_replay_in
     assert (restored / "a" / "file").read_text() == "b"
     assert (restored / "b" / "file").read_text() == "a"
     assert not list(elsewhere.iterdir())
+
+
+# tar stand-in: the real tar, then a directory from outside moved in, as if
+# while tar read (after tar had passed that place).
+_TAR_THEN_MOVE_STUB = """
+import os, subprocess, sys
+path = [d for d in os.environ["PATH"].split(os.pathsep) if d != os.path.dirname(__file__)]
+real = subprocess.run(["tar", *sys.argv[1:]], env={{**os.environ, "PATH": os.pathsep.join(path)}})
+os.rename({old!r}, {new!r})
+sys.exit(real.returncode)
+"""
+
+
+@needs_tar
+@pytest.mark.parametrize(
+    ("between", "lost"),
+    [
+        # Renamed, with every file in it written since: the archive has them.
+        pytest.param("renamed-and-rewritten", False, id="renamed-nothing-lost"),
+        # A rotation with a nested move: tar 1.34 leaves out a directory it
+        # would restore by the rename, and the rename check finds old files.
+        pytest.param("rotated", True, id="rotated-full-backup-instead"),
+    ],
+)
+def test_a_directory_moved_in_while_tar_read_after_a_rename_warning(
+    tmp_path: pathlib.Path, between: str, lost: bool
+):
+    """After tar's "renamed from", check_tar_read's finding waits for the rename check.
+
+    Arrange: media directories, a full backup (real tar, stub gpg and aws),
+        then renames between backups; tar wrapped so that, once it is done,
+        an old directory from outside moves in under a name tar did not see.
+    Act: the incremental backup script.
+    Assert: where the rename check finds nothing lost, the backup fails with
+        the check's message and uploads no snapshot state; where it finds
+        files lost, the script only asks for a full backup (which checks
+        again from scratch), as before.
+    """
+    env, bucket = _stub_tools(tmp_path)
+    media = tmp_path / "data" / "media_store" / "local_content"
+    for name in ("a", "b", "c"):
+        for file in ("0", "1", "deep/x"):
+            (media / name / file).parent.mkdir(parents=True, exist_ok=True)
+            (media / name / file).write_text(name + file)
+    old = tmp_path / "outside" / "old"
+    old.mkdir(parents=True)
+    (old / "file").write_text("made before tar ran")
+    work = tmp_path / "work"
+    work.mkdir()
+    snapshot = work / backup_chain.SNAPSHOT_STATE_FILE
+
+    def backup_script(backup_id: str) -> subprocess.CompletedProcess[str]:
+        command = backup.build_backup_command(
+            _params(path="prod"), backup_id, [str(media)], str(work / "passphrase"),
+            work_dir=str(work), snapshot_file=str(snapshot),
+        )  # fmt: skip
+        return subprocess.run(
+            command, capture_output=True, text=True, check=False, cwd=tmp_path, env=env,
+            stdin=subprocess.DEVNULL, timeout=120,
+        )  # fmt: skip
+
+    assert backup_script(FULL_ID).returncode == 0
+    time.sleep(1.1)  # files older than the full backup's snapshot time
+    if between == "rotated":
+        for source, target in (("a", "tmp"), ("c", "a"), ("b", "c"), ("tmp", "b")):
+            (media / source).rename(media / target)
+        (media / "a" / "deep").rename(media / "b" / "deeper")
+    else:
+        (media / "a").rename(media / "renamed")
+        for file in (media / "renamed").rglob("*"):
+            if file.is_file():
+                file.write_text("written since")
+    _stub(
+        pathlib.Path(env["PATH"].split(os.pathsep)[0]),
+        "tar",
+        _TAR_THEN_MOVE_STUB.format(old=str(old), new=str(media / "c" / "moved")),
+    )
+
+    result = backup_script(INCREMENTAL_ID)
+
+    assert "Directory has been renamed from" in result.stderr
+    if lost:
+        assert (result.returncode, result.stdout.splitlines()) == (0, [backup.DIRECTORY_RENAMED])
+    else:
+        assert result.returncode == 1
+        moved = str(media / "c" / "moved").lstrip("/")
+        assert result.stderr.endswith(
+            f"a directory was moved to {moved!r} while tar read the data: run the backup again\n"
+        ), result.stderr
+        assert backup.DIRECTORY_RENAMED not in result.stdout
+    assert not (bucket / f"{INCREMENTAL_ID}.snar.gpg").exists()
 
 
 # Pebble cannot run here: the container is a mock, and so is the S3 client
