@@ -302,12 +302,13 @@ with open(errors, "rb") as source:
 # takes its own. Where tar warned that a directory was renamed *from*
 # another name (between backups), its state may pair a name with another
 # directory's inode: then the index alone counts, and a directory replaced
-# under a name tar had archived goes unnoticed. And then tar may leave out a
-# directory inside a renamed one that the rename would restore: a finding
-# goes to a file, and fails the backup only when the script's rename check
-# (_RENAMED_PROGRAM) does not make a full backup instead.
+# under a name tar had archived goes unnoticed. And then tar itself may
+# leave out a live directory (tar 1.34 keeps stale names in its table after
+# a rename, and skips a directory found under one): a finding then goes to a
+# file, and the script makes a full backup instead, as for a rename the
+# incremental archive cannot record (_RENAMED_PROGRAM).
 _TAR_READ_CHECK_PROGRAM = r"""
-import os, re, stat, sys
+import itertools, os, re, stat, sys
 errors, listing, state, clock, deferred = sys.argv[1:6]
 status, members = int(sys.argv[6]), [os.fsencode(name) for name in sys.argv[7:]]
 if status not in (0, 1, 2):
@@ -338,7 +339,8 @@ if status == 2:
     for name in again:
         if not state or os.path.islink(b"/" + name) or not os.path.isdir(b"/" + name):
             sys.exit(1)
-renamed = re.search(rb"^tar: .*: Directory has been renamed from ", messages, re.M)
+# (A name in tar's messages has its colons escaped: a file's name cannot pass for one.)
+renamed = re.search(rb"^tar: (?:[^:\\\n]|\\.)*: Directory has been renamed from ", messages, re.M)
 if not state:
     sys.exit(0)
 def fail(problem):
@@ -350,13 +352,35 @@ def fail(problem):
     sys.exit(message)
 # GNU tar's snapshot format 2: a header line, the snapshot time (s, ns), then
 # per directory: nfs, mtime (s, ns), device, inode, name, its entries, "", "".
+# Read as a stream: a state can hold millions of names.
+def fields():
+    with open(state, "rb") as source:
+        source.readline()
+        rest = b""
+        for chunk in iter(lambda: source.read(1 << 20), b""):
+            *done, rest = (rest + chunk).split(b"\0")
+            yield from done
+        yield rest
+def directories():
+    stream = fields()
+    for _ in range(2):
+        next(stream, None)
+    while len(head := list(itertools.islice(stream, 6))) == 6:
+        yield int(head[4]), head[5]
+        for entry in stream:
+            if not entry:
+                break
+        next(stream, None)
 with open(state, "rb") as source:
-    header, _, body = source.read().partition(b"\n")
-fields = body.split(b"\0")
-if not re.fullmatch(rb"GNU tar-[^\n]*-2", header) or len(fields) < 2:
+    header = source.readline()
+stream = fields()
+try:
+    # A second of margin: file times come from the kernel's coarse clock.
+    since = (int(next(stream)) - 1) * 10**9 + int(next(stream))
+except (StopIteration, ValueError):
+    since = None
+if not re.fullmatch(rb"GNU tar-[^\n]*-2\n", header) or since is None:
     fail("tar's snapshot state could not be read")
-# A second of margin: file times come from the kernel's coarse clock.
-since = (int(fields[0]) - 1) * 10**9 + int(fields[1])
 volume = since_volume = None
 if clock:
     try:
@@ -364,14 +388,10 @@ if clock:
     except FileNotFoundError:
         fail(f"{clock} (the time tar started, on the data volume) went missing")
     volume, since_volume = marker.st_dev, marker.st_ctime_ns - 10**9
-recorded, names, index = {}, {}, 2
-while index + 6 <= len(fields):
-    recorded[fields[index + 5]] = int(fields[index + 4])
-    names[int(fields[index + 4])] = fields[index + 5]
-    index += 6
-    while index < len(fields) and fields[index]:
-        index += 1
-    index += 2
+# Names are kept as their hashes (64 bits, with a key new to each run): at a
+# million directories, the chance that two collide, which could hide one, is
+# about one in thirty million.
+recorded = {hash(name): inode for inode, name in directories()}
 # The directories tar archived: in its index, one name per line, escaped
 # (--quoting-style=escape), with a "/" at the end.
 escapes = dict(zip(b"abfnrtv\\", b"\a\b\f\n\r\t\v\\"))
@@ -385,8 +405,9 @@ archived = set()
 with open(listing, "rb") as source:
     for line in source:
         if line.endswith(b"/\n"):
-            archived.add(re.sub(rb"\\(?:([0-3][0-7]{2})|(.))", unescape, line[:-2], flags=re.S))
-archived.difference_update(again if status == 2 else ())
+            name = re.sub(rb"\\(?:([0-3][0-7]{2})|(.))", unescape, line[:-2], flags=re.S)
+            archived.add(hash(name))
+archived.difference_update(hash(name) for name in (again if status == 2 else ()))
 def entries(path):
     try:
         with os.scandir(b"/" + path) as found:
@@ -411,10 +432,12 @@ while todo:
     inside = entries(path)
     # Where tar warned of a directory renamed from another name, its state may
     # record a name with another directory's inode: the index alone counts.
-    known = path in archived and (renamed or recorded.get(path) == info.st_ino)
+    key = hash(path)
+    known = key in archived and (renamed or recorded.get(key) == info.st_ino)
     if not known and any(older(entry) for entry in inside):
-        if not renamed and names.get(info.st_ino, path) != path:
-            fail(f"tar met a directory under two names ({os.fsdecode(names[info.st_ino])!r} "
+        others = [name for inode, name in directories() if inode == info.st_ino and name != path]
+        if not renamed and others:
+            fail(f"tar met a directory under two names ({os.fsdecode(others[-1])!r} "
                  f"is now {os.fsdecode(path)!r})")
         fail(f"a directory was moved to {os.fsdecode(path)!r}")
     todo += [path + b"/" + entry.name for entry in inside if entry.is_dir(follow_symlinks=False)]
@@ -721,16 +744,13 @@ def build_backup_command(
             + shlex.quote(tar_errors)
             + " || found=$?",
             '[ "$found" -le 1 ] || exit "$found"  # grep itself failed',
-            'if [ "$found" -eq 0 ] && [ -n "$(' + _script([renamed]) + ')" ]; then',
+            # After such a warning tar 1.34 may also leave out a live directory
+            # (its table keeps stale names): what check_tar_read found then
+            # asks for a full backup too.
+            'if [ "$found" -eq 0 ] && { [ -e ' + shlex.quote(deferred) + " ] || "
+            '[ -n "$(' + _script([renamed]) + ')" ]; }; then',
             ["echo", DIRECTORY_RENAMED],
             "exit 0",
-            "fi",
-            # What check_tar_read found after such a warning fails the backup
-            # unless a full one is made instead (tar may leave out directories
-            # in a renamed one that it would have restored by the rename).
-            "if [ -e " + shlex.quote(deferred) + " ]; then",
-            _script([["cat", "--", deferred]]) + " >&2",
-            "exit 1",
             "fi",
         ]
     if snapshot_file:

@@ -555,6 +555,31 @@ def test_many_renames_in_one_step(configured: Harness) -> None:
     run_chain(configured, [prepare, shuffle, nest], full_at={2, 3})
 
 
+def test_a_directory_tar_leaves_out_after_a_rename(configured: Harness) -> None:
+    """A live directory GNU tar 1.34 leaves out after "renamed from": a full backup instead.
+
+    When 'ab' is purged and a new 'aa' gets its inode, tar takes 'aa' for 'ab'
+    renamed, keeps the name 'ab/cd' for what is now 'aa/cd' in its table, and
+    skips the new 'ab/cd' it then meets. 'aa' holds only new files, so the
+    rename check alone found nothing lost, and the incremental backup was
+    kept without 'ab/cd'. The check after tar finds the directory missing
+    from tar's index: the backup is a full one, and every point restores.
+    """
+
+    def prepare(data: Path) -> None:
+        _write(_content(data) / "lo/ab/cd/f", b"old")
+
+    def reuse(data: Path) -> None:
+        lo = _content(data) / "lo"
+        (lo / "ab").rename(lo / "aa")  # what tar sees of a purge and an inode reused
+        shutil.rmtree(lo / "aa" / "cd")
+        _write(lo / "aa/upload", b"new")
+        _write(lo / "ab/cd/upload", b"new")
+        time.sleep(1.2)  # older than the backup's start: not made while tar read
+
+    run_chain(configured, [prepare, reuse], full_at={2})
+
+
 def test_middle_point_has_no_later_files(configured: Harness) -> None:
     """Restoring a middle point after the newest: nothing created later remains."""
     harness = configured
