@@ -365,12 +365,17 @@ def directories():
     stream = fields()
     for _ in range(2):
         next(stream, None)
-    while len(head := list(itertools.islice(stream, 6))) == 6:
+    while (head := list(itertools.islice(stream, 6))) != [b""]:  # the end: "\0\0" after the last
+        if len(head) < 6:
+            raise ValueError("a record cut short")
         yield int(head[4]), head[5]
         for entry in stream:
             if not entry:
                 break
-        next(stream, None)
+        else:
+            raise ValueError("a record cut short")
+        if next(stream, None) != b"":
+            raise ValueError("a record without its end")
 with open(state, "rb") as source:
     header = source.readline()
 stream = fields()
@@ -391,7 +396,10 @@ if clock:
 # Names are kept as their hashes (64 bits, with a key new to each run): at a
 # million directories, the chance that two collide, which could hide one, is
 # about one in thirty million.
-recorded = {hash(name): inode for inode, name in directories()}
+try:
+    recorded = {hash(name): inode for inode, name in directories()}
+except ValueError:
+    fail("tar's snapshot state could not be read")
 # The directories tar archived: in its index, one name per line, escaped
 # (--quoting-style=escape), with a "/" at the end.
 escapes = dict(zip(b"abfnrtv\\", b"\a\b\f\n\r\t\v\\"))

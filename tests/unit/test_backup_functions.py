@@ -1383,16 +1383,51 @@ def test_tar_read_check_reads_the_data_volume_clock(
         assert f"{clock} (the time tar started, on the data volume) went missing" in result.stderr
 
 
-def test_tar_read_check_fails_on_a_state_it_cannot_read(tmp_path: pathlib.Path):
-    """A state that is not GNU tar's format 2 fails the check: nothing is taken on trust."""
+@pytest.mark.skipif(not shutil.which("tar"), reason="needs GNU tar")
+@pytest.mark.parametrize(
+    "damage",
+    ["format-1", "cut-in-a-record", "cut-after-a-name", "no-end", "not-a-number", "empty"],
+)
+def test_tar_read_check_fails_on_a_state_it_cannot_read(tmp_path: pathlib.Path, damage: str):
+    """A state that is not whole GNU tar format 2 fails the check: nothing is taken on trust.
+
+    Also after a "renamed from" warning, where the index decides and the
+    state's records are otherwise not needed: the finding then goes to the
+    deferred file, which makes the script take a full backup.
+    """
+    top = tmp_path / "data" / "media"
+    _odd_tree(top)
+    member = str(top).lstrip("/")
     state = tmp_path / "state"
-    state.write_bytes(b"GNU tar-1.34-1\n123\n")
-    (tmp_path / "tar-errors").write_text("")
+    assert _tar_state(tmp_path, member, state) == 0
+    whole = state.read_bytes()
+    name = f"{member}/plain".encode()
+    damaged = {
+        "format-1": b"GNU tar-1.34-1\n123\n",
+        "cut-in-a-record": whole[: whole.index(name) - 3],
+        "cut-after-a-name": whole[: whole.index(name) + len(name) + 1],
+        "no-end": whole[:-2],
+        "not-a-number": whole.replace(
+            b"\0%d\0%s\0" % ((top / "plain").stat().st_ino, name), b"\0x\0%s\0" % name
+        ),
+        "empty": b"",
+    }[damage]
+    assert damaged != whole
+    state.write_bytes(damaged)
+    errors = tmp_path / "tar-errors"
+    renamed = f"tar: {member}/x: Directory has been renamed from 'y'\n"
+    for warning, deferred in ((False, None), (True, tmp_path / "deferred")):
+        errors.write_text(renamed if warning else "")
 
-    result = _check_tar_read(tmp_path / "tar-errors", state, 0, str(tmp_path).lstrip("/"))
+        result = _check_tar_read(errors, state, 0, member, deferred=deferred)
 
-    assert result.returncode == 1
-    assert "tar's snapshot state could not be read" in result.stderr
+        message = "tar's snapshot state could not be read while tar read the data"
+        if deferred:
+            assert (result.returncode, result.stderr) == (0, "")
+            assert deferred.read_text().startswith(message)
+        else:
+            assert result.returncode == 1
+            assert result.stderr.startswith(message), result.stderr
 
 
 # --- redact and _parse_digest ---------------------------------------------------------------
