@@ -954,6 +954,16 @@ def _check_tar_read(
     )  # fmt: skip
 
 
+def _assert_check_outcome(result: subprocess.CompletedProcess[str], message: str) -> None:
+    """Assert that the check passed quietly (no message) or failed with the message."""
+    if message:
+        assert result.returncode == 1
+        assert result.stderr.startswith(message), result.stderr
+        assert result.stderr.endswith(" while tar read the data: run the backup again\n")
+    else:
+        assert (result.returncode, result.stderr) == (0, "")
+
+
 _GONE = "tar: {gone}: Cannot stat: No such file or directory"
 _TRAILER = "tar: Exiting with failure status due to previous errors"
 
@@ -1152,12 +1162,7 @@ def test_tar_read_check_against_real_tar_states(
 
     result = _check_tar_read(tmp_path / "tar-errors", state, 0, member)
 
-    if message:
-        assert result.returncode == 1
-        assert result.stderr.startswith(message), result.stderr
-        assert result.stderr.endswith(" while tar read the data: run the backup again\n")
-    else:
-        assert (result.returncode, result.stderr) == (0, "")
+    _assert_check_outcome(result, message)
 
 
 @pytest.mark.skipif(not shutil.which("tar"), reason="needs GNU tar")
@@ -1297,11 +1302,8 @@ def test_tar_exit_status_2_for_a_directory_made_again(
 
     if message is None:
         assert (result.returncode, result.stderr) == (1, "")
-    elif message:
-        assert result.returncode == 1
-        assert result.stderr.startswith(message), result.stderr
     else:
-        assert (result.returncode, result.stderr) == (0, "")
+        _assert_check_outcome(result, message)
 
 
 def _shift_tar_clock(state: pathlib.Path, seconds: int) -> None:
@@ -1373,12 +1375,7 @@ def test_tar_read_check_reads_the_data_volume_clock(
         if clock and marker == "another-device":
             clock.unlink()
 
-    if message:
-        assert result.returncode == 1
-        assert result.stderr.startswith(message), result.stderr
-        assert result.stderr.endswith(" while tar read the data: run the backup again\n")
-    else:
-        assert (result.returncode, result.stderr) == (0, "")
+    _assert_check_outcome(result, message)
     if marker == "gone":
         assert f"{clock} (the time tar started, on the data volume) went missing" in result.stderr
 
