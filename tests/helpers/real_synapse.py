@@ -24,7 +24,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -37,6 +36,7 @@ import pytest
 from ops._private.harness import _TestingPebbleClient
 
 from tests.helpers.sandbox import Sandbox, exec_args
+from tests.helpers.seaweed import free_ports
 
 STOP_TIMEOUT = 20.0
 
@@ -94,14 +94,15 @@ def synapse_version(python: Path) -> str:
 
 
 def free_port() -> int:
-    """Return a TCP port free on 127.0.0.1 now.
+    """Return a TCP port free on 127.0.0.1 now, never handed out before.
+
+    From the same registry as the S3 servers' ports, so that a server started
+    later in the test run is never given the port before Synapse binds it.
 
     Returns:
         The port.
     """
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    return free_ports(1)[0]
 
 
 class RealServices:

