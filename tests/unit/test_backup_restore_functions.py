@@ -463,6 +463,8 @@ def test_build_restore_command_shape(staging_dir: str | None):
     assert gpg[-3:] == ["--decrypt", "--output", "-"]
     assert tar[:2] == ["tar", "--file=-"]
     assert f"--index-file={WORK_DIR}/index" in tar
+    # Whole records of 1 MiB from the pipe, not tar's 10 KiB ones.
+    assert tar[tar.index("--read-full-records") - 1] == f"--record-size={1 << 20}"
     # Members are counted from the index, leaving out tar's own notes ("tar: Deleting ...").
     assert (
         f"members=$(grep --count --invert-match --regexp='^tar: ' -- {WORK_DIR}/index || true)"
