@@ -308,7 +308,8 @@ with open(errors, "rb") as source:
 # file, and the script makes a full backup instead, as for a rename the
 # incremental archive cannot record (_RENAMED_PROGRAM).
 _TAR_READ_CHECK_PROGRAM = r"""
-import itertools, os, re, stat, sys
+import bisect, heapq, itertools, os, re, stat, sys
+from array import array
 errors, listing, state, clock, deferred = sys.argv[1:6]
 status, members = int(sys.argv[6]), [os.fsencode(name) for name in sys.argv[7:]]
 if status not in (0, 1, 2):
@@ -357,7 +358,7 @@ def fields():
     with open(state, "rb") as source:
         source.readline()
         rest = b""
-        for chunk in iter(lambda: source.read(1 << 20), b""):
+        for chunk in iter(lambda: source.read(1 << 16), b""):  # a list of its fields at a time
             *done, rest = (rest + chunk).split(b"\0")
             yield from done
         yield rest
@@ -393,11 +394,25 @@ if clock:
     except FileNotFoundError:
         fail(f"{clock} (the time tar started, on the data volume) went missing")
     volume, since_volume = marker.st_dev, marker.st_ctime_ns - 10**9
-# Names are kept as their hashes (64 bits, with a key new to each run): at a
-# million directories, the chance that two collide, which could hide one, is
-# about one in thirty million.
+# What tar recorded and archived is kept as 64-bit hashes (with a key new to
+# each run) in sorted arrays, 8 bytes a directory: a large server's thumbnails
+# make millions of directories. At a million, the chance that two hashes
+# collide, which could hide one directory, is about one in thirty million.
+def sorted_hashes(values):
+    runs, run = [], array("q")
+    for value in values:
+        run.append(value)
+        if len(run) == 1 << 16:  # sorted a run at a time: a list of a run's ints at most
+            runs.append(array("q", sorted(run)))
+            run = array("q")
+    runs.append(array("q", sorted(run)))
+    return array("q", heapq.merge(*runs))
+def holds(hashes, value):
+    at = bisect.bisect_left(hashes, value)
+    return at < len(hashes) and hashes[at] == value
 try:
-    recorded = {hash(name): inode for inode, name in directories()}
+    # A name with its inode, as one hash: the same name with another inode differs.
+    recorded = sorted_hashes(hash((name, inode)) for inode, name in directories())
 except ValueError:
     fail("tar's snapshot state could not be read")
 # The directories tar archived: in its index, one name per line, escaped
@@ -409,13 +424,13 @@ def unescape(match):
     if match[2][0] not in escapes:
         fail("tar's index could not be read")
     return bytes([escapes[match[2][0]]])
-archived = set()
-with open(listing, "rb") as source:
-    for line in source:
-        if line.endswith(b"/\n"):
-            name = re.sub(rb"\\(?:([0-3][0-7]{2})|(.))", unescape, line[:-2], flags=re.S)
-            archived.add(hash(name))
-archived.difference_update(hash(name) for name in (again if status == 2 else ()))
+def index_names():
+    with open(listing, "rb") as source:
+        for line in source:
+            if line.endswith(b"/\n"):
+                yield re.sub(rb"\\(?:([0-3][0-7]{2})|(.))", unescape, line[:-2], flags=re.S)
+archived = sorted_hashes(hash(name) for name in index_names())
+made_again = {hash(name) for name in (again if status == 2 else ())}
 def entries(path):
     try:
         with os.scandir(b"/" + path) as found:
@@ -441,7 +456,8 @@ while todo:
     # Where tar warned of a directory renamed from another name, its state may
     # record a name with another directory's inode: the index alone counts.
     key = hash(path)
-    known = key in archived and (renamed or recorded.get(key) == info.st_ino)
+    known = (key not in made_again and holds(archived, key)
+             and (renamed or holds(recorded, hash((path, info.st_ino)))))
     if not known and any(older(entry) for entry in inside):
         others = [name for inode, name in directories() if inode == info.st_ino and name != path]
         if not renamed and others:

@@ -1251,6 +1251,37 @@ def test_tar_read_check_reads_back_every_name_tar_archived(tmp_path: pathlib.Pat
 
 
 @pytest.mark.skipif(not shutil.which("tar"), reason="needs GNU tar")
+def test_the_check_keeps_every_directory_past_one_sorted_run(tmp_path: pathlib.Path):
+    """Past 65,536 directories the check sorts its hashes in runs and merges them: none lost.
+
+    Arrange: 70,000 directories, each with a file older than tar's start,
+    archived by real tar (its state and index).
+    Act: run the check on the tree as tar read it, then after one directory
+    was moved to a new name.
+    Assert: the first passes (a hash lost or misplaced in the merge would
+    make a directory look moved in); the second names both of its names.
+    """
+    top = tmp_path / "data" / "thumbnails"
+    for outer in range(280):
+        for inner in range(250):
+            directory = top / f"{outer:03d}" / f"{inner:03d}"
+            directory.mkdir(parents=True)
+            (directory / "thumbnail").write_bytes(b"")
+    time.sleep(1.1)  # older than tar's start, with the check's second of margin
+    member = str(top).lstrip("/")
+    state = tmp_path / "state"
+    assert _tar_state(tmp_path, member, state) == 0
+    errors = tmp_path / "tar-errors"
+    assert (tmp_path / "index").read_text().count("/\n") > 70_000
+
+    assert _assert_check_outcome(_check_tar_read(errors, state, 0, member), "") is None
+    (top / "279" / "249").rename(top / "279" / "moved")
+    result = _check_tar_read(errors, state, 0, member)
+    moved = f"('{member}/279/249' is now '{member}/279/moved')"
+    _assert_check_outcome(result, f"tar met a directory under two names {moved}")
+
+
+@pytest.mark.skipif(not shutil.which("tar"), reason="needs GNU tar")
 @pytest.mark.parametrize(
     ("again", "message"),
     [
