@@ -24,6 +24,19 @@ SPLIT_VARIANTS = tuple(
 )
 
 
+def _run_module(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run a benchmark module as tox does, with the charm's sources importable."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'src'}"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
 def test_benchmark_produces_its_table_json_and_plot(tmp_path: Path) -> None:
     """`python -m bench` on 8 MiB prints the table and writes results.json and a PNG.
 
@@ -31,16 +44,8 @@ def test_benchmark_produces_its_table_json_and_plot(tmp_path: Path) -> None:
     reports the CPU time of its processes and of the server.
     """
     out = tmp_path / "results"
-    result = subprocess.run(
-        [sys.executable, "-m", "bench", "--size-mib", "8", "--memory-size-mib", "0",
-         "--rounds", "1", "--out", str(out), "--workdir", "/var/tmp"],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'src'}"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )  # fmt: skip
+    result = _run_module("bench", "--size-mib", "8", "--memory-size-mib", "0",
+                         "--rounds", "1", "--out", str(out), "--workdir", "/var/tmp")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     for variant in VARIANTS + SPLIT_VARIANTS:
         assert variant in result.stdout
@@ -59,3 +64,19 @@ def test_benchmark_produces_its_table_json_and_plot(tmp_path: Path) -> None:
     )
     assert programs["gpg"] > 0  # long-lived enough to be sampled: the S2K alone takes 0.2 s
     assert programs["aws"] > 0
+
+
+def test_check_benchmark_runs_the_check_on_its_tree(tmp_path: Path) -> None:
+    """`python -m bench.check_tar_read` on 3,000 directories: the check passes, and is measured."""
+    out = tmp_path / "results"
+    result = _run_module("bench.check_tar_read", "--directories", "3000", "--rounds", "1",
+                         "--out", str(out), "--workdir", str(tmp_path))  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "round 1: check exited 0 in " in result.stdout
+    results = json.loads((out / "check-tar-read.json").read_text())
+    assert results["directories"] == 3000
+    assert results["index-lines"] > 3000  # every leaf, and the levels above
+    (run,) = results["runs"]
+    assert run["status"] == 0
+    assert run["stderr"] == ""
+    assert run["peak-rss-mib"] > 0
