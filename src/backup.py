@@ -397,7 +397,9 @@ if clock:
 # What tar recorded and archived is kept as 64-bit hashes (with a key new to
 # each run) in sorted arrays, 8 bytes a directory: a large server's thumbnails
 # make millions of directories. At a million, the chance that two hashes
-# collide, which could hide one directory, is about one in thirty million.
+# collide, which could hide one directory, is about one in fifteen million.
+# (tar's state names each directory once; were a name there twice, with two
+# inodes, either would do.)
 def sorted_hashes(values):
     runs, run = [], array("q")
     for value in values:
