@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import backup
+from tests.helpers.tar_state import tar_state
 
 FANOUT = 256  # directories per first-level directory
 
@@ -39,28 +40,6 @@ def make_tree(top: Path, directories: int) -> None:
         leaf = top / f"{number // FANOUT:05x}" / f"{number % FANOUT:02x}"
         leaf.mkdir(parents=True)
         (leaf / "thumbnail").write_bytes(b"")
-
-
-def archive(workdir: Path, member: str) -> None:
-    """Archive a member (relative to /) as an incremental backup does, to nowhere.
-
-    Args:
-        workdir: where tar's state, index and messages go.
-        member: the path to archive.
-
-    Raises:
-        RuntimeError: if tar fails.
-    """
-    with (workdir / "tar-errors").open("wb") as errors:
-        status = subprocess.run(
-            ["tar", "--create", "--file=/dev/null", "--format=posix", "--verbose",
-             f"--index-file={workdir / 'index'}", "--quoting-style=escape", "--directory=/",
-             f"--listed-incremental={workdir / 'state'}", "--no-check-device",
-             "--warning=no-new-dir", "--no-unquote", f"--add-file={member}"],
-            stdout=subprocess.DEVNULL, stderr=errors, check=False,
-        ).returncode  # fmt: skip
-    if status != 0:
-        raise RuntimeError(f"tar exited with {status}: {(workdir / 'tar-errors').read_text()}")
 
 
 def run_check(workdir: Path, member: str) -> dict[str, float | int | str]:
@@ -111,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         make_tree(top, options.directories)
         time.sleep(1.1)  # every file older than tar's start, as on a live server
         member = str(top).lstrip("/")
-        archive(workdir, member)
+        status = tar_state(workdir, member, workdir / "state", timeout=None)
+        if status != 0:
+            raise RuntimeError(f"tar exited with {status}: {(workdir / 'tar-errors').read_text()}")
         with (workdir / "index").open("rb") as index:
             index_lines = sum(1 for _ in index)
         runs = [run_check(workdir, member) for _ in range(options.rounds)]

@@ -21,6 +21,7 @@ from s3transfer.utils import ChunksizeAdjuster
 import backup
 import backup_container
 import backup_store
+from tests.helpers.tar_state import tar_state
 from tests.unit.pipeline import (
     PIPELINE_START,
     TAR_STATUS_GUARD,
@@ -941,7 +942,7 @@ def _check_tar_read(
 ) -> subprocess.CompletedProcess[str]:
     """Run the check the backup script runs after tar, as it runs it.
 
-    tar's index is read from ``index`` beside its messages (_tar_state puts it there).
+    tar's index is read from ``index`` beside its messages (tar_state puts it there).
     """
     return subprocess.run(
         [
@@ -1048,23 +1049,6 @@ def _odd_tree(top: pathlib.Path) -> None:
         (top / directory / "file").write_text("x")
 
 
-def _tar_state(tmp_path: pathlib.Path, member: str, state: pathlib.Path) -> int:
-    """Archive a member (relative to /) as the backup script does, to nowhere: tar's status.
-
-    Its index and messages go to ``index`` and ``tar-errors`` in tmp_path.
-    """
-    return subprocess.run(
-        [
-            "tar", "--create", "--file=-", "--format=posix", "--verbose",
-            f"--index-file={tmp_path / 'index'}", "--quoting-style=escape",
-            "--directory=/", f"--listed-incremental={state}", "--no-check-device",
-            "--warning=no-new-dir", "--no-unquote", f"--add-file={member}",
-        ],
-        stdout=subprocess.DEVNULL, stderr=(tmp_path / "tar-errors").open("wb"),
-        check=False, timeout=60, env={**os.environ, "LC_ALL": "C"},
-    ).returncode  # fmt: skip
-
-
 def _change_after_tar(
     change: str, top: pathlib.Path, state: pathlib.Path, outside: pathlib.Path
 ) -> None:
@@ -1149,9 +1133,9 @@ def test_tar_read_check_against_real_tar_states(
     member = str(top).lstrip("/")
     state = tmp_path / "state"
     if incremental:
-        assert _tar_state(tmp_path, member, state) == 0
+        assert tar_state(tmp_path, member, state) == 0
         (top / "plain" / "file").write_text("changed")
-    assert _tar_state(tmp_path, member, state) == 0
+    assert tar_state(tmp_path, member, state) == 0
     _change_after_tar(change, top, state, outside)
     renamed = "" if warning is None else f"tar: {member}/x: Directory has been renamed{warning}\n"
     if warning == _FILE_NAMED_LIKE_IT:  # tar escapes the colon in the file's name
@@ -1186,7 +1170,7 @@ def test_tar_read_check_leaves_its_finding_for_after_the_rename_check(
     time.sleep(1.1)  # older than tar's start, with the check's second of margin
     member = str(top).lstrip("/")
     state = tmp_path / "state"
-    assert _tar_state(tmp_path, member, state) == 0
+    assert tar_state(tmp_path, member, state) == 0
     _change_after_tar("moved-in", top, state, tmp_path / "elsewhere")
     errors = tmp_path / "tar-errors"
     errors.write_text(f"tar: {member}/x: Directory has been renamed from 'y'\n" if warning else "")
@@ -1230,12 +1214,12 @@ def test_tar_read_check_reads_back_every_name_tar_archived(tmp_path: pathlib.Pat
     _odd_tree(top)
     member = str(top).lstrip("/")
     state = tmp_path / "state"
-    assert _tar_state(tmp_path, member, state) == 0
+    assert tar_state(tmp_path, member, state) == 0
     if between == "swapped":
         (top / "plain").rename(top / "swap")
         (top / "123").rename(top / "plain")
         (top / "swap").rename(top / "123")
-    assert _tar_state(tmp_path, member, state) == 0
+    assert tar_state(tmp_path, member, state) == 0
     errors = tmp_path / "tar-errors"
     assert ("Directory has been renamed from" in errors.read_text()) == (between == "swapped")
     assert "\\\\101" in (tmp_path / "index").read_text()  # escaped: read back to one backslash
@@ -1270,11 +1254,11 @@ def test_the_check_keeps_every_directory_past_one_sorted_run(tmp_path: pathlib.P
     time.sleep(1.1)  # older than tar's start, with the check's second of margin
     member = str(top).lstrip("/")
     state = tmp_path / "state"
-    assert _tar_state(tmp_path, member, state) == 0
+    assert tar_state(tmp_path, member, state) == 0
     errors = tmp_path / "tar-errors"
     assert (tmp_path / "index").read_text().count("/\n") > 70_000
 
-    assert _assert_check_outcome(_check_tar_read(errors, state, 0, member), "") is None
+    _assert_check_outcome(_check_tar_read(errors, state, 0, member), "")
     (top / "279" / "249").rename(top / "279" / "moved")
     result = _check_tar_read(errors, state, 0, member)
     moved = f"('{member}/279/249' is now '{member}/279/moved')"
@@ -1313,7 +1297,7 @@ def test_tar_exit_status_2_for_a_directory_made_again(
     time.sleep(1.1)  # older than tar's start, with the check's second of margin
     member = str(top).lstrip("/")
     state = tmp_path / "state"
-    assert _tar_state(tmp_path, member, state) == 0
+    assert tar_state(tmp_path, member, state) == 0
     shutil.rmtree(top / "plain")
     if again == "new-directory":
         (top / "plain").mkdir()
@@ -1394,7 +1378,7 @@ def test_tar_read_check_reads_the_data_volume_clock(
     member = str(top).lstrip("/")
     state = tmp_path / "state"
     try:
-        assert _tar_state(tmp_path, member, state) == 0
+        assert tar_state(tmp_path, member, state) == 0
         _shift_tar_clock(state, shift)
         _change_after_tar(change, top, state, outside)
         (tmp_path / "tar-errors").write_text("")
@@ -1427,7 +1411,7 @@ def test_tar_read_check_fails_on_a_state_it_cannot_read(tmp_path: pathlib.Path, 
     _odd_tree(top)
     member = str(top).lstrip("/")
     state = tmp_path / "state"
-    assert _tar_state(tmp_path, member, state) == 0
+    assert tar_state(tmp_path, member, state) == 0
     whole = state.read_bytes()
     name = f"{member}/plain".encode()
     damaged = {
